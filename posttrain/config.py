@@ -1,0 +1,238 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated once, then frozen.
+
+One schema (`RunConfig`) serves every recipe; each recipe reads its own section (`sft`, `rl`). The
+defaults are the demo's settings, so `RunConfig()` is the embedded default run.
+
+    cfg = load_config("configs/grpo_arithmetic.yaml", ["rl.lr=1e-4", "seed=3"])
+
+Errors are `ConfigError` with a one-line message that names the bad key (and the closest valid key for
+a misspelling) or the allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(None, description="Local Hugging Face causal-LM directory (config, weights, "
+                             "tokenizer). None builds the tiny model below with the character tokenizer.")
+    hidden_size: int = Field(128, ge=8, description="Tiny model: width of the residual stream.")
+    num_layers: int = Field(4, ge=1, description="Tiny model: number of decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Tiny model: query heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Tiny model: key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(512, ge=8, description="Tiny model: SwiGLU hidden width.")
+    max_position_embeddings: int = Field(64, ge=8, description="Tiny model: context window in tokens.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
+                             f"({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+                             f"({self.num_kv_heads})")
+        return self
+
+
+class TaskConfig(_Section):
+    name: Literal["arithmetic"] = Field("arithmetic", description="Built-in task.")
+    min_operand: int = Field(0, ge=0, description="Smallest operand.")
+    max_operand: int = Field(99, ge=0, description="Largest operand.")
+    operators: list[Literal["+", "-", "*"]] = Field(["+"], min_length=1, description="Operators to draw from.")
+    num_eval: int = Field(500, ge=1, description="Held-out evaluation problems, disjoint from training prompts.")
+    demo_error: Literal["none", "drop_carry"] = Field(
+        "drop_carry", description="Systematic mistake in the SFT demonstrations: 'drop_carry' forgets the "
+        "carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might.")
+    demo_error_rate: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of the demonstrations that "
+                                   "could contain the mistake which do.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "TaskConfig":
+        if self.max_operand < self.min_operand:
+            raise ValueError(f"task.max_operand ({self.max_operand}) must be >= task.min_operand "
+                             f"({self.min_operand})")
+        return self
+
+
+class SFTConfig(_Section):
+    steps: int = Field(1500, ge=0, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Demonstrations per step.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps, then cosine decay to lr_min_ratio*lr.")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    eval_every: int = Field(250, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+
+
+class RLConfig(_Section):
+    steps: int = Field(200, ge=0, description="Rollout steps (each: generate, score, update).")
+    prompts_per_step: int = Field(32, ge=1, description="Distinct prompts per rollout step.")
+    group_size: int = Field(8, ge=1, description="Samples per prompt (G in GRPO).")
+    lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then constant.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    advantage: str = Field("grpo", description="Advantage estimator (posttrain.algos.advantages).")
+    adv_eps: float = Field(1e-6, gt=0, description="Epsilon in the group-std normalisation.")
+    policy_loss: str = Field("ppo_clip", description="Policy loss (posttrain.algos.policy_losses).")
+    loss_agg: str = Field("token-mean", description="Loss aggregation mode (posttrain.algos.aggregation).")
+    clip_eps_low: float = Field(0.2, gt=0, lt=1, description="PPO clip: ratio lower bound is 1 - clip_eps_low.")
+    clip_eps_high: float = Field(0.2, gt=0, description="PPO clip: ratio upper bound is 1 + clip_eps_high.")
+    kl_coef: float = Field(0.01, ge=0, description="KL-to-reference coefficient in the loss; 0 loads no "
+                           "reference model at all.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass (the batch is split evenly).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
+    eval_every: int = Field(25, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "RLConfig":
+        n = self.prompts_per_step * self.group_size
+        if n % self.mini_batches:
+            raise ValueError(f"rl.prompts_per_step * rl.group_size ({n}) must be divisible by "
+                             f"rl.mini_batches ({self.mini_batches})")
+        from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES
+        for key, value, valid in (("advantage", self.advantage, ADVANTAGES.names()),
+                                  ("policy_loss", self.policy_loss, POLICY_LOSSES.names()),
+                                  ("loss_agg", self.loss_agg, list(AGG_MODES))):
+            if value not in valid:
+                raise ValueError(f"rl.{key} must be one of {', '.join(valid)}{_suggest(value, valid)}")
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(500, ge=1, description="Prompts per greedy-decoding batch during evaluation.")
+    max_new_tokens: int = Field(6, ge=1, description="Longest answer in tokens, EOS included.")
+
+
+class RunConfig(_Section):
+    seed: int = Field(0, description="Seeds every random generator; same seed and config give the same numbers.")
+    output_dir: str = Field("runs/demo", description="Where config.yaml, metrics.jsonl, checkpoints go.")
+    threads: int = Field(2, ge=1, description="torch CPU threads.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid field names of the section that holds the key at `loc`."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            prefix = ".".join(str(p) for p in loc[:-1])
+            valid = [f"{prefix}.{f}" if prefix else f for f in _fields_at(loc)]
+            parts.append(f"unknown config key '{key}'{_suggest(key, valid)}")
+        elif e["type"] in ("value_error", "assertion_error"):
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            parts.append(msg if not key or msg.startswith(key) else f"{key}: {msg}")
+        else:
+            parts.append(f"{key or 'config'}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["rl.lr=1e-4", "seed=3"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. rl.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config dict plus overrides into a frozen RunConfig; raise ConfigError on any problem."""
+    merged = _merge(data or {}, parse_overrides(overrides or []))
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (None: the embedded defaults), apply dotted overrides, validate once."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+        data = loaded or {}
+    try:
+        return build_config(data, overrides)
+    except ConfigError as err:
+        prefix = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (loads back to an equal RunConfig)."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

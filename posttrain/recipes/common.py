@@ -1,0 +1,109 @@
+"""Pieces every recipe shares: seeding, optimizer and schedule, phase timing, evaluation, run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.batch import left_pad
+from posttrain.config import RunConfig, dump_config
+from posttrain.rollout import generate
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    """Seed Python, NumPy and torch, and fix the thread count (CPU results depend on it)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+
+
+def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                   min_ratio: float = 1.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with linear warm-up, then cosine decay to `min_ratio * lr` (min_ratio=1: constant)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase: `with timer("generate"): ...`; `pop()` returns and resets."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        self.seconds = {}
+        return out
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> left-padded (ids, mask), BOS included as the tokenizer adds it."""
+    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    return left_pad(ids, tokenizer.pad_token_id)
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Response tokens -> text, stopping at EOS and dropping special tokens."""
+    return tokenizer.batch_decode((response_ids * response_mask.long()).tolist(), skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, problems, batch_size: int, max_new_tokens: int) -> float:
+    """Held-out exact-match accuracy with greedy decoding."""
+    was_training = model.training
+    model.eval()
+    correct = 0.0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [p.prompt for p in chunk]
+        ids, mask = encode_prompts(tokenizer, prompts)
+        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, greedy=True)
+        completions = decode_responses(tokenizer, out.response_ids, out.response_mask)
+        correct += sum(task.reward(prompts, completions, chunk))
+    model.train(was_training)
+    return correct / len(problems)
+
+
+def prepare_output_dir(cfg: RunConfig) -> Path:
+    """Create the output directory and write the fully resolved config into it."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

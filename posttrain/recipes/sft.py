@@ -1,0 +1,95 @@
+"""Supervised fine-tuning: completion-only next-token loss on demonstrations.
+
+    setup -> for each step: batch, forward, loss (prompt tokens masked out), update, log, evaluate
+
+The loss is -log pi(y_t | x, y_<t) over completion tokens only (EOS included), reduced by the shared
+`aggregate` in token-mean mode.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.algos import aggregate
+from posttrain.batch import right_pad
+from posttrain.config import RunConfig
+from posttrain.models.logprobs import response_logprobs
+from posttrain.recipes.common import PhaseTimer, encode_prompts, evaluate, make_optimizer
+
+
+def sft_loss(model, tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, int]:
+    """Token-mean negative log-likelihood of `completions` (+ EOS) given `prompts`; and the token count."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    targets = [ids + [tokenizer.eos_token_id]
+               for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+    response_ids, response_mask = right_pad(targets, tokenizer.pad_token_id)
+    logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    return aggregate(-logprobs, response_mask, "token-mean"), int(response_mask.sum())
+
+
+@dataclass
+class SFTState:
+    model: torch.nn.Module
+    tokenizer: object
+    task: object
+    data: list  # (prompt, completion) demonstrations, fixed for the run
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rng: random.Random
+
+
+def setup_sft(cfg: RunConfig, model, tokenizer, task) -> SFTState:
+    """The demonstration set (one per training problem, mistakes drawn once) and the optimizer."""
+    rng = random.Random(f"sft-{cfg.seed}")
+    data = [(p.prompt, task.demonstration(p, rng)) for p in task.train_problems]
+    opt, sched = make_optimizer(model, cfg.sft.lr, cfg.sft.weight_decay, cfg.sft.warmup_steps, cfg.sft.steps,
+                                cfg.sft.lr_min_ratio)
+    return SFTState(model, tokenizer, task, data, opt, sched, rng)
+
+
+def _batches(state: SFTState, batch_size: int):
+    """Endless stream of demonstration batches, reshuffled every epoch by the run's RNG."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(state.data)))
+            state.rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[:batch_size], order[batch_size:]
+        yield [state.data[i] for i in idx]
+
+
+def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
+    """Run `cfg.sft.steps` steps; return the final held-out accuracy."""
+    c, model, timer = cfg.sft, state.model, PhaseTimer()
+    model.train()
+    batches = _batches(state, c.batch_size)
+    accuracy = float("nan")
+    for step in range(1, c.steps + 1):
+        with timer("update"):
+            prompts, completions = zip(*next(batches))
+            loss, n_tokens = sft_loss(model, state.tokenizer, list(prompts), list(completions))
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            state.optimizer.step()
+            state.scheduler.step()
+        record = {}
+        if step % c.log_every == 0 or step == c.steps:
+            times = timer.pop()
+            record = {"step": step, "phase": "sft", "loss": loss.item(), "grad_norm": grad_norm.item(),
+                      "lr": state.scheduler.get_last_lr()[0],
+                      "tokens_per_s": n_tokens / max(times["time/update"] / c.log_every, 1e-9), **times}
+        if (c.eval_every and step % c.eval_every == 0) or step == c.steps:
+            accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
+                                cfg.eval.batch_size, cfg.eval.max_new_tokens)
+            record = {"step": step, "phase": "sft", **record, "accuracy": accuracy}
+        if record:
+            logger.log(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", refresh=False)
+    return accuracy

@@ -1,0 +1,195 @@
+"""Advantage estimators vs plain-Python loops of their equations."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.algos import ADVANTAGES
+
+B, T = 8, 7
+GROUP_IDS = [5, 5, 5, 9, 9, 9, 9, 100]  # sizes 3, 4 and a singleton
+
+
+def make_batch(seed, holes=False):
+    """Random float64 rewards/values; left-aligned masks of varying length (one full, one empty)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0], lengths[1] = T, 0
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    if holes:  # masked positions inside responses (e.g. tool output)
+        mask = mask * (torch.rand(B, T, generator=g, dtype=torch.float64) > 0.3)
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    perm = torch.randperm(B, generator=g)
+    group_ids = torch.tensor(GROUP_IDS)[perm]
+    baseline = torch.randn(B, generator=g, dtype=torch.float64)
+    return rewards, mask, values, group_ids, baseline
+
+
+def seq_scores(rewards, mask):
+    return [sum(rewards[i][t] for t in range(T) if mask[i][t]) for i in range(B)]
+
+
+def groups(group_ids):
+    out = {}
+    for i, gid in enumerate(group_ids):
+        out.setdefault(gid, []).append(i)
+    return out
+
+
+def broadcast(seq_adv, mask):
+    return [[seq_adv[i] if mask[i][t] else 0.0 for t in range(T)] for i in range(B)]
+
+
+def check(got, expected):
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0)])
+@pytest.mark.parametrize("holes", [False, True])
+def test_gae_matches_loop(seed, gamma, lam, holes):
+    rewards, mask, values, *_ = make_batch(seed, holes)
+    adv, ret = ADVANTAGES.get("gae")(rewards, mask, values=values, gamma=gamma, lam=lam)
+    r, m, v = rewards.tolist(), mask.tolist(), values.tolist()
+    exp_adv = [[0.0] * T for _ in range(B)]
+    exp_ret = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        steps = [t for t in range(T) if m[i][t]]  # response tokens, in order
+        a_next = 0.0
+        for k in reversed(range(len(steps))):
+            t = steps[k]
+            v_next = v[i][steps[k + 1]] if k + 1 < len(steps) else 0.0
+            delta = r[i][t] + gamma * v_next - v[i][t]
+            a_next = delta + gamma * lam * a_next
+            exp_adv[i][t] = a_next
+            exp_ret[i][t] = a_next + v[i][t]
+    check(adv, exp_adv)
+    check(ret, exp_ret)
+
+
+def test_gae_ignores_padding_contents():
+    rewards, mask, values, *_ = make_batch(0)
+    adv, ret = ADVANTAGES.get("gae")(rewards, mask, values=values)
+    pad = mask == 0
+    adv2, ret2 = ADVANTAGES.get("gae")(rewards.masked_fill(pad, float("nan")), mask,
+                                       values=values.masked_fill(pad, 1e9))
+    torch.testing.assert_close(adv, adv2)
+    torch.testing.assert_close(ret, ret2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grpo_matches_loop(seed):
+    rewards, mask, _, group_ids, _ = make_batch(seed)
+    eps = 1e-6
+    adv, ret = ADVANTAGES.get("grpo")(rewards, mask, group_ids=group_ids, eps=eps)
+    s = seq_scores(rewards.tolist(), mask.tolist())
+    seq_adv = [0.0] * B
+    for members in groups(group_ids.tolist()).values():
+        n = len(members)
+        mean = sum(s[j] for j in members) / n if n > 1 else 0.0
+        std = math.sqrt(sum((s[j] - mean) ** 2 for j in members) / (n - 1)) if n > 1 else 1.0
+        for i in members:
+            seq_adv[i] = (s[i] - mean) / (std + eps)
+    check(adv, broadcast(seq_adv, mask.tolist()))
+    check(ret, broadcast(seq_adv, mask.tolist()))
+
+
+def test_grpo_uses_unbiased_torch_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    rewards = torch.zeros(5, 3, dtype=torch.float64)
+    rewards[:, 0] = r
+    adv, _ = ADVANTAGES.get("grpo")(rewards, torch.ones(5, 3), group_ids=torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(adv[:, 0], (r - r.mean()) / (r.std() + 1e-6))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dr_grpo_matches_loop(seed):
+    rewards, mask, _, group_ids, _ = make_batch(seed)
+    adv, _ = ADVANTAGES.get("dr_grpo")(rewards, mask, group_ids=group_ids)
+    s = seq_scores(rewards.tolist(), mask.tolist())
+    seq_adv = [0.0] * B
+    for members in groups(group_ids.tolist()).values():
+        mean = sum(s[j] for j in members) / len(members) if len(members) > 1 else 0.0
+        for i in members:
+            seq_adv[i] = s[i] - mean
+    check(adv, broadcast(seq_adv, mask.tolist()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rloo_matches_loop(seed):
+    rewards, mask, _, group_ids, _ = make_batch(seed)
+    adv, _ = ADVANTAGES.get("rloo")(rewards, mask, group_ids=group_ids)
+    s = seq_scores(rewards.tolist(), mask.tolist())
+    seq_adv = [0.0] * B
+    for members in groups(group_ids.tolist()).values():
+        for i in members:
+            others = [s[j] for j in members if j != i]
+            seq_adv[i] = s[i] - (sum(others) / len(others) if others else 0.0)
+    check(adv, broadcast(seq_adv, mask.tolist()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("use_groups", [True, False])
+def test_reinforce_pp_matches_loop(seed, use_groups):
+    rewards, mask, _, group_ids, _ = make_batch(seed)
+    eps = 1e-6
+    adv, _ = ADVANTAGES.get("reinforce_pp")(rewards, mask, group_ids=group_ids if use_groups else None, eps=eps)
+    m = mask.tolist()
+    a = seq_scores(rewards.tolist(), m)
+    if use_groups:
+        centred = list(a)
+        for members in groups(group_ids.tolist()).values():
+            mean = sum(a[j] for j in members) / len(members) if len(members) > 1 else 0.0
+            for i in members:
+                centred[i] = a[i] - mean
+        a = centred
+    tokens = [a[i] for i in range(B) for t in range(T) if m[i][t]]  # token-level statistics
+    mu = sum(tokens) / len(tokens)
+    var = sum((x - mu) ** 2 for x in tokens) / len(tokens)
+    check(adv, broadcast([(x - mu) / math.sqrt(var + eps) for x in a], m))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_remax_matches_loop(seed):
+    rewards, mask, _, _, baseline = make_batch(seed)
+    adv, ret = ADVANTAGES.get("remax")(rewards, mask, baseline_rewards=baseline)
+    s = seq_scores(rewards.tolist(), mask.tolist())
+    expected = broadcast([s[i] - baseline[i].item() for i in range(B)], mask.tolist())
+    check(adv, expected)
+    check(ret, expected)
+
+
+@pytest.mark.parametrize("name,arg", [("gae", "values"), ("grpo", "group_ids"), ("dr_grpo", "group_ids"),
+                                      ("rloo", "group_ids"), ("remax", "baseline_rewards")])
+def test_missing_required_input_names_estimator_and_argument(name, arg):
+    rewards, mask, *_ = make_batch(0)
+    with pytest.raises(ValueError, match=rf"{name}.*{arg}"):
+        ADVANTAGES.get(name)(rewards, mask)
+
+
+def all_inputs(seed=0):
+    rewards, mask, values, group_ids, baseline = make_batch(seed)
+    return rewards, mask, dict(values=values, group_ids=group_ids, baseline_rewards=baseline)
+
+
+@pytest.mark.parametrize("name", ADVANTAGES.names())
+def test_zero_length_sequences_give_no_nan_and_zero_outside_mask(name):
+    rewards, mask, kw = all_inputs()
+    for m in (mask, torch.zeros_like(mask)):  # one empty row; then an entirely empty batch
+        adv, ret = ADVANTAGES.get(name)(rewards, m, **kw)
+        assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+        assert (adv[m == 0] == 0).all() and (ret[m == 0] == 0).all()
+
+
+@pytest.mark.parametrize("name", ADVANTAGES.names())
+def test_bool_mask_equals_float_mask_and_no_grad(name):
+    rewards, mask, kw = all_inputs()
+    rewards.requires_grad_(True)
+    kw["values"].requires_grad_(True)
+    adv_f, ret_f = ADVANTAGES.get(name)(rewards, mask, **kw)
+    adv_b, ret_b = ADVANTAGES.get(name)(rewards, mask.bool(), **kw)
+    torch.testing.assert_close(adv_f, adv_b)
+    torch.testing.assert_close(ret_f, ret_b)
+    assert not adv_f.requires_grad and not ret_f.requires_grad
