@@ -57,7 +57,7 @@ class TaskConfig(_Section):
     demo_error: Literal["none", "drop_carry"] = Field(
         "drop_carry", description="Systematic mistake in the SFT demonstrations: 'drop_carry' forgets the "
         "carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might.")
-    demo_error_rate: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of the demonstrations that "
+    demo_error_rate: float = Field(0.75, ge=0.0, le=1.0, description="Fraction of the demonstrations that "
                                    "could contain the mistake which do.")
 
     @model_validator(mode="after")
@@ -71,20 +71,20 @@ class TaskConfig(_Section):
 class SFTConfig(_Section):
     steps: int = Field(1500, ge=0, description="Optimizer steps.")
     batch_size: int = Field(64, ge=1, description="Demonstrations per step.")
-    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps, then cosine decay to lr_min_ratio*lr.")
+    lr: float = Field(4e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps, then cosine decay to lr_min_ratio*lr.")
     lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     eval_every: int = Field(250, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
 
 
 class RLConfig(_Section):
-    steps: int = Field(200, ge=0, description="Rollout steps (each: generate, score, update).")
+    steps: int = Field(150, ge=0, description="Rollout steps (each: generate, score, update).")
     prompts_per_step: int = Field(32, ge=1, description="Distinct prompts per rollout step.")
     group_size: int = Field(8, ge=1, description="Samples per prompt (G in GRPO).")
-    lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    lr: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then constant.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from posttrain.config import ModelConfig
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()  # no per-file bars when loading or saving a 1M-parameter model
 
 
 class ModelLoadError(ValueError):

@@ -67,11 +67,12 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
     c, model, timer = cfg.sft, state.model, PhaseTimer()
     model.train()
     batches = _batches(state, c.batch_size)
-    accuracy = float("nan")
+    accuracy, tokens = float("nan"), 0
     for step in range(1, c.steps + 1):
         with timer("update"):
             prompts, completions = zip(*next(batches))
             loss, n_tokens = sft_loss(model, state.tokenizer, list(prompts), list(completions))
+            tokens += n_tokens
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
@@ -82,7 +83,8 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
             times = timer.pop()
             record = {"step": step, "phase": "sft", "loss": loss.item(), "grad_norm": grad_norm.item(),
                       "lr": state.scheduler.get_last_lr()[0],
-                      "tokens_per_s": n_tokens / max(times["time/update"] / c.log_every, 1e-9), **times}
+                      "tokens_per_s": tokens / max(times["time/update"], 1e-9), **times}
+            tokens = 0
         if (c.eval_every and step % c.eval_every == 0) or step == c.steps:
             accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
                                 cfg.eval.batch_size, cfg.eval.max_new_tokens)
