@@ -6,6 +6,7 @@ Every user error (bad argument, config, path, data) prints one line and exits wi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 USAGE_ERROR = 2
@@ -33,12 +34,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from posttrain.config import ConfigError, load_config
-    from posttrain.models.loading import ModelLoadError
+    from posttrain.config import load_config
+    from posttrain.errors import PosttrainError
 
     try:
         if args.command == "demo":
-            extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
+            extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
             extra += [f"seed={args.seed}"] if args.seed is not None else []
             cfg = load_config(args.config, [*args.overrides, *extra])
             from posttrain.recipes.demo import run_demo
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             from posttrain.recipes import runners
 
             getattr(runners, f"run_{args.command}")(cfg)
-    except (ConfigError, ModelLoadError, FileNotFoundError) as err:
+    except (PosttrainError, FileNotFoundError) as err:
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -18,9 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem, described in one line."""
+# Critic-free estimators that need nothing but grouped outcome rewards; `gae` needs a critic (PPO) and
+# `remax` a greedy baseline rollout, which the GRPO-style loop does not produce.
+OUTCOME_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
 class _Section(BaseModel):
@@ -52,12 +54,14 @@ class TaskConfig(_Section):
     name: Literal["arithmetic"] = Field("arithmetic", description="Built-in task.")
     min_operand: int = Field(0, ge=0, description="Smallest operand.")
     max_operand: int = Field(99, ge=0, description="Largest operand.")
-    operators: list[Literal["+", "-", "*"]] = Field(["+"], min_length=1, description="Operators to draw from.")
+    operators: tuple[Literal["+", "-", "*"], ...] = Field(("+",), min_length=1, description="Operators to draw from.")
     num_eval: int = Field(500, ge=1, description="Held-out evaluation problems, disjoint from training prompts.")
+    pad_operands: bool = Field(False, description="Write operands with leading zeros to the width of "
+                               "max_operand (07+58=), which makes digit alignment easier to learn.")
     demo_error: Literal["none", "drop_carry"] = Field(
         "drop_carry", description="Systematic mistake in the SFT demonstrations: 'drop_carry' forgets the "
         "carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might.")
-    demo_error_rate: float = Field(0.75, ge=0.0, le=1.0, description="Fraction of the demonstrations that "
+    demo_error_rate: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of the demonstrations that "
                                    "could contain the mistake which do.")
 
     @model_validator(mode="after")
@@ -69,12 +73,12 @@ class TaskConfig(_Section):
 
 
 class SFTConfig(_Section):
-    steps: int = Field(1500, ge=0, description="Optimizer steps.")
+    steps: int = Field(2000, ge=0, description="Optimizer steps.")
     batch_size: int = Field(64, ge=1, description="Demonstrations per step.")
-    lr: float = Field(4e-3, gt=0, description="Peak AdamW learning rate.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps, then cosine decay to lr_min_ratio*lr.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps, then cosine decay to lr_min_ratio*lr.")
     lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     eval_every: int = Field(250, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
@@ -111,8 +115,8 @@ class RLConfig(_Section):
         if n % self.mini_batches:
             raise ValueError(f"rl.prompts_per_step * rl.group_size ({n}) must be divisible by "
                              f"rl.mini_batches ({self.mini_batches})")
-        from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES
-        for key, value, valid in (("advantage", self.advantage, ADVANTAGES.names()),
+        from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES  # noqa: PLC0415 (light module)
+        for key, value, valid in (("advantage", self.advantage, [a for a in OUTCOME_ADVANTAGES if a in ADVANTAGES]),
                                   ("policy_loss", self.policy_loss, POLICY_LOSSES.names()),
                                   ("loss_agg", self.loss_agg, list(AGG_MODES))):
             if value not in valid:
@@ -135,6 +139,19 @@ class RunConfig(_Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _task_size(self) -> "RunConfig":
+        t = self.task
+        total = len(set(t.operators)) * (t.max_operand - t.min_operand + 1) ** 2
+        train = total - t.num_eval
+        if train < 1:
+            raise ValueError(f"task: only {total} distinct problems in the operand range, none left for "
+                             f"training after task.num_eval={t.num_eval}")
+        if self.rl.prompts_per_step > train:
+            raise ValueError(f"rl.prompts_per_step ({self.rl.prompts_per_step}) exceeds the {train} "
+                             f"training problems of the task")
+        return self
 
 
 def _suggest(name: str, valid: list[str]) -> str:

@@ -81,7 +81,7 @@ def test_dotted_overrides_parse_yaml_scalars():
     assert cfg.seed == 3 and isinstance(cfg.seed, int)
     assert cfg.progress is False
     assert cfg.output_dir == "runs/x"
-    assert cfg.task.operators == ["+", "*"]
+    assert cfg.task.operators == ("+", "*")
     assert cfg.model.path is None
     assert parse_overrides(["a.b.c=1", "a.b.d=x", "e="]) == {"a": {"b": {"c": 1, "d": "x"}}, "e": ""}
 

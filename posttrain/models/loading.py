@@ -10,13 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from posttrain.config import ModelConfig
+from posttrain.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # no per-file bars when loading or saving a 1M-parameter model
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer directory that cannot be used, described in one line."""
 
 
 def load_policy(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -69,8 +69,10 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-    """Response tokens -> text, stopping at EOS and dropping special tokens."""
-    return tokenizer.batch_decode((response_ids * response_mask.long()).tolist(), skip_special_tokens=True)
+    """Response tokens -> text: only the tokens under the mask (up to EOS), special tokens dropped."""
+    lengths = response_mask.sum(-1).long().tolist()
+    rows = [ids[:n] for ids, n in zip(response_ids.tolist(), lengths, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 @torch.no_grad()

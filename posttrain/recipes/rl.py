@@ -159,4 +159,8 @@ def train_rl(cfg: RunConfig, state: RLState, logger, progress=None) -> float:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{accuracy:.3f}",
                                  kl=f"{metrics['kl']:.4f}", refresh=False)
+    if cfg.rl.steps == 0:
+        accuracy = evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
+                            cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        logger.log({"step": 0, "phase": "rl", "accuracy": accuracy})
     return accuracy

@@ -85,7 +85,7 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
                       "lr": state.scheduler.get_last_lr()[0],
                       "tokens_per_s": tokens / max(times["time/update"], 1e-9), **times}
             tokens = 0
-        if (c.eval_every and step % c.eval_every == 0) or step == c.steps:
+        if (c.eval_every and step % c.eval_every == 0) or step == c.steps:  # steps == 0: see below
             accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
                                 cfg.eval.batch_size, cfg.eval.max_new_tokens)
             record = {"step": step, "phase": "sft", **record, "accuracy": accuracy}
@@ -94,4 +94,8 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", refresh=False)
+    if c.steps == 0:
+        accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
+                            cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        logger.log({"step": 0, "phase": "sft", "accuracy": accuracy})
     return accuracy

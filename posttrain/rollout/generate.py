@@ -50,15 +50,13 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
     alive = torch.ones(B, dtype=torch.bool)
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (B, V)
+        logits = logits / temperature
         if greedy:
             tok = logits.argmax(-1)
-            logp = torch.zeros(B)
         else:
-            logits = logits / temperature
-            logp_all = F.log_softmax(logits, dim=-1)
             probs = filter_logits(logits, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            logp = logp_all.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        logp = F.log_softmax(logits, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
         tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
         masks.append(alive.float())
         tokens.append(tok)

@@ -43,7 +43,8 @@ def test_decode_inserts_no_spaces(tokenizer, text):
 
 def test_special_tokens(tokenizer):
     assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == (PAD, BOS, EOS, UNK)
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
+    ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+    assert ids == (0, 1, 2, 3)
     assert tokenizer.decode([1, tokenizer.convert_tokens_to_ids("7"), 2, 0, 0], skip_special_tokens=True) == "7"
 
 

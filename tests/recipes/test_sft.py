@@ -95,8 +95,6 @@ def test_train_sft_logs_and_evaluates(tmp_path, make_config, tokenizer, tiny_mod
     assert logger.records[-1]["accuracy"] == accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="train_sft only evaluates inside its step loop, so sft.steps=0 (allowed: ge=0) "
-                   "returns accuracy NaN, which run_demo/run_sft write to summary.json as a bare NaN")
 def test_zero_sft_steps_still_reports_a_real_accuracy(tmp_path, make_config, tokenizer, tiny_model):
     try:
         cfg = make_config(tmp_path, "sft.steps=0")

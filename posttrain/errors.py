@@ -1,0 +1,13 @@
+"""Error types a user can cause (bad config, path or data). The CLI prints them in one line, exit code 2."""
+
+
+class PosttrainError(ValueError):
+    """A user-facing problem, described in one line."""
+
+
+class ConfigError(PosttrainError):
+    """A configuration problem: names the key and, for a misspelling, the closest valid key."""
+
+
+class ModelLoadError(PosttrainError):
+    """A model or tokenizer directory that cannot be used."""
