@@ -56,8 +56,6 @@ class TaskConfig(_Section):
     max_operand: int = Field(99, ge=0, description="Largest operand.")
     operators: tuple[Literal["+", "-", "*"], ...] = Field(("+",), min_length=1, description="Operators to draw from.")
     num_eval: int = Field(500, ge=1, description="Held-out evaluation problems, disjoint from training prompts.")
-    pad_operands: bool = Field(False, description="Write operands with leading zeros to the width of "
-                               "max_operand (07+58=), which makes digit alignment easier to learn.")
     demo_error: Literal["none", "drop_carry"] = Field(
         "drop_carry", description="Systematic mistake in the SFT demonstrations: 'drop_carry' forgets the "
         "carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might.")

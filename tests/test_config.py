@@ -159,3 +159,8 @@ def test_config_is_frozen():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), RunConfig)
+
+
+def test_shipped_demo_config_equals_the_embedded_defaults():
+    """configs/demo.yaml documents the default run; it must not drift from posttrain/config.py."""
+    assert load_config(Path(__file__).parent.parent / "configs" / "demo.yaml") == RunConfig()

@@ -46,8 +46,7 @@ class ArithmeticTask:
 
     def __init__(self, cfg: TaskConfig, seed: int):
         self.cfg = cfg
-        w = len(str(cfg.max_operand)) if cfg.pad_operands else 0
-        problems = [Problem(f"{a:0{w}d}{op}{b:0{w}d}=" if w else f"{a}{op}{b}=", str(_OPS[op](a, b)), a, op, b)
+        problems = [Problem(f"{a}{op}{b}=", str(_OPS[op](a, b)), a, op, b)
                     for op in cfg.operators
                     for a in range(cfg.min_operand, cfg.max_operand + 1)
                     for b in range(cfg.min_operand, cfg.max_operand + 1)]
