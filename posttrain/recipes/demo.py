@@ -45,7 +45,7 @@ def run_demo(cfg: RunConfig) -> dict:
         save_pretrained(model, tokenizer, out / "final")
     plot_report(out / "metrics.jsonl", out / "report.png", title=f"posttrain demo (seed {cfg.seed})")
     summary = {"sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
-               "improvement": rl_accuracy - sft_accuracy, "eval_problems": len(task.eval_problems),
+               "improvement": round(rl_accuracy - sft_accuracy, 6), "eval_problems": len(task.eval_problems),
                "seed": cfg.seed, "parameters": n_params, "sft_seconds": round(sft_seconds, 1),
                "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
