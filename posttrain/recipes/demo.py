@@ -7,20 +7,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from posttrain.config import RunConfig
-from posttrain.logging import MetricsLogger
+from posttrain.logging import MetricsLogger, read_metrics
 from posttrain.models import load_policy, save_pretrained
 from posttrain.recipes.common import prepare_output_dir, seed_everything, write_json
 from posttrain.recipes.rl import setup_rl, train_rl
+from posttrain.recipes.runners import progress_bar
 from posttrain.recipes.sft import setup_sft, train_sft
 from posttrain.report import plot_report, summarize_table
 from posttrain.tasks import build_task
-
-
-def _bar(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
 def run_demo(cfg: RunConfig) -> dict:
@@ -35,12 +30,12 @@ def run_demo(cfg: RunConfig) -> dict:
           f"({len(task.train_problems)} train / {len(task.eval_problems)} held-out problems), output {out}")
     with MetricsLogger(out / "metrics.jsonl") as logger:
         sft_state = setup_sft(cfg, model, tokenizer, task)
-        with _bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:
+        with progress_bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:
             sft_accuracy = train_sft(cfg, sft_state, logger, bar)
         save_pretrained(model, tokenizer, out / "sft")
         sft_seconds = time.perf_counter() - start
         rl_state = setup_rl(cfg, model, tokenizer, task)
-        with _bar(cfg.rl.steps, "GRPO", cfg.progress) as bar:
+        with progress_bar(cfg.rl.steps, "GRPO", cfg.progress) as bar:
             rl_accuracy = train_rl(cfg, rl_state, logger, bar)
         save_pretrained(model, tokenizer, out / "final")
     plot_report(out / "metrics.jsonl", out / "report.png", title=f"posttrain demo (seed {cfg.seed})")
@@ -49,7 +44,6 @@ def run_demo(cfg: RunConfig) -> dict:
                "seed": cfg.seed, "parameters": n_params, "sft_seconds": round(sft_seconds, 1),
                "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
-    from posttrain.logging import read_metrics
     print(summarize_table(read_metrics(out / "metrics.jsonl")))
     print(f"held-out accuracy: SFT {sft_accuracy:.3f} -> GRPO {rl_accuracy:.3f} "
           f"({rl_accuracy - sft_accuracy:+.3f}) on {len(task.eval_problems)} problems, "
