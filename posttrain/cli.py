@@ -1,4 +1,4 @@
-"""Command line: `posttrain demo|sft|rl ...`, each subcommand a plain recipe function.
+"""Command line: `posttrain demo|sft|rm|rl ...`, each subcommand a plain recipe function.
 
 Every user error (bad argument, config, path, data) prints one line and exits with code 2.
 """
@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     demo.add_argument("--config", default=None, help="YAML config to start from (default: embedded)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.steps=100")
-    for name, text in (("sft", "supervised fine-tuning"), ("rl", "online RL (GRPO by default)")):
+    for name, text in (("sft", "supervised fine-tuning"), ("rm", "reward model from preference pairs"),
+                       ("rl", "online RL: GRPO and family, or PPO with a critic and a reward model")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("config", help="YAML config file")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.lr=1e-4")

@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from posttrain.errors import ConfigError
 
-# Critic-free estimators that need nothing but grouped outcome rewards; `gae` needs a critic (PPO) and
-# `remax` a greedy baseline rollout, which the GRPO-style loop does not produce.
-OUTCOME_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+# Estimators the RL loop can feed: critic-free ones need only grouped outcome rewards; `gae` makes the
+# loop load a critic (PPO). `remax` needs a greedy baseline rollout, which the loop does not produce yet.
+RL_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae")
 
 
 class _Section(BaseModel):
@@ -106,6 +106,41 @@ class RLConfig(_Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
     max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
     eval_every: int = Field(25, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
+    micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward/backward pass inside "
+                                         "a minibatch (gradient accumulation); None: the whole minibatch.")
+    # Where the outcome score comes from.
+    reward: Literal["task", "reward_model"] = Field(
+        "task", description="'task': the task's verifiable reward. 'reward_model': a trained reward model "
+        "(rl.reward_model_path); the task's reward is then logged as the gold score.")
+    reward_model_path: str | None = Field(None, description="Directory written by `posttrain rm`.")
+    missing_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a response that "
+                                       "hit max_new_tokens without EOS.")
+    # KL to the reference.
+    kl_placement: Literal["loss", "reward"] = Field(
+        "loss", description="'loss': kl_coef * KL estimator added to the per-token loss (GRPO). 'reward': "
+        "r_t -= kl_coef * KL estimator at every response token before advantages (PPO-RLHF).")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller target (summed KL per "
+                                    "sequence); None: fixed kl_coef.")
+    kl_horizon: float = Field(10000.0, gt=0, description="Adaptive KL controller horizon, in samples.")
+    # Critic (loaded when advantage == 'gae').
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(False, description="Masked whitening of advantages over the batch.")
+    critic_init: Literal["reward_model", "policy"] = Field(
+        "reward_model", description="Initialise the critic from the reward model or from the policy "
+        "(model.path) with a fresh zero head.")
+    critic_lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate of the critic.")
+    value_loss: Literal["clipped", "unclipped"] = Field("clipped", description="Critic loss.")
+    value_clip: float = Field(0.2, gt=0, description="Clipped value loss: |V - V_old| band.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (subtracted from the loss).")
+    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound c (> 1) for negative "
+                                      "advantages; None: off.")
+    # Pretraining mix (InstructGPT's PPO-ptx).
+    ptx_coef: float = Field(0.0, ge=0, description="lambda_ptx: weight of the next-token loss on a ptx "
+                            "minibatch added to the actor's loss at every optimizer step (0: off).")
+    ptx_data: str = Field("task", description="'task': the task's SFT demonstrations; or a .txt file (one "
+                          "text per line) or .jsonl file ('text', or 'prompt' + 'completion').")
+    ptx_batch_size: int = Field(32, ge=1, description="Sequences per ptx minibatch.")
 
     @model_validator(mode="after")
     def _batches(self) -> "RLConfig":
@@ -113,13 +148,49 @@ class RLConfig(_Section):
         if n % self.mini_batches:
             raise ValueError(f"rl.prompts_per_step * rl.group_size ({n}) must be divisible by "
                              f"rl.mini_batches ({self.mini_batches})")
+        if self.micro_batch_size is not None and (n // self.mini_batches) % self.micro_batch_size:
+            raise ValueError(f"rl.micro_batch_size ({self.micro_batch_size}) must divide the minibatch "
+                             f"size ({n // self.mini_batches} sequences)")
+        if self.reward == "reward_model" and self.reward_model_path is None:
+            raise ValueError("rl.reward_model_path is required when rl.reward is 'reward_model'")
+        if self.advantage == "gae" and self.critic_init == "reward_model" and self.reward_model_path is None:
+            raise ValueError("rl.critic_init 'reward_model' needs rl.reward_model_path (or set "
+                             "rl.critic_init=policy)")
         from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES  # noqa: PLC0415 (light module)
-        for key, value, valid in (("advantage", self.advantage, [a for a in OUTCOME_ADVANTAGES if a in ADVANTAGES]),
+        for key, value, valid in (("advantage", self.advantage, [a for a in RL_ADVANTAGES if a in ADVANTAGES]),
                                   ("policy_loss", self.policy_loss, POLICY_LOSSES.names()),
                                   ("loss_agg", self.loss_agg, list(AGG_MODES))):
             if value not in valid:
                 raise ValueError(f"rl.{key} must be one of {', '.join(valid)}{_suggest(value, valid)}")
         return self
+
+
+class RewardModelConfig(_Section):
+    data: str = Field("synthetic", description="Preference pairs: 'synthetic' (built from the task and the "
+                      "policy's own samples, labelled by the task's gold rule), or a JSONL / .jsonl.gz / "
+                      "Parquet file or a saved HF dataset directory.")
+    format: Literal["auto", "prompt_chosen_rejected", "hh"] = Field(
+        "auto", description="Pair format: {prompt, chosen, rejected}, or HH-RLHF dialogues {chosen, rejected} "
+        "sharing a prefix; 'auto' reads the keys of the first row.")
+    split: str | None = Field(None, description="Split of a saved HF DatasetDict (default 'train').")
+    limit: int | None = Field(None, ge=1, description="Use at most this many pairs from `data`.")
+    eval_data: str | None = Field(None, description="Held-out pairs file; None: hold out eval_fraction of data.")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the pairs held out when eval_data is None.")
+    num_pairs: int = Field(8000, ge=2, description="Synthetic data: training pairs to build.")
+    steps: int = Field(600, ge=0, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Preference pairs per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up, then cosine decay to lr_min_ratio * lr.")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    margin: float = Field(0.0, ge=0, description="Bradley-Terry margin m: loss = -log sigmoid(r_c - r_r - m).")
+    max_length: int | None = Field(None, ge=2, description="Keep the last max_length tokens of each sequence "
+                                   "(default: the model's context).")
+    calibration_size: int = Field(1000, ge=1, description="Training pairs whose scores (both sides) give the "
+                                  "normalisation mean and std stored with the model.")
+    eval_every: int = Field(100, ge=0, description="Held-out accuracy every N steps (0: only at the end).")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
 
 
 class EvalConfig(_Section):
@@ -136,6 +207,7 @@ class RunConfig(_Section):
     task: TaskConfig = Field(default_factory=TaskConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    rm: RewardModelConfig = Field(default_factory=RewardModelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

@@ -11,3 +11,7 @@ class ConfigError(PosttrainError):
 
 class ModelLoadError(PosttrainError):
     """A model or tokenizer directory that cannot be used."""
+
+
+class DataError(PosttrainError):
+    """A data file or dataset row that cannot be used: names the file (or dataset) and the line (or row)."""

@@ -70,40 +70,30 @@ def _group_stats(r: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     return count, total, mean, std
 
 
-@ADVANTAGES.register("gae")
 @torch.no_grad()
-def gae(
-    token_rewards: Tensor,
-    response_mask: Tensor,
-    *,
-    values: Tensor | None = None,
-    group_ids: Tensor | None = None,
-    baseline_rewards: Tensor | None = None,
-    gamma: float = 1.0,
-    lam: float = 1.0,
-    eps: float = 1e-6,
-) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, "High-Dimensional Continuous Control
     Using Generalized Advantage Estimation", eq. 16), right to left over the response tokens:
 
         delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last response token = 0)
         A_t     = delta_t + gamma * lam * A_{t+1}      (A after the last response token = 0)
+                = sum_{l >= 0} (gamma * lam)^l * delta_{t+l}
         returns_t = A_t + V_t
 
     "t+1" is the next *response* token: responses may be left-aligned with trailing padding, of varying
     lengths, or have masked holes (e.g. tool output in a multi-turn rollout), which are skipped as verl does.
 
     Args:
-        token_rewards: (B, T) r_t.
-        response_mask: (B, T) {0, 1} or bool.
-        values: (B, T) V(s_t), required.
+        rewards: (B, T) r_t (PPO-RLHF: -beta * KL_t, plus the reward model's score on the last token).
+        values: (B, T) V(s_t) from the critic at the rollout.
+        mask: (B, T) {0, 1} or bool: 1 on response tokens.
         gamma, lam: discount and GAE lambda.
     Returns:
-        advantages (B, T), returns (B, T); zero outside the mask.
+        advantages (B, T), returns (B, T); zero outside the mask, no grad.
     """
-    values = _require("gae", "values", values)
-    m = as_bool(response_mask)
-    r = zero_outside(token_rewards, m)
+    m = as_bool(mask)
+    r = zero_outside(rewards, m)
     v = zero_outside(values.to(r.dtype), m)
     adv = torch.zeros_like(r)
     next_v = torch.zeros_like(r[:, 0])
@@ -116,6 +106,22 @@ def gae(
         next_v = torch.where(mt, v[:, t], next_v)
         next_a = torch.where(mt, a, next_a)
     return adv, zero_outside(adv + v, m)
+
+
+@ADVANTAGES.register("gae")
+def gae_estimator(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    baseline_rewards: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """`gae` under the registry signature: values (B, T) are required; see `gae` for the equations."""
+    return gae(token_rewards, _require("gae", "values", values), response_mask, gamma=gamma, lam=lam)
 
 
 @ADVANTAGES.register("grpo")

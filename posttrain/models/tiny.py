@@ -12,9 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from posttrain.config import ModelConfig
 
 
-def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    """A freshly initialised Llama causal LM whose shape comes from `cfg` and vocabulary from `tokenizer`."""
-    config = LlamaConfig(
+def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The Llama config whose shape comes from `cfg` and vocabulary from `tokenizer`."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -29,6 +29,11 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
+    """A freshly initialised Llama causal LM whose shape comes from `cfg` and vocabulary from `tokenizer`."""
+    config = tiny_config(cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

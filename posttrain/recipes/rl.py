@@ -1,17 +1,27 @@
-"""Online RL with verifiable rewards (GRPO by default): setup, then one loop of named, timed phases.
+"""Online RL: GRPO and family (critic-free) and PPO-RLHF (actor, critic, reference, reward model), one loop.
 
     for each step:
-      generate    G samples for each of N prompts, with per-token log-probs (the old policy)
-      score       the task's verifiable reward for every completion
-      reference   log pi_ref for the KL term (skipped, and no reference loaded, when kl_coef == 0)
-      advantages  the registered estimator (grpo: (r - group mean) / (group std + eps)), over tokens
-      update      ppo_epochs x mini_batches optimizer steps on the registered policy loss
-                  + kl_coef * KL estimator, reduced by the shared `aggregate`
-      log/eval    metrics line; held-out greedy accuracy every eval_every steps
+      generate    G samples for each of N prompts, with per-token log-probs (pi_old)
+      score       the outcome score: the task's verifiable reward, or the reward model's normalised score
+                  (minus missing_eos_penalty for a response without EOS); the task's reward is the gold
+      reference   log pi_ref (skipped, and no reference loaded, when kl_coef == 0)
+      values      V_old(s_t) from the critic (PPO only: advantage == "gae")
+      advantages  token rewards = score on the last token (- beta * KL_t on every token when
+                  kl_placement == "reward"), then the registered estimator, optionally whitened
+      update      ppo_epochs passes over mini_batches shuffled minibatches of the experience buffer; per
+                  minibatch one actor step (policy loss [+ beta * KL if kl_placement == "loss"]
+                  [- entropy bonus], reduced by `aggregate` over the minibatch, accumulated over
+                  micro-batches, + ptx_coef * next-token loss on a ptx minibatch) and one critic step
+                  (value loss); then the buffer is flushed
+      log/eval    metrics line; held-out greedy accuracy (the gold) every eval_every steps
 
-Departures from DeepSeekMath's GRPO, all configurable: token-mean aggregation over the batch (the paper
-averages per sequence first), and the old log-probs are the ones returned by generation (they equal a
-fresh forward pass to ~1e-6, see tests/test_rollout.py), which saves one forward pass per step.
+A "step" is one rollout batch of prompts_per_step * group_size sequences and the
+ppo_epochs * mini_batches optimizer steps taken on it; learning-rate schedules count steps.
+
+Departures from the papers, all configurable: token-mean aggregation over the minibatch (DeepSeekMath
+averages per sequence first); old log-probs are those returned by generation (equal to a fresh forward
+pass to ~1e-6, see tests/test_rollout.py), which saves a forward pass per step; the critic has its own
+optimizer rather than a shared trunk with a value-loss coefficient (as OpenRLHF and verl).
 """
 
 from __future__ import annotations
@@ -23,44 +33,92 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.algos import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, aggregate, masked_mean
-from posttrain.batch import RolloutBatch
+from posttrain.algos import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, VALUE_LOSSES, AdaptiveKLController,
+                             FixedKLController, aggregate, masked_mean, masked_whiten)
+from posttrain.buffer import Experience, ExperienceBuffer
 from posttrain.config import RunConfig
+from posttrain.data.text import PtxSampler, load_ptx_texts
+from posttrain.errors import ModelLoadError
 from posttrain.models.logprobs import response_logprobs
+from posttrain.models.reward import RewardModel
+from posttrain.models.value import critic_from_policy, response_values, scalar_model_from_pretrained
 from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts, evaluate, make_optimizer
+from posttrain.recipes.sft import sft_loss
 from posttrain.rollout import generate
 
 
 @dataclass
 class RLState:
-    policy: torch.nn.Module
+    policy: torch.nn.Module  # the actor
     reference: torch.nn.Module | None  # frozen copy of the starting policy; None when kl_coef == 0
+    critic: torch.nn.Module | None  # scalar-head value model; None unless advantage == "gae"
+    reward_model: RewardModel | None  # frozen; None when rl.reward == "task"
     tokenizer: object
     task: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    critic_optimizer: torch.optim.Optimizer | None
+    critic_scheduler: torch.optim.lr_scheduler.LambdaLR | None
+    kl_ctl: FixedKLController | AdaptiveKLController
+    ptx: PtxSampler | None
+    buffer: ExperienceBuffer
     rng: random.Random  # prompt order
-    sampler: torch.Generator  # token sampling
+    sampler: torch.Generator  # token sampling and minibatch shuffling
+
+
+def _same_vocab(a, b) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
 def setup_rl(cfg: RunConfig, policy, tokenizer, task) -> RLState:
-    reference = None
-    if cfg.rl.kl_coef > 0:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    opt, sched = make_optimizer(policy, cfg.rl.lr, cfg.rl.weight_decay, cfg.rl.warmup_steps, cfg.rl.steps)
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    return RLState(policy, reference, tokenizer, task, opt, sched, random.Random(f"rl-{cfg.seed}"), sampler)
+    c = cfg.rl
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 else None
+    reward_model = RewardModel.load(c.reward_model_path) if c.reward == "reward_model" else None
+    critic = critic_opt = critic_sched = None
+    if c.advantage == "gae":
+        if c.critic_init == "reward_model":
+            critic_tok = reward_model.tokenizer if reward_model else RewardModel.load(c.reward_model_path).tokenizer
+            if not _same_vocab(critic_tok, tokenizer):
+                raise ModelLoadError(f"rl.critic_init=reward_model: the reward model in {c.reward_model_path} "
+                                     "does not share the policy's tokenizer; use rl.critic_init=policy")
+            critic = scalar_model_from_pretrained(c.reward_model_path, tokenizer.pad_token_id)
+        else:
+            critic = critic_from_policy(policy)
+        critic.train()
+        critic_opt, critic_sched = make_optimizer(critic, c.critic_lr, c.weight_decay, c.warmup_steps, c.steps)
+    opt, sched = make_optimizer(policy, c.lr, c.weight_decay, c.warmup_steps, c.steps)
+    kl_ctl = (AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.kl_target is not None
+              else FixedKLController(c.kl_coef))
+    ptx = None
+    if c.ptx_coef > 0:
+        rng = random.Random(f"ptx-demos-{cfg.seed}")
+        data = ([(p.prompt, task.demonstration(p, rng)) for p in task.train_problems] if c.ptx_data == "task"
+                else load_ptx_texts(c.ptx_data))
+        ptx = PtxSampler(data, cfg.seed)
+    return RLState(policy, reference, critic, reward_model, tokenizer, task, opt, sched, critic_opt, critic_sched,
+                   kl_ctl, ptx, ExperienceBuffer(tokenizer.pad_token_id), random.Random(f"rl-{cfg.seed}"),
+                   torch.Generator().manual_seed(cfg.seed))
 
 
 def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) outcome rewards -> (B, T) token rewards: the score sits on each response's last token."""
+    """(B,) outcome rewards -> (B, T) token rewards: the score sits on each response's last token (an empty
+    response has no token to carry it)."""
     token_rewards = torch.zeros_like(response_mask)
     last = (response_mask.sum(-1).long() - 1).clamp(min=0)
-    token_rewards[torch.arange(len(rewards)), last] = rewards
-    return token_rewards
+    token_rewards[torch.arange(len(rewards)), last] = rewards.to(token_rewards.dtype)
+    return token_rewards * (response_mask != 0)
 
 
-def rollout(cfg: RunConfig, state: RLState, problems) -> tuple[RolloutBatch, list]:
+def kl_penalty_rewards(scores, logprobs, ref_logprobs, response_mask, beta: float, estimator: str = "k1"):
+    """InstructGPT's token rewards: r_t = -beta * KL_t on every response token, + score on the last one.
+
+    scores (B,); logprobs, ref_logprobs, response_mask (B, T) -> (B, T), zero off the mask.
+    """
+    kl = KL_ESTIMATORS.get(estimator)(logprobs, ref_logprobs) * response_mask
+    return outcome_token_rewards(scores, response_mask) - beta * kl
+
+
+def rollout(cfg: RunConfig, state: RLState, problems):
     """G samples for each problem, grouped contiguously: rows i*G .. i*G+G-1 share problem i."""
     G = cfg.rl.group_size
     expanded = [p for p in problems for _ in range(G)]
@@ -72,70 +130,164 @@ def rollout(cfg: RunConfig, state: RLState, problems) -> tuple[RolloutBatch, lis
     return batch, expanded
 
 
-def update(cfg: RunConfig, state: RLState, batch: RolloutBatch, advantages, ref_logprobs) -> dict:
-    """ppo_epochs passes of mini_batches optimizer steps; returns the metrics of the last pass, averaged."""
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var(R - V) / Var(R) over the response tokens (1: the critic predicts the returns exactly)."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float(1 - var_d / var_r) if var_r > 0 else float("nan")
+
+
+def make_experience(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> tuple[Experience, dict]:
+    """Generate, score, reference, values, advantages: one rollout batch, computed once."""
     c = cfg.rl
-    policy_loss, kl_fn = POLICY_LOSSES.get(c.policy_loss), KL_ESTIMATORS.get(c.kl_estimator)
-    B = len(batch)
-    mb = B // c.mini_batches
-    stats: dict[str, float] = {}
-    for _ in range(c.ppo_epochs):
-        perm = torch.randperm(B, generator=state.sampler) if c.mini_batches > 1 else torch.arange(B)
-        stats = {}
-        for k in range(c.mini_batches):
-            idx = perm[k * mb:(k + 1) * mb]
-            b = batch.select(idx)
-            m_mask = b.response_mask
-            logprobs, entropy = response_logprobs(state.policy, b.prompt_ids, b.prompt_mask, b.response_ids,
-                                                  m_mask, temperature=c.temperature, with_entropy=True)
-            pg_tok, metrics = policy_loss(logprobs, b.logprobs, advantages[idx], m_mask,
-                                          clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high)
-            loss_tok = pg_tok
-            if state.reference is not None:
-                kl_tok = kl_fn(logprobs, ref_logprobs[idx])
-                loss_tok = loss_tok + c.kl_coef * kl_tok
-                metrics["kl"] = masked_mean(kl_tok.detach(), m_mask)
-            loss = aggregate(loss_tok, m_mask, c.loss_agg, norm_constant=float(c.max_new_tokens))
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), c.grad_clip)
-            state.optimizer.step()
-            metrics.update(loss=loss.detach(), grad_norm=grad_norm, entropy=masked_mean(entropy.detach(), m_mask))
-            for key, value in metrics.items():
-                stats[key] = stats.get(key, 0.0) + float(value) / c.mini_batches
-    state.scheduler.step()
-    return stats
-
-
-def rl_step(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> dict:
-    """One rollout step: generate, score, reference, advantages, update. Returns its metrics."""
     with timer("generate"):
-        problems = state.task.sample_prompts(state.rng, cfg.rl.prompts_per_step)
+        problems = state.task.sample_prompts(state.rng, c.prompts_per_step)
         batch, expanded = rollout(cfg, state, problems)
+    mask = batch.response_mask
     with timer("score"):
-        completions = decode_responses(state.tokenizer, batch.response_ids, batch.response_mask)
-        rewards = torch.tensor(state.task.reward([p.prompt for p in expanded], completions, expanded))
-    ref_logprobs = None
+        prompts = [p.prompt for p in expanded]
+        completions = decode_responses(state.tokenizer, batch.response_ids, mask)
+        gold = torch.tensor(state.task.reward(prompts, completions, expanded), dtype=torch.float32)
+        raw = gold if state.reward_model is None else state.reward_model.score(prompts, completions,
+                                                                                batch.finished.tolist())
+        scores = raw - c.missing_eos_penalty * (~batch.finished).float()
+    ref_logprobs = values = None
     if state.reference is not None:
         with timer("reference"), torch.no_grad():
             ref_logprobs, _ = response_logprobs(state.reference, batch.prompt_ids, batch.prompt_mask,
-                                                batch.response_ids, batch.response_mask,
-                                                temperature=cfg.rl.temperature)
+                                                batch.response_ids, mask, temperature=c.temperature)
+    if state.critic is not None:
+        with timer("values"), torch.no_grad():
+            values = response_values(state.critic, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
     with timer("advantages"):
-        group_ids = torch.arange(len(problems)).repeat_interleave(cfg.rl.group_size)
-        advantages, _ = ADVANTAGES.get(cfg.rl.advantage)(
-            outcome_token_rewards(rewards, batch.response_mask), batch.response_mask,
-            group_ids=group_ids, eps=cfg.rl.adv_eps)
+        if c.kl_placement == "reward" and ref_logprobs is not None:
+            token_rewards = kl_penalty_rewards(scores, batch.logprobs, ref_logprobs, mask, state.kl_ctl.value,
+                                               c.kl_estimator)
+        else:
+            token_rewards = outcome_token_rewards(scores, mask)
+        group_ids = torch.arange(len(problems)).repeat_interleave(c.group_size)
+        advantages, returns = ADVANTAGES.get(c.advantage)(token_rewards, mask, values=values, group_ids=group_ids,
+                                                          gamma=c.gamma, lam=c.lam, eps=c.adv_eps)
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask
+    exp = Experience(batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask, batch.logprobs,
+                     advantages, returns, ref_logprobs, values)
+    grouped = gold.view(-1, c.group_size)
+    metrics = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+               "solve_all_frac": (grouped.min(-1).values == 1).float().mean().item(),
+               "solve_none_frac": (grouped.max(-1).values == 0).float().mean().item(),
+               "response_length": mask.sum(-1).mean().item(),
+               "truncated_frac": (~batch.finished).float().mean().item(), "n_tokens": int(mask.sum())}
+    if state.reward_model is not None:
+        metrics.update(gold_score=gold.mean().item(), rm_score_mean=raw.mean().item(),
+                       rm_score_std=raw.std().item() if len(raw) > 1 else 0.0)
+    if ref_logprobs is not None:  # KL(pi_old || pi_ref): k1 summed over each response, batch mean
+        metrics["kl"] = ((batch.logprobs - ref_logprobs) * mask).sum(-1).mean().item()
+    if values is not None:
+        metrics["explained_variance"] = explained_variance(values, returns, mask)
+        metrics["values_mean"] = masked_mean(values, mask).item()
+    return exp, metrics
+
+
+def actor_backward(cfg: RunConfig, state: RLState, mb: Experience,
+                   ptx_batch: tuple[list[str], list[str]] | None = None) -> dict[str, float]:
+    """Accumulate the actor's gradient for one minibatch (no optimizer step); returns its metrics.
+
+    loss = aggregate(policy loss [+ beta * KL] [- entropy_coef * entropy]) over the minibatch, summed
+    exactly over micro-batches (global token/sequence counts), + ptx_coef * ptx next-token loss.
+    """
+    c = cfg.rl
+    policy_loss, kl_fn = POLICY_LOSSES.get(c.policy_loss), KL_ESTIMATORS.get(c.kl_estimator)
+    n_tok, n_seq = mb.num_tokens, mb.num_seqs
+    stats: dict[str, float] = {}
+    for micro in mb.split(c.micro_batch_size):
+        m = micro.response_mask
+        logprobs, entropy = response_logprobs(state.policy, micro.prompt_ids, micro.prompt_mask, micro.response_ids,
+                                              m, temperature=c.temperature, with_entropy=True)
+        loss_tok, metrics = policy_loss(logprobs, micro.old_logprobs, micro.advantages, m,
+                                        clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high,
+                                        dual_clip_c=c.dual_clip_c)
+        if c.kl_placement == "loss" and micro.ref_logprobs is not None:
+            loss_tok = loss_tok + state.kl_ctl.value * kl_fn(logprobs, micro.ref_logprobs)
+        if c.entropy_coef > 0:
+            loss_tok = loss_tok - c.entropy_coef * entropy
+        loss = aggregate(loss_tok, m, c.loss_agg, global_num_tokens=n_tok, global_num_seqs=n_seq,
+                         norm_constant=float(c.max_new_tokens))
+        loss.backward()
+        share = float(micro.num_tokens / n_tok.clamp(min=1))  # token-weighted means over the minibatch
+        metrics.update(entropy=masked_mean(entropy.detach(), m))
+        for key, value in metrics.items():
+            stats[key] = stats.get(key, 0.0) + float(value) * share
+        stats["loss"] = stats.get("loss", 0.0) + float(loss.detach())
+    if ptx_batch is not None and c.ptx_coef > 0:
+        ptx, _ = sft_loss(state.policy, state.tokenizer, *ptx_batch)
+        (c.ptx_coef * ptx).backward()
+        stats["ptx_loss"] = float(ptx.detach())
+    return stats
+
+
+def critic_backward(cfg: RunConfig, state: RLState, mb: Experience) -> dict[str, float]:
+    """Accumulate the critic's gradient for one minibatch: token-mean value loss against the returns."""
+    c = cfg.rl
+    n_tok = mb.num_tokens
+    stats: dict[str, float] = {}
+    for micro in mb.split(c.micro_batch_size):
+        m = micro.response_mask
+        values = response_values(state.critic, micro.prompt_ids, micro.prompt_mask, micro.response_ids, m)
+        loss_tok, metrics = VALUE_LOSSES.get(c.value_loss)(values, micro.values, micro.returns, m,
+                                                           clip_eps=c.value_clip)
+        loss = aggregate(loss_tok, m, "token-mean", global_num_tokens=n_tok)
+        loss.backward()
+        share = float(micro.num_tokens / n_tok.clamp(min=1))
+        stats["value_loss"] = stats.get("value_loss", 0.0) + float(loss.detach())
+        stats["vf_clip_frac"] = stats.get("vf_clip_frac", 0.0) + float(metrics["vf_clip_frac"]) * share
+    return stats
+
+
+def _step(model, optimizer, grad_clip: float) -> float:
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def update(cfg: RunConfig, state: RLState) -> dict[str, float]:
+    """ppo_epochs passes over the buffer's shuffled minibatches; metrics averaged over all optimizer steps."""
+    c = cfg.rl
+    totals: dict[str, float] = {}
+    n_steps = 0
+    for opt in (state.optimizer, state.critic_optimizer):
+        if opt is not None:  # gradients left over from elsewhere (an SFT loop) must not leak in
+            opt.zero_grad(set_to_none=True)
+    for _ in range(c.ppo_epochs):
+        for mb in state.buffer.minibatches(c.mini_batches, state.sampler):
+            ptx_batch = state.ptx.next_batch(c.ptx_batch_size) if state.ptx is not None else None
+            stats = actor_backward(cfg, state, mb, ptx_batch)
+            stats["grad_norm"] = _step(state.policy, state.optimizer, c.grad_clip)
+            if state.critic is not None:
+                stats.update(critic_backward(cfg, state, mb))
+                stats["critic_grad_norm"] = _step(state.critic, state.critic_optimizer, c.grad_clip)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            n_steps += 1
+    state.buffer.clear()
+    state.scheduler.step()
+    if state.critic_scheduler is not None:
+        state.critic_scheduler.step()
+    return {key: value / max(n_steps, 1) for key, value in totals.items()}
+
+
+def rl_step(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> dict:
+    """One rollout step: make experience, update, adapt the KL coefficient. Returns its metrics."""
+    exp, metrics = make_experience(cfg, state, timer)
+    state.buffer.add(exp)
     with timer("update"):
-        stats = update(cfg, state, batch, advantages, ref_logprobs)
-    grouped = rewards.view(-1, cfg.rl.group_size)
-    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            "solve_all_frac": (grouped.min(-1).values == 1).float().mean().item(),
-            "solve_none_frac": (grouped.max(-1).values == 0).float().mean().item(),
-            "response_length": batch.response_mask.sum(-1).mean().item(),
-            "truncated_frac": (~batch.finished).float().mean().item(),
-            "kl": stats.pop("kl", 0.0), **stats, "lr": state.scheduler.get_last_lr()[0],
-            "n_tokens": int(batch.response_mask.sum())}
+        stats = update(cfg, state)
+    kl_coef = state.kl_ctl.value
+    if "kl" in metrics:
+        state.kl_ctl.update(metrics["kl"], n_steps=len(exp))
+    return {**metrics, **stats, "kl_coef": kl_coef, "lr": state.scheduler.get_last_lr()[0]}
 
 
 def train_rl(cfg: RunConfig, state: RLState, logger, progress=None) -> float:
@@ -158,7 +310,7 @@ def train_rl(cfg: RunConfig, state: RLState, logger, progress=None) -> float:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{accuracy:.3f}",
-                                 kl=f"{metrics['kl']:.4f}", refresh=False)
+                                 kl=f"{metrics.get('kl', 0.0):.3f}", refresh=False)
     if cfg.rl.steps == 0:
         accuracy = evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
                             cfg.eval.batch_size, cfg.eval.max_new_tokens)

@@ -1,4 +1,4 @@
-"""`posttrain sft CONFIG` and `posttrain rl CONFIG`: one recipe each, writing a run directory.
+"""`posttrain sft|rm|rl CONFIG`: one recipe each, writing a run directory.
 
 The directory holds config.yaml, metrics.jsonl, final/ (safetensors + tokenizer, loadable with the HF
 Auto classes), report.png and summary.json.
@@ -72,4 +72,30 @@ def run_rl(cfg: RunConfig) -> dict:
                                                    "eval_problems": len(task.eval_problems)}, start)
     print(f"RL held-out accuracy {initial:.3f} -> {accuracy:.3f} on {len(task.eval_problems)} problems; "
           f"model in {out / 'final'}")
+    return summary
+
+
+def run_rm(cfg: RunConfig) -> dict:
+    """Reward model (Bradley-Terry) from `model.path` (typically the SFT model) on `rm.data` pairs."""
+    from posttrain.models.reward import RewardModel
+    from posttrain.models.value import build_scalar_model
+    from posttrain.recipes.reward_model import load_pairs, setup_rm, train_rm
+
+    start = time.perf_counter()
+    out, task, policy, tokenizer = _start(cfg)
+    train_pairs, eval_pairs = load_pairs(cfg, task, policy, tokenizer)
+    print(f"reward model: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
+    rm = RewardModel(build_scalar_model(cfg.model, tokenizer, cfg.seed), tokenizer, cfg.rm.max_length)
+    del policy
+    with MetricsLogger(out / "metrics.jsonl") as logger:
+        state = setup_rm(cfg, rm, train_pairs, eval_pairs)
+        with progress_bar(cfg.rm.steps, "RM", cfg.progress) as bar:
+            result = train_rm(cfg, state, logger, bar)
+    rm.save(out / "final")
+    plot_report(out / "metrics.jsonl", out / "report.png")
+    summary = {**result, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "seed": cfg.seed,
+               "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_json(out / "summary.json", summary)
+    print(f"reward model held-out accuracy {result['eval_accuracy']:.3f}, mean margin {result['eval_margin']:.3f} "
+          f"on {len(eval_pairs)} pairs; model in {out / 'final'}")
     return summary

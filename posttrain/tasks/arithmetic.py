@@ -69,3 +69,18 @@ class ArithmeticTask:
         if self.cfg.demo_error == "drop_carry" and has_units_carry(p) and rng.random() < self.cfg.demo_error_rate:
             return drop_carry_answer(p)
         return p.answer
+
+
+def wrong_answers(p: Problem, rng: random.Random, n: int = 3) -> list[str]:
+    """`n` distinct plausible wrong answers: the dropped carry, off by one or ten, swapped digits, or a
+    random number of the same size. Used as rejected completions of synthetic preference pairs."""
+    right = int(p.answer)
+    pool = {str(right + d) for d in (-10, -1, 1, 10)}
+    if has_units_carry(p):
+        pool.add(drop_carry_answer(p))
+    if len(p.answer.lstrip("-")) > 1:
+        pool.add(p.answer[:-2] + p.answer[-1] + p.answer[-2])
+    pool.add(str(rng.randint(0, 10 ** len(p.answer.lstrip("-")) - 1)))
+    negative_ok = right < 0
+    pool = sorted(x for x in pool if x != p.answer and (negative_ok or not x.startswith("-")))
+    return rng.sample(pool, min(n, len(pool)))

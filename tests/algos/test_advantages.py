@@ -69,6 +69,26 @@ def test_gae_matches_loop(seed, gamma, lam, holes):
     check(ret, exp_ret)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (0.5, 1.0)])
+def test_public_gae_equals_brute_force_sum(seed, gamma, lam):
+    """A_t = sum_l (gamma*lam)^l delta_{t+l} over the ragged (left-aligned) response, by brute force."""
+    from posttrain.algos.advantages import gae
+
+    rewards, mask, values, *_ = make_batch(seed)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    assert adv.shape == ret.shape == (B, T)
+    r, m, v = rewards.tolist(), mask.tolist(), values.tolist()
+    exp_adv = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        n = int(sum(m[i]))
+        delta = [r[i][t] + gamma * (v[i][t + 1] if t + 1 < n else 0.0) - v[i][t] for t in range(n)]
+        for t in range(n):
+            exp_adv[i][t] = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t))
+    check(adv, exp_adv)
+    check(ret, [[exp_adv[i][t] + v[i][t] if m[i][t] else 0.0 for t in range(T)] for i in range(B)])
+
+
 def test_gae_ignores_padding_contents():
     rewards, mask, values, *_ = make_batch(0)
     adv, ret = ADVANTAGES.get("gae")(rewards, mask, values=values)

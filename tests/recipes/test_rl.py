@@ -125,7 +125,7 @@ def test_with_equal_rewards_only_the_kl_term_moves_the_policy(tmp_path, make_con
     metrics = rl_step(cfg, state, PhaseTimer())
     moved = any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
     if kl_coef == 0:
-        assert not moved and metrics["kl"] == 0.0
+        assert not moved and "kl" not in metrics  # no reference model, so no KL to report
     else:
         assert moved and metrics["kl"] > 0 and metrics["loss"] > 0
 
@@ -136,7 +136,7 @@ def test_kl_coef_zero_loads_no_reference(tmp_path, make_config, tiny_model, toke
     assert state.reference is None
     rl_step(cfg, state, PhaseTimer())
     metrics = rl_step(cfg, state, PhaseTimer())
-    assert metrics["kl"] == 0.0
+    assert "kl" not in metrics
 
 
 def test_outcome_reward_sits_on_the_last_response_token():
@@ -161,7 +161,7 @@ def test_same_seed_same_step(tmp_path, make_config, tiny_model_cfg, tokenizer):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
-@pytest.mark.parametrize("advantage", ["gae", "remax"])
+@pytest.mark.parametrize("advantage", ["remax"])
 def test_advantages_that_need_more_than_rewards_are_rejected_at_load(tmp_path, make_config, advantage):
     with pytest.raises(ConfigError, match="rl.advantage"):
         make_config(tmp_path, f"rl.advantage={advantage}")

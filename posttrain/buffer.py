@@ -1,0 +1,106 @@
+"""The experience buffer: rollouts with everything the update needs, computed once, then used for a few
+epochs of shuffled minibatches and flushed.
+
+    buffer.add(experience)                                   # after generate/score/reference/values/advantages
+    for epoch in range(ppo_epochs):
+        for mb in buffer.minibatches(mini_batches, generator):   # a fresh permutation every epoch
+            for micro in mb.split(micro_batch_size): ...          # gradient accumulation
+    buffer.clear()                                           # on-policy: the data is used up
+
+B = sequences, P = longest prompt (left-padded), T = longest response (right-padded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Experience:
+    prompt_ids: Tensor  # (B, P) long: prompt tokens, left-padded
+    prompt_mask: Tensor  # (B, P) long: 1 on real prompt tokens
+    response_ids: Tensor  # (B, T) long: a_t, EOS included, right-padded
+    response_mask: Tensor  # (B, T) float: 1 on response tokens
+    old_logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), the policy that generated the batch
+    advantages: Tensor  # (B, T) A_t (whitened if configured)
+    returns: Tensor  # (B, T) R_t = A_t + V_old(s_t) (critic targets; equal to advantages without a critic)
+    ref_logprobs: Tensor | None = None  # (B, T) log pi_ref(a_t | s_t); None without a reference model
+    values: Tensor | None = None  # (B, T) V_old(s_t) from the critic at rollout time; None without a critic
+
+    def __len__(self) -> int:
+        return self.prompt_ids.size(0)
+
+    def select(self, idx: Tensor | slice) -> "Experience":
+        """The rows `idx`, every field alike."""
+        return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                             for f in fields(self)})
+
+    def split(self, size: int | None) -> list["Experience"]:
+        """Consecutive chunks of `size` rows (None: the whole batch as one chunk)."""
+        if size is None or size >= len(self):
+            return [self]
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    @property
+    def num_tokens(self) -> Tensor:  # scalar: valid response tokens
+        return self.response_mask.sum()
+
+    @property
+    def num_seqs(self) -> Tensor:  # scalar: sequences with at least one response token
+        return (self.response_mask.sum(-1) > 0).sum().to(self.response_mask.dtype)
+
+
+def _pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
+    extra = width - x.size(1)
+    if extra == 0:
+        return x
+    pad = torch.full((x.size(0), extra), value, dtype=x.dtype)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def cat_experiences(items: list[Experience], pad_token_id: int) -> Experience:
+    """Stack experiences of different widths: prompts re-padded on the left, responses on the right."""
+    if len(items) == 1:
+        return items[0]
+    P = max(e.prompt_ids.size(1) for e in items)
+    T = max(e.response_ids.size(1) for e in items)
+    out = {}
+    for f in fields(Experience):
+        parts = [getattr(e, f.name) for e in items]
+        if any(p is None for p in parts):
+            out[f.name] = None
+            continue
+        left = f.name.startswith("prompt")
+        value = pad_token_id if f.name.endswith("_ids") else 0
+        out[f.name] = torch.cat([_pad_to(p, P if left else T, value, left) for p in parts])
+    return Experience(**out)
+
+
+class ExperienceBuffer:
+    """Holds the experiences of one rollout step until the update has used them."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self._items: list[Experience] = []
+
+    def add(self, experience: Experience) -> None:
+        self._items.append(experience)
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self._items)
+
+    def minibatches(self, num_minibatches: int, generator: torch.Generator | None = None) -> list[Experience]:
+        """All stored rows, shuffled (when there is more than one minibatch), in `num_minibatches` equal parts."""
+        data = cat_experiences(self._items, self.pad_token_id)
+        n = len(data)
+        if n % num_minibatches:
+            raise ValueError(f"{n} experiences cannot be split into {num_minibatches} equal minibatches")
+        order = torch.randperm(n, generator=generator) if num_minibatches > 1 else torch.arange(n)
+        size = n // num_minibatches
+        return [data.select(order[k * size:(k + 1) * size]) for k in range(num_minibatches)]
+
+    def clear(self) -> None:
+        self._items = []

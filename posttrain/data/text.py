@@ -1,0 +1,65 @@
+"""Pretraining-mix (ptx) data: (prompt, completion) texts whose next-token loss is mixed into PPO.
+
+    .txt    one text per non-empty line (prompt "", the whole line is the completion)
+    .jsonl  one object per line: {"text": ...} or {"prompt": ..., "completion": ...}
+
+The loss covers the completion tokens (plus EOS); a prompt only conditions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from posttrain.errors import DataError
+
+
+def load_ptx_texts(path: str | Path) -> list[tuple[str, str]]:
+    """Read (prompt, completion) pairs; a malformed line raises DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"rl.ptx_data: file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: list[tuple[str, str]] = []
+    if path.suffix == ".txt":
+        out = [("", line) for line in lines if line.strip()]
+    elif path.suffix == ".jsonl":
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n}: expected a JSON object")
+            if isinstance(row.get("text"), str):
+                out.append(("", row["text"]))
+            elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+                out.append((row["prompt"], row["completion"]))
+            else:
+                raise DataError(f"{path} line {n}: needs a string 'text', or string 'prompt' and 'completion'")
+    else:
+        raise DataError(f"rl.ptx_data: {path}: expected a .txt or .jsonl file")
+    if not out:
+        raise DataError(f"rl.ptx_data: {path} holds no texts")
+    return out
+
+
+class PtxSampler:
+    """Endless shuffled minibatches of (prompts, completions), reshuffled each pass, from its own RNG."""
+
+    def __init__(self, data: list[tuple[str, str]], seed: int):
+        self.data = data
+        self.rng = random.Random(f"ptx-{seed}")
+        self._order: list[int] = []
+
+    def next_batch(self, n: int) -> tuple[list[str], list[str]]:
+        while len(self._order) < n:
+            fresh = list(range(len(self.data)))
+            self.rng.shuffle(fresh)
+            self._order += fresh
+        idx, self._order = self._order[:n], self._order[n:]
+        prompts, completions = zip(*(self.data[i] for i in idx))
+        return list(prompts), list(completions)

@@ -1,0 +1,177 @@
+"""Reward-model training: Bradley-Terry on preference pairs, then calibration.
+
+    setup -> for each step: a batch of pairs, score chosen and rejected in one forward pass,
+             loss = mean_i -log sigmoid(r_chosen_i - r_rejected_i - margin), update, log, held-out eval
+          -> calibrate: mean and std of raw scores on training pairs (both sides), stored with the model
+
+Synthetic pairs (`rm.data: synthetic`) stand in for human labels: for each problem, candidate
+completions are the policy's own samples plus plausible wrong answers (`wrong_answers`), labelled by the
+task's hidden gold rule (its verifiable reward: the correct result is preferred to any other answer);
+one pair per problem joins a gold-preferred completion (the correct answer if the policy produced none)
+with a dispreferred one, a policy sample when the policy made a mistake, half the time.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.algos.preference import bradley_terry
+from posttrain.config import RunConfig
+from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
+from posttrain.models.reward import RewardModel
+from posttrain.models.value import last_token_scores
+from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts, make_optimizer
+from posttrain.rollout import generate
+from posttrain.tasks.arithmetic import wrong_answers
+
+
+@torch.no_grad()
+def synthetic_pairs(task, policy, tokenizer, problems, seed: int, samples: int = 4,
+                    batch_size: int = 512) -> list[PreferencePair]:
+    """One gold-labelled pair per problem from the policy's samples and plausible wrong answers."""
+    rng = random.Random(f"rm-pairs-{seed}")
+    gen = torch.Generator().manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    pairs = []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [p.prompt for p in chunk for _ in range(samples)]
+        ids, mask = encode_prompts(tokenizer, prompts)
+        out = generate(policy, ids, mask, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, generator=gen)
+        sampled = decode_responses(tokenizer, out.response_ids, out.response_mask)
+        for j, p in enumerate(chunk):
+            own = [s for s, done in zip(sampled[j * samples:(j + 1) * samples],
+                                        out.finished[j * samples:(j + 1) * samples].tolist(), strict=True) if done]
+            candidates = list(dict.fromkeys([p.answer, *own, *wrong_answers(p, rng)]))
+            gold = task.reward([p.prompt] * len(candidates), candidates, [p] * len(candidates))
+            good = [c for c, g in zip(candidates, gold, strict=True) if g == max(gold)]
+            bad = [c for c, g in zip(candidates, gold, strict=True) if g < max(gold)]
+            if not bad:
+                continue
+            own_bad = [c for c in bad if c in own]
+            rejected = rng.choice(own_bad if own_bad and rng.random() < 0.5 else bad)
+            pairs.append(PreferencePair(p.prompt, rng.choice(good), rejected))
+    policy.train(was_training)
+    return pairs
+
+
+def load_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tuple[list, list]:
+    """(train, eval) pairs as configured in `cfg.rm`."""
+    c = cfg.rm
+    if c.data == "synthetic":
+        rng = random.Random(f"rm-problems-{cfg.seed}")
+        train_problems = [rng.choice(task.train_problems) for _ in range(c.num_pairs)]
+        train = synthetic_pairs(task, policy, tokenizer, train_problems, cfg.seed)
+        return train, synthetic_pairs(task, policy, tokenizer, task.eval_problems, cfg.seed + 1)
+    pairs = load_preference_pairs(c.data, split=c.split, format=c.format, limit=c.limit)
+    if c.eval_data is not None:
+        return pairs, load_preference_pairs(c.eval_data, format=c.format)
+    return split_pairs(pairs, c.eval_fraction, cfg.seed)
+
+
+@dataclass
+class RMState:
+    rm: RewardModel
+    train_pairs: list[PreferencePair]
+    eval_pairs: list[PreferencePair]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rng: random.Random
+
+
+def setup_rm(cfg: RunConfig, rm: RewardModel, train_pairs, eval_pairs) -> RMState:
+    opt, sched = make_optimizer(rm.model, cfg.rm.lr, cfg.rm.weight_decay, cfg.rm.warmup_steps, cfg.rm.steps,
+                                cfg.rm.lr_min_ratio)
+    return RMState(rm, train_pairs, eval_pairs, opt, sched, random.Random(f"rm-{cfg.seed}"))
+
+
+def pair_rewards(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw scores (B,), (B,) of the chosen and rejected completions, in one forward pass (with grad)."""
+    prompts = [p.prompt for p in pairs]
+    ids, mask = rm.encode(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    scores = last_token_scores(rm.model, ids, mask)
+    return scores[:len(pairs)], scores[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate_rm(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 256) -> dict[str, float]:
+    """Held-out pairwise accuracy (r_chosen > r_rejected), mean margin r_chosen - r_rejected, and BT loss."""
+    was_training = rm.model.training
+    rm.model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_rewards(rm, pairs[i:i + batch_size])
+        chosen.append(c)
+        rejected.append(r)
+    rm.model.train(was_training)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    loss, _ = bradley_terry(c, r)
+    return {"eval_accuracy": (c > r).float().mean().item(), "eval_margin": (c - r).mean().item(),
+            "eval_loss": loss.mean().item()}
+
+
+@torch.no_grad()
+def calibrate(rm: RewardModel, pairs: list[PreferencePair], n: int) -> tuple[float, float]:
+    """Store mean and std of the raw scores of both sides of the first `n` pairs; return them."""
+    was_training = rm.model.training
+    rm.model.eval()
+    sample = pairs[:n]
+    prompts = [p.prompt for p in sample] * 2
+    scores = rm.raw_scores(prompts, [p.chosen for p in sample] + [p.rejected for p in sample])
+    rm.model.train(was_training)
+    mean, std = scores.mean().item(), scores.std().item() if len(scores) > 1 else 1.0
+    rm.set_normalization(mean, std)
+    return mean, std
+
+
+def _batches(state: RMState, batch_size: int):
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(state.train_pairs)))
+            state.rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[:batch_size], order[batch_size:]
+        yield [state.train_pairs[i] for i in idx]
+
+
+def train_rm(cfg: RunConfig, state: RMState, logger, progress=None) -> dict[str, float]:
+    """Run `cfg.rm.steps` steps, calibrate; return the final held-out metrics and the normalisation."""
+    c, model, timer = cfg.rm, state.rm.model, PhaseTimer()
+    model.train()
+    batches = _batches(state, c.batch_size)
+    result: dict[str, float] = {}
+    for step in range(1, c.steps + 1):
+        with timer("update"):
+            chosen, rejected = pair_rewards(state.rm, next(batches))
+            loss, metrics = bradley_terry(chosen, rejected, margin=c.margin or None)
+            loss = loss.mean()
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            state.optimizer.step()
+            state.scheduler.step()
+        record = {}
+        if step % c.log_every == 0 or step == c.steps:
+            record = {"step": step, "phase": "rm", "loss": loss.item(), "accuracy_train": float(metrics["accuracy"]),
+                      "margin": float(metrics["margin"]), "grad_norm": grad_norm.item(),
+                      "lr": state.scheduler.get_last_lr()[0], **timer.pop()}
+        if (c.eval_every and step % c.eval_every == 0) or step == c.steps:
+            result = evaluate_rm(state.rm, state.eval_pairs)
+            record = {"step": step, "phase": "rm", **record, **result}
+        if record:
+            logger.log(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{result.get('eval_accuracy', float('nan')):.3f}",
+                                 refresh=False)
+    if c.steps == 0:
+        result = evaluate_rm(state.rm, state.eval_pairs)
+        logger.log({"step": 0, "phase": "rm", **result})
+    mean, std = calibrate(state.rm, state.train_pairs, c.calibration_size)
+    return {**result, "reward_mean": mean, "reward_std": std}
