@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None, help="run directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     demo.add_argument("--config", default=None, help="YAML config to start from (default: embedded)")
+    demo.add_argument("--pipeline", choices=("grpo", "rlhf"), default="grpo",
+                      help="grpo: SFT then GRPO with the verifier (default); rlhf: SFT, reward model, PPO "
+                      "against the reward model, and the same PPO without KL penalty and ptx loss")
+    demo.add_argument("--no-ablation", action="store_true",
+                      help="rlhf: skip the second PPO run (beta = 0, lambda_ptx = 0)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.steps=100")
     for name, text in (("sft", "supervised fine-tuning"), ("rm", "reward model from preference pairs"),
                        ("rl", "online RL: GRPO and family, or PPO with a critic and a reward model")):
@@ -42,10 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
             extra += [f"seed={args.seed}"] if args.seed is not None else []
-            cfg = load_config(args.config, [*args.overrides, *extra])
-            from posttrain.recipes.demo import run_demo
+            if args.pipeline == "rlhf":
+                from posttrain.config import read_yaml
+                from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 
-            run_demo(cfg)
+                cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra])
+                run_rlhf(cfg, None if args.no_ablation else ablation)
+            else:
+                cfg = load_config(args.config, [*args.overrides, *extra])
+                from posttrain.recipes.demo import run_demo
+
+                run_demo(cfg)
         else:
             cfg = load_config(args.config, args.overrides)
             from posttrain.recipes import runners

@@ -56,9 +56,11 @@ class TaskConfig(_Section):
     max_operand: int = Field(99, ge=0, description="Largest operand.")
     operators: tuple[Literal["+", "-", "*"], ...] = Field(("+",), min_length=1, description="Operators to draw from.")
     num_eval: int = Field(500, ge=1, description="Held-out evaluation problems, disjoint from training prompts.")
-    demo_error: Literal["none", "drop_carry"] = Field(
+    demo_error: Literal["none", "drop_carry", "trailing_period"] = Field(
         "drop_carry", description="Systematic mistake in the SFT demonstrations: 'drop_carry' forgets the "
-        "carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might.")
+        "carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might; "
+        "'trailing_period' writes the answer with a full stop (37+58=95.), which the exact-match gold rule "
+        "(the bare number) rejects.")
     demo_error_rate: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of the demonstrations that "
                                    "could contain the mistake which do.")
 
@@ -297,22 +299,27 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
         raise ConfigError(_describe(err)) from None
 
 
+def read_yaml(path: str | Path | None) -> dict:
+    """A YAML config file's top-level mapping ({} for None); ConfigError names the file and line."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (None: the embedded defaults), apply dotted overrides, validate once."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of config keys")
-        data = loaded or {}
+    data = read_yaml(path)
     try:
         return build_config(data, overrides)
     except ConfigError as err:

@@ -209,6 +209,12 @@ def plot_report(metrics_path: str | Path, out_png: str | Path, title: str | None
     """
     metrics_path, out_png = Path(metrics_path), Path(out_png)
     fig = draw_report(read_metrics(metrics_path), title or metrics_path.resolve().parent.name)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig: Figure, out_png: str | Path) -> Path:
+    """Write `fig` as a PNG (110 dpi) atomically: a temporary file beside `out_png`, then os.replace."""
+    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     # A unique name beside the target (same filesystem, so os.replace is atomic);
     # open(..., "xb") rather than mkstemp so the file gets the umask's usual mode, not 0600.

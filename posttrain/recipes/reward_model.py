@@ -5,10 +5,11 @@
           -> calibrate: mean and std of raw scores on training pairs (both sides), stored with the model
 
 Synthetic pairs (`rm.data: synthetic`) stand in for human labels: for each problem, candidate
-completions are the policy's own samples plus plausible wrong answers (`wrong_answers`), labelled by the
-task's hidden gold rule (its verifiable reward: the correct result is preferred to any other answer);
-one pair per problem joins a gold-preferred completion (the correct answer if the policy produced none)
-with a dispreferred one, a policy sample when the policy made a mistake, half the time.
+completions are the policy's own samples plus plausible wrong answers (`wrong_answers`) and the answer
+with a full stop, labelled by the task's hidden gold rule (its verifiable reward: the correct result,
+written as the bare number, is preferred to anything else); one pair per problem joins a gold-preferred
+completion with a dispreferred one: one of the policy's own mistakes when it made any (comparisons among
+the model's samples, as InstructGPT's labellers saw them), else a constructed wrong answer.
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ def synthetic_pairs(task, policy, tokenizer, problems, seed: int, samples: int =
         for j, p in enumerate(chunk):
             own = [s for s, done in zip(sampled[j * samples:(j + 1) * samples],
                                         out.finished[j * samples:(j + 1) * samples].tolist(), strict=True) if done]
-            candidates = list(dict.fromkeys([p.answer, *own, *wrong_answers(p, rng)]))
+            candidates = list(dict.fromkeys([p.answer, *own, *wrong_answers(p, rng), p.answer + "."]))
             gold = task.reward([p.prompt] * len(candidates), candidates, [p] * len(candidates))
             good = [c for c, g in zip(candidates, gold, strict=True) if g == max(gold)]
             bad = [c for c, g in zip(candidates, gold, strict=True) if g < max(gold)]
             if not bad:
                 continue
             own_bad = [c for c in bad if c in own]
-            rejected = rng.choice(own_bad if own_bad and rng.random() < 0.5 else bad)
+            rejected = rng.choice(own_bad or bad)
             pairs.append(PreferencePair(p.prompt, rng.choice(good), rejected))
     policy.train(was_training)
     return pairs

@@ -4,7 +4,7 @@ Every problem in the operand range is enumerated; a seeded shuffle puts `num_eva
 held-out split and the rest in the training pool, so the two are disjoint and deterministic.
 
 SFT demonstrations can carry a systematic demonstrator mistake (`demo_error="drop_carry"`: the carry
-out of the units digit is forgotten, 37+58=85). Imitation learns the mistake; RL with the exact-match
+out of the units digit is forgotten, 37+58=85; or `"trailing_period"`: 37+58=95., a format slip). Imitation learns the mistake; RL with the exact-match
 verifier can correct it. That gap is what the demo shows.
 """
 
@@ -68,6 +68,8 @@ class ArithmeticTask:
         """The completion a (possibly mistaken) demonstrator writes for `p`."""
         if self.cfg.demo_error == "drop_carry" and has_units_carry(p) and rng.random() < self.cfg.demo_error_rate:
             return drop_carry_answer(p)
+        if self.cfg.demo_error == "trailing_period" and rng.random() < self.cfg.demo_error_rate:
+            return p.answer + "."
         return p.answer
 
 
