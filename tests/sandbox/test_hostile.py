@@ -182,7 +182,12 @@ def test_network_from_a_child_process_fails(isolation):
         program = (f"import subprocess, sys\nr = subprocess.run([sys.executable, '-c', {child!r}])\n"
                    f"assert r.returncode == 0, 'connect failed'\n")
         r = run_timed(program)
-        assert r.status == "assertion_failed"
+        # The connect fails ('assertion_failed'); on a loaded machine the child itself may fail to start
+        # within the limits ('runtime_error'). Either way no connection may have reached the server.
+        assert r.status in ("assertion_failed", "runtime_error"), (r.status, r.error)
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()
     finally:
         server.close()
 
