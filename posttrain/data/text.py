@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
+from posttrain.data.sampling import shuffled_batches
 from posttrain.errors import DataError
 
 
@@ -48,18 +50,14 @@ def load_ptx_texts(path: str | Path) -> list[tuple[str, str]]:
 
 
 class PtxSampler:
-    """Endless shuffled minibatches of (prompts, completions), reshuffled each pass, from its own RNG."""
+    """Endless shuffled ptx minibatches of (prompts, completions), from its own seeded RNG."""
 
     def __init__(self, data: list[tuple[str, str]], seed: int):
         self.data = data
         self.rng = random.Random(f"ptx-{seed}")
-        self._order: list[int] = []
+        self._batches: dict[int, Iterator[list[tuple[str, str]]]] = {}
 
     def next_batch(self, n: int) -> tuple[list[str], list[str]]:
-        while len(self._order) < n:
-            fresh = list(range(len(self.data)))
-            self.rng.shuffle(fresh)
-            self._order += fresh
-        idx, self._order = self._order[:n], self._order[n:]
-        prompts, completions = zip(*(self.data[i] for i in idx))
+        batches = self._batches.setdefault(n, shuffled_batches(self.data, self.rng, n))
+        prompts, completions = zip(*next(batches))
         return list(prompts), list(completions)

@@ -102,7 +102,8 @@ def held_out(cfg: RunConfig, policy, tokenizer, task, rm: RewardModel, reference
     return {"gold": gold, "accuracy": sum(gold) / len(gold), "rm_score": rm_score, "kl": kl, "examples": examples}
 
 
-def _ppo(cfg: RunConfig, policy, tokenizer, task, out: Path, label: str) -> tuple[float, list[dict]]:
+def _ppo(cfg: RunConfig, policy, tokenizer, task, out: Path, label: str) -> list[dict]:
+    """Train with PPO, logging to out/metrics.jsonl; return the RL records."""
     out.mkdir(parents=True, exist_ok=True)
     with MetricsLogger(out / "metrics.jsonl") as logger:
         state = setup_rl(cfg, policy, tokenizer, task)
@@ -110,7 +111,7 @@ def _ppo(cfg: RunConfig, policy, tokenizer, task, out: Path, label: str) -> tupl
             train_rl(cfg, state, logger, bar)
     from posttrain.logging import read_metrics
 
-    return time.perf_counter(), [r for r in read_metrics(out / "metrics.jsonl") if r.get("phase") == "rl"]
+    return [r for r in read_metrics(out / "metrics.jsonl") if r.get("phase") == "rl"]
 
 
 def _tail_mean(records: list[dict], key: str, n: int = 10) -> float:
@@ -149,7 +150,7 @@ def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None) -> dict:
     sft_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
 
     t0 = time.perf_counter()
-    _, records = _ppo(cfg, policy, tokenizer, task, out / "ppo", "PPO ")
+    records = _ppo(cfg, policy, tokenizer, task, out / "ppo", "PPO ")
     save_pretrained(policy, tokenizer, out / "final")
     ppo_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
     times["ppo_seconds"] = time.perf_counter() - t0

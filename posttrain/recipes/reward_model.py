@@ -22,6 +22,7 @@ import torch
 from posttrain.algos.preference import bradley_terry
 from posttrain.config import RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
+from posttrain.data.sampling import shuffled_batches
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import last_token_scores
 from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts, make_optimizer
@@ -130,22 +131,11 @@ def calibrate(rm: RewardModel, pairs: list[PreferencePair], n: int) -> tuple[flo
     return mean, std
 
 
-def _batches(state: RMState, batch_size: int):
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            fresh = list(range(len(state.train_pairs)))
-            state.rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[:batch_size], order[batch_size:]
-        yield [state.train_pairs[i] for i in idx]
-
-
 def train_rm(cfg: RunConfig, state: RMState, logger, progress=None) -> dict[str, float]:
     """Run `cfg.rm.steps` steps, calibrate; return the final held-out metrics and the normalisation."""
     c, model, timer = cfg.rm, state.rm.model, PhaseTimer()
     model.train()
-    batches = _batches(state, c.batch_size)
+    batches = shuffled_batches(state.train_pairs, state.rng, c.batch_size)
     result: dict[str, float] = {}
     for step in range(1, c.steps + 1):
         with timer("update"):

@@ -16,6 +16,7 @@ import torch
 from posttrain.algos import aggregate
 from posttrain.batch import right_pad
 from posttrain.config import RunConfig
+from posttrain.data.sampling import shuffled_batches
 from posttrain.models.logprobs import response_logprobs
 from posttrain.recipes.common import PhaseTimer, encode_prompts, evaluate, make_optimizer
 
@@ -50,23 +51,11 @@ def setup_sft(cfg: RunConfig, model, tokenizer, task) -> SFTState:
     return SFTState(model, tokenizer, task, data, opt, sched, rng)
 
 
-def _batches(state: SFTState, batch_size: int):
-    """Endless stream of demonstration batches, reshuffled every epoch by the run's RNG."""
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            fresh = list(range(len(state.data)))
-            state.rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[:batch_size], order[batch_size:]
-        yield [state.data[i] for i in idx]
-
-
 def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
     """Run `cfg.sft.steps` steps; return the final held-out accuracy."""
     c, model, timer = cfg.sft, state.model, PhaseTimer()
     model.train()
-    batches = _batches(state, c.batch_size)
+    batches = shuffled_batches(state.data, state.rng, c.batch_size)
     accuracy, tokens = float("nan"), 0
     for step in range(1, c.steps + 1):
         with timer("update"):
