@@ -32,6 +32,39 @@ class RolloutBatch:
         return self.response_mask.sum(-1).long()
 
 
+def pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
+    """(B, L) -> (B, width), padding with `value` on the left or the right."""
+    extra = width - x.size(1)
+    if extra <= 0:
+        return x
+    pad = torch.full((x.size(0), extra), value, dtype=x.dtype)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def cat_padded(items: list, pad_token_id: int):
+    """Stack dataclass batches (RolloutBatch, Experience) of different widths: `prompt_*` fields re-padded on
+    the left, 2-D response fields on the right (ids with pad_token_id, the rest with 0); None stays None."""
+    if len(items) == 1:
+        return items[0]
+    P = max(e.prompt_ids.size(1) for e in items)
+    T = max(e.response_ids.size(1) for e in items)
+    out = {}
+    for f in fields(items[0]):
+        parts = [getattr(e, f.name) for e in items]
+        if any(x is None for x in parts):
+            out[f.name] = None
+            continue
+        left = f.name.startswith("prompt")
+        value = pad_token_id if f.name.endswith("_ids") else 0
+        out[f.name] = torch.cat([pad_to(x, P if left else T, value, left) if x.dim() == 2 else x for x in parts])
+    return type(items[0])(**out)
+
+
+def cat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """Rollout batches of different prompt/response widths stacked into one."""
+    return cat_padded(batches, pad_token_id)
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token lists -> (ids (B, L), mask (B, L)) padded on the left."""
     width = max(len(s) for s in seqs)

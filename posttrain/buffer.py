@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from posttrain.batch import cat_padded
+
 
 @dataclass
 class Experience:
@@ -53,30 +55,9 @@ class Experience:
         return (self.response_mask.sum(-1) > 0).sum().to(self.response_mask.dtype)
 
 
-def _pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
-    extra = width - x.size(1)
-    if extra == 0:
-        return x
-    pad = torch.full((x.size(0), extra), value, dtype=x.dtype)
-    return torch.cat([pad, x] if left else [x, pad], dim=1)
-
-
 def cat_experiences(items: list[Experience], pad_token_id: int) -> Experience:
     """Stack experiences of different widths: prompts re-padded on the left, responses on the right."""
-    if len(items) == 1:
-        return items[0]
-    P = max(e.prompt_ids.size(1) for e in items)
-    T = max(e.response_ids.size(1) for e in items)
-    out = {}
-    for f in fields(Experience):
-        parts = [getattr(e, f.name) for e in items]
-        if any(p is None for p in parts):
-            out[f.name] = None
-            continue
-        left = f.name.startswith("prompt")
-        value = pad_token_id if f.name.endswith("_ids") else 0
-        out[f.name] = torch.cat([_pad_to(p, P if left else T, value, left) for p in parts])
-    return Experience(**out)
+    return cat_padded(items, pad_token_id)
 
 
 class ExperienceBuffer:

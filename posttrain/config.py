@@ -19,11 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.errors import ConfigError
-
-# Estimators the RL loop can feed: critic-free ones need only grouped outcome rewards; `gae` makes the
-# loop load a critic (PPO). `remax` needs a greedy baseline rollout, which the loop does not produce yet.
-RL_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae")
-
+from posttrain.presets import PRESETS, expand_preset
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -85,6 +81,9 @@ class SFTConfig(_Section):
 
 
 class RLConfig(_Section):
+    preset: str | None = Field(None, description="A named algorithm (" + ", ".join(PRESETS) + ") that fills "
+                               "the estimator, policy loss, KL and aggregation keys this section leaves "
+                               "unset (posttrain/presets.py, docs/algorithms.md); None: the keys as given.")
     steps: int = Field(150, ge=0, description="Rollout steps (each: generate, score, update).")
     prompts_per_step: int = Field(32, ge=1, description="Distinct prompts per rollout step.")
     group_size: int = Field(8, ge=1, description="Samples per prompt (G in GRPO).")
@@ -92,7 +91,9 @@ class RLConfig(_Section):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then constant.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
-    advantage: str = Field("grpo", description="Advantage estimator (posttrain.algos.advantages).")
+    advantage: str = Field("grpo", description="Advantage estimator (posttrain.algos.advantages). One that "
+                           "needs values (gae) makes the loop train a critic; one that needs a baseline reward "
+                           "(remax) makes it decode each prompt greedily and score that.")
     adv_eps: float = Field(1e-6, gt=0, description="Epsilon in the group-std normalisation.")
     policy_loss: str = Field("ppo_clip", description="Policy loss (posttrain.algos.policy_losses).")
     loss_agg: str = Field("token-mean", description="Loss aggregation mode (posttrain.algos.aggregation).")
@@ -128,9 +129,9 @@ class RLConfig(_Section):
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(False, description="Masked whitening of advantages over the batch.")
-    critic_init: Literal["reward_model", "policy"] = Field(
-        "reward_model", description="Initialise the critic from the reward model or from the policy "
-        "(model.path) with a fresh zero head.")
+    critic_init: Literal["auto", "reward_model", "policy"] = Field(
+        "auto", description="Initialise the critic from the reward model or from the policy (model.path) "
+        "with a fresh zero head; 'auto': the reward model when rl.reward_model_path is set, else the policy.")
     critic_lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate of the critic.")
     value_loss: Literal["clipped", "unclipped"] = Field("clipped", description="Critic loss.")
     value_clip: float = Field(0.2, gt=0, description="Clipped value loss: |V - V_old| band.")
@@ -143,6 +144,29 @@ class RLConfig(_Section):
     ptx_data: str = Field("task", description="'task': the task's SFT demonstrations; or a .txt file (one "
                           "text per line) or .jsonl file ('text', or 'prompt' + 'completion').")
     ptx_batch_size: int = Field(32, ge=1, description="Sequences per ptx minibatch.")
+    # DAPO's extras.
+    dynamic_sampling: bool = Field(False, description="Keep only groups whose scores are not all equal and "
+                                   "sample more prompts until prompts_per_step groups are kept (DAPO).")
+    dynamic_sampling_max_rounds: int = Field(8, ge=1, description="Dynamic sampling: most generation rounds "
+                                             "per step; if still short, the batch is filled with dropped groups "
+                                             "(logged as ds_filled_groups).")
+    overlong_buffer_frac: float = Field(0.0, ge=0, lt=1, description="DAPO soft overlong punishment: the last "
+                                        "fraction of max_new_tokens over which the score falls linearly to "
+                                        "-overlong_penalty_factor (0: off).")
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="Largest overlong penalty.")
+    mask_truncated: bool = Field(False, description="Exclude responses cut at max_new_tokens without EOS from "
+                                 "the loss (DAPO's overlong filtering).")
+    # Invariants checked during training.
+    check_invariants: bool = Field(True, description="Check, every step, that the first minibatch's "
+                                   "probability ratio is 1, the response mask is not empty and the advantages "
+                                   "are finite; stop with a clear error otherwise.")
+    ratio_tolerance: float = Field(1e-3, gt=0, description="Largest |log ratio| allowed on the first minibatch "
+                                   "(fp32 CPU: ~1e-6; loosen for bf16 or an external inference engine).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        return expand_preset(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _batches(self) -> "RLConfig":
@@ -155,11 +179,16 @@ class RLConfig(_Section):
                              f"size ({n // self.mini_batches} sequences)")
         if self.reward == "reward_model" and self.reward_model_path is None:
             raise ValueError("rl.reward_model_path is required when rl.reward is 'reward_model'")
-        if self.advantage == "gae" and self.critic_init == "reward_model" and self.reward_model_path is None:
+        if self.critic_init == "reward_model" and self.reward_model_path is None:
             raise ValueError("rl.critic_init 'reward_model' needs rl.reward_model_path (or set "
                              "rl.critic_init=policy)")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("rl.dynamic_sampling needs rl.group_size >= 2 (a group of one never has unequal scores)")
+        if self.overlong_buffer_frac > 0 and round(self.overlong_buffer_frac * self.max_new_tokens) < 1:
+            raise ValueError(f"rl.overlong_buffer_frac ({self.overlong_buffer_frac}) of rl.max_new_tokens "
+                             f"({self.max_new_tokens}) is less than one token")
         from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES  # noqa: PLC0415 (light module)
-        for key, value, valid in (("advantage", self.advantage, [a for a in RL_ADVANTAGES if a in ADVANTAGES]),
+        for key, value, valid in (("advantage", self.advantage, list(ADVANTAGES.names())),
                                   ("policy_loss", self.policy_loss, POLICY_LOSSES.names()),
                                   ("loss_agg", self.loss_agg, list(AGG_MODES))):
             if value not in valid:

@@ -15,3 +15,7 @@ class ModelLoadError(PosttrainError):
 
 class DataError(PosttrainError):
     """A data file or dataset row that cannot be used: names the file (or dataset) and the line (or row)."""
+
+
+class InvariantError(PosttrainError):
+    """A check that must hold during training failed (e.g. the first minibatch's probability ratio is not 1)."""

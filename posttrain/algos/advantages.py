@@ -10,7 +10,7 @@ Every estimator is called as
     response_mask     (B, T)  {0, 1} float or bool: 1 on response tokens
     values            (B, T)  V(s_t) from the critic (gae only)
     group_ids         (B,)    long: responses to the same prompt share an id (grpo, dr_grpo, rloo,
-                              optionally reinforce_pp)
+                              reinforce_pp_baseline)
     baseline_rewards  (B,)    reward of the greedy rollout of the same prompt (remax)
     -> advantages (B, T), returns (B, T): both zero outside the mask, no grad.
 
@@ -30,6 +30,15 @@ from .registry import Registry
 from .utils import as_bool, masked_whiten, zero_outside
 
 ADVANTAGES = Registry("advantage estimator")
+
+
+def get(name: str):
+    """The estimator registered as `name` (UnknownNameError naming the closest valid name otherwise).
+
+    `ADVANTAGES.requires(name)` says which optional inputs it needs: "values" (a critic), "group_ids"
+    (several samples per prompt), "baseline_rewards" (a greedy rollout's reward).
+    """
+    return ADVANTAGES.get(name)
 
 
 def _require(name: str, arg: str, value: Tensor | None) -> Tensor:
@@ -108,7 +117,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
     return adv, zero_outside(adv + v, m)
 
 
-@ADVANTAGES.register("gae")
+@ADVANTAGES.register("gae", requires=("values",))
 def gae_estimator(
     token_rewards: Tensor,
     response_mask: Tensor,
@@ -124,7 +133,7 @@ def gae_estimator(
     return gae(token_rewards, _require("gae", "values", values), response_mask, gamma=gamma, lam=lam)
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", requires=("group_ids",))
 @torch.no_grad()
 def grpo(
     token_rewards: Tensor,
@@ -156,7 +165,7 @@ def grpo(
     return _broadcast((r - mean) / (std + eps), m)
 
 
-@ADVANTAGES.register("dr_grpo")
+@ADVANTAGES.register("dr_grpo", requires=("group_ids",))
 @torch.no_grad()
 def dr_grpo(
     token_rewards: Tensor,
@@ -188,7 +197,7 @@ def dr_grpo(
     return _broadcast(r - mean, m)
 
 
-@ADVANTAGES.register("rloo")
+@ADVANTAGES.register("rloo", requires=("group_ids",))
 @torch.no_grad()
 def rloo(
     token_rewards: Tensor,
@@ -220,6 +229,18 @@ def rloo(
     return _broadcast(r - baseline, m)
 
 
+def _reinforce_pp(token_rewards: Tensor, response_mask: Tensor, group_ids: Tensor | None, gamma: float,
+                  eps: float) -> tuple[Tensor, Tensor]:
+    m = as_bool(response_mask)
+    r = zero_outside(token_rewards, m)
+    returns, _ = gae(r, torch.zeros_like(r), m, gamma=gamma, lam=1.0)  # G_t: V = 0, lambda = 1
+    a = returns
+    if group_ids is not None:
+        a = a - _group_stats(r.sum(-1), group_ids)[2][:, None]
+    adv = masked_whiten(a, m, eps=eps)
+    return adv, adv.clone()
+
+
 @ADVANTAGES.register("reinforce_pp")
 @torch.no_grad()
 def reinforce_pp(
@@ -233,31 +254,56 @@ def reinforce_pp(
     lam: float = 1.0,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """REINFORCE++ (Hu et al. 2025, "REINFORCE++: An Efficient RLHF Algorithm ..."), outcome form:
+    """REINFORCE++ (Hu et al. 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
+    Language Models", eqs. 7-9): the discounted return-to-go, normalised over the whole batch.
 
-        a_i = r_i - mean_{j in g(i)} r_j   if group_ids is given ("REINFORCE++-baseline"; size-1 group: mean 0)
-        a_i = r_i                          otherwise
-        A_{i,t} = (a_i - mu) / sqrt(var + eps)   for every response token t
+        G_{i,t} = sum_{s >= t} gamma^(s - t) r_{i,s}          (s over the response tokens of sequence i)
+        A_{i,t} = (G_{i,t} - mu) / sqrt(var + eps)
 
-    mu and var are the mean and population variance of a_i over all *valid tokens* of the batch (each
-    sequence weighted by its length), as OpenRLHF's global advantage normalisation does; see
-    `masked_whiten`. Unlike OpenRLHF's no-baseline variant, token rewards are summed into r_i (no
-    discounted return-to-go), so `gamma` is unused.
+    mu and var are the mean and population variance of G over all *valid tokens* of the batch (each
+    sequence weighted by its length), as OpenRLHF's global advantage normalisation; see `masked_whiten`.
+    With an outcome reward only (on the last token) and gamma = 1, G_{i,t} = r_i for every t; with
+    per-token KL penalties in the reward (kl_placement "reward", the paper's setting) G_{i,t} sums only
+    the penalties from t on. `group_ids` is ignored: see `reinforce_pp_baseline`.
 
     Args:
-        token_rewards: (B, T); response_mask: (B, T); group_ids: (B,) long, optional.
+        token_rewards: (B, T); response_mask: (B, T); gamma: discount.
     Returns:
         advantages (B, T) = returns (B, T), zero outside the mask.
     """
-    m = as_bool(response_mask)
-    r = _seq_score(token_rewards, m)
-    if group_ids is not None:
-        r = r - _group_stats(r, group_ids)[2]
-    adv = masked_whiten(r[:, None].expand(m.shape), m, eps=eps)
-    return adv, adv.clone()
+    return _reinforce_pp(token_rewards, response_mask, None, gamma, eps)
 
 
-@ADVANTAGES.register("remax")
+@ADVANTAGES.register("reinforce_pp_baseline", requires=("group_ids",))
+@torch.no_grad()
+def reinforce_pp_baseline(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    baseline_rewards: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline (Hu et al. 2025, sec. 3.3 in v3+): subtract the group's mean sequence return
+    before the global normalisation of `reinforce_pp`:
+
+        R_j     = sum_t r_{j,t}                                   (a sequence's total reward)
+        a_{i,t} = G_{i,t} - mean_{j in g(i)} R_j                  (group of size 1: mean 0)
+        A_{i,t} = (a_{i,t} - mu) / sqrt(var + eps)                (mu, var over all valid tokens)
+
+    Args:
+        token_rewards: (B, T); response_mask: (B, T); group_ids: (B,) long, required; gamma: discount.
+    Returns:
+        advantages (B, T) = returns (B, T), zero outside the mask.
+    """
+    group_ids = _require("reinforce_pp_baseline", "group_ids", group_ids)
+    return _reinforce_pp(token_rewards, response_mask, group_ids, gamma, eps)
+
+
+@ADVANTAGES.register("remax", requires=("baseline_rewards",))
 @torch.no_grad()
 def remax(
     token_rewards: Tensor,

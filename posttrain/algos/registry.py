@@ -7,6 +7,9 @@
 
     ADVANTAGES.get("grpo")   # the function
     ADVANTAGES.get("grp")    # UnknownNameError: unknown advantage estimator 'grp'; did you mean 'grpo'? ...
+
+An entry may declare which optional inputs it needs (`@ADVANTAGES.register("gae", requires=("values",))`),
+so a caller decides what to compute (a critic, a greedy baseline) from `requires(name)`, never from the name.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._fns: dict[str, Callable] = {}
+        self._requires: dict[str, frozenset[str]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator: register `fn` under `name`. A name can be registered once."""
+    def register(self, name: str, requires: tuple[str, ...] = ()) -> Callable[[F], F]:
+        """Decorator: register `fn` under `name`, needing the optional inputs `requires`. Once per name."""
 
         def deco(fn: F) -> F:
             if name in self._fns:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._fns[name] = fn
+            self._requires[name] = frozenset(requires)
             return fn
 
         return deco
@@ -53,6 +58,11 @@ class Registry:
         raise UnknownNameError(
             f"unknown {self.kind} {name!r}{hint} valid names: {', '.join(self.names())}"
         )
+
+    def requires(self, name: str) -> frozenset[str]:
+        """The optional inputs the entry `name` cannot do without (e.g. {"values"} for gae)."""
+        self.get(name)
+        return self._requires[name]
 
     def names(self) -> tuple[str, ...]:
         """All registered names, sorted."""

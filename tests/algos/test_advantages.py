@@ -151,24 +151,55 @@ def test_rloo_matches_loop(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("use_groups", [True, False])
-def test_reinforce_pp_matches_loop(seed, use_groups):
-    rewards, mask, _, group_ids, _ = make_batch(seed)
+@pytest.mark.parametrize("name", ["reinforce_pp", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("holes", [False, True])
+def test_reinforce_pp_matches_loop(seed, name, gamma, holes):
+    rewards, mask, _, group_ids, _ = make_batch(seed, holes)
     eps = 1e-6
-    adv, _ = ADVANTAGES.get("reinforce_pp")(rewards, mask, group_ids=group_ids if use_groups else None, eps=eps)
-    m = mask.tolist()
-    a = seq_scores(rewards.tolist(), m)
-    if use_groups:
-        centred = list(a)
+    adv, ret = ADVANTAGES.get(name)(rewards, mask, group_ids=group_ids, gamma=gamma, eps=eps)
+    r, m = rewards.tolist(), mask.tolist()
+    a = [[0.0] * T for _ in range(B)]
+    for i in range(B):  # return-to-go over the valid tokens only: G_t = sum_{s >= t} gamma^(#valid between) r_s
+        valid = [t for t in range(T) if m[i][t]]
+        for k, t in enumerate(valid):
+            a[i][t] = sum(gamma ** (j - k) * r[i][valid[j]] for j in range(k, len(valid)))
+    if name == "reinforce_pp_baseline":
+        totals = seq_scores(r, m)
         for members in groups(group_ids.tolist()).values():
-            mean = sum(a[j] for j in members) / len(members) if len(members) > 1 else 0.0
+            mean = sum(totals[j] for j in members) / len(members) if len(members) > 1 else 0.0
             for i in members:
-                centred[i] = a[i] - mean
-        a = centred
-    tokens = [a[i] for i in range(B) for t in range(T) if m[i][t]]  # token-level statistics
+                a[i] = [x - mean for x in a[i]]
+    tokens = [a[i][t] for i in range(B) for t in range(T) if m[i][t]]  # token-level statistics
     mu = sum(tokens) / len(tokens)
     var = sum((x - mu) ** 2 for x in tokens) / len(tokens)
-    check(adv, broadcast([(x - mu) / math.sqrt(var + eps) for x in a], m))
+    expected = [[(a[i][t] - mu) / math.sqrt(var + eps) if m[i][t] else 0.0 for t in range(T)] for i in range(B)]
+    check(adv, expected)
+    check(ret, expected)
+
+
+def test_reinforce_pp_with_outcome_rewards_is_the_whitened_sequence_reward():
+    rewards, mask, *_ = make_batch(3)
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    outcome = torch.zeros_like(rewards)
+    outcome[torch.arange(B), last] = rewards[:, 0]
+    outcome = outcome * mask
+    adv, _ = ADVANTAGES.get("reinforce_pp")(outcome, mask)
+    for i in range(B):  # one advantage per sequence
+        valid = adv[i][mask[i] > 0]
+        assert len(valid) > 0 or i == 1  # row 1 is empty
+        assert len(valid) == 0 or torch.allclose(valid, valid[0].expand_as(valid))
+
+
+def test_get_and_requires():
+    from posttrain.algos import advantages
+
+    assert advantages.get("grpo") is ADVANTAGES.get("grpo")
+    assert ADVANTAGES.requires("gae") == {"values"}
+    assert ADVANTAGES.requires("remax") == {"baseline_rewards"}
+    assert ADVANTAGES.requires("reinforce_pp") == set()
+    with pytest.raises(KeyError, match="did you mean 'rloo'"):
+        advantages.get("rlo")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -182,7 +213,8 @@ def test_remax_matches_loop(seed):
 
 
 @pytest.mark.parametrize("name,arg", [("gae", "values"), ("grpo", "group_ids"), ("dr_grpo", "group_ids"),
-                                      ("rloo", "group_ids"), ("remax", "baseline_rewards")])
+                                      ("rloo", "group_ids"), ("remax", "baseline_rewards"),
+                                      ("reinforce_pp_baseline", "group_ids")])
 def test_missing_required_input_names_estimator_and_argument(name, arg):
     rewards, mask, *_ = make_batch(0)
     with pytest.raises(ValueError, match=rf"{name}.*{arg}"):

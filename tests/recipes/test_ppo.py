@@ -217,7 +217,10 @@ def test_buffer_minibatches_cover_every_row_once_per_epoch():
 
 @pytest.mark.parametrize("overrides,match", [
     (["rl.reward=reward_model"], "reward_model_path"),
-    (["rl.advantage=gae"], "critic_init"),
+    (["rl.advantage=gae", "rl.critic_init=reward_model"], "critic_init"),
+    (["rl.dynamic_sampling=true", "rl.group_size=1", "rl.prompts_per_step=8"], "group_size"),
+    (["rl.overlong_buffer_frac=0.05"], "overlong_buffer_frac"),
+    (["rl.preset=grpo_x"], "did you mean"),
     (["rl.micro_batch_size=3"], "micro_batch_size"),
     (["rl.kl_placement=everywhere"], "kl_placement"),
 ])
