@@ -255,7 +255,7 @@ def reinforce_pp(
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu et al. 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
-    Language Models", eqs. 7-9): the discounted return-to-go, normalised over the whole batch.
+    Language Models"): the discounted return-to-go, normalised over the whole batch.
 
         G_{i,t} = sum_{s >= t} gamma^(s - t) r_{i,s}          (s over the response tokens of sequence i)
         A_{i,t} = (G_{i,t} - mu) / sqrt(var + eps)
@@ -287,7 +287,7 @@ def reinforce_pp_baseline(
     lam: float = 1.0,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """REINFORCE++-baseline (Hu et al. 2025, sec. 3.3 in v3+): subtract the group's mean sequence return
+    """REINFORCE++-baseline (Hu et al. 2025, later versions of the paper): subtract the group's mean sequence return
     before the global normalisation of `reinforce_pp`:
 
         R_j     = sum_t r_{j,t}                                   (a sequence's total reward)
