@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
-from posttrain.data.sampling import shuffled_batches
+from posttrain.data.sampling import ShuffledBatches, as_random_state, shuffled_batches
 from posttrain.errors import DataError
 
 
@@ -55,9 +54,20 @@ class PtxSampler:
     def __init__(self, data: list[tuple[str, str]], seed: int):
         self.data = data
         self.rng = random.Random(f"ptx-{seed}")
-        self._batches: dict[int, Iterator[list[tuple[str, str]]]] = {}
+        self._batches: dict[int, ShuffledBatches[tuple[str, str]]] = {}
 
     def next_batch(self, n: int) -> tuple[list[str], list[str]]:
         batches = self._batches.setdefault(n, shuffled_batches(self.data, self.rng, n))
         prompts, completions = zip(*next(batches))
         return list(prompts), list(completions)
+
+    def state_dict(self) -> dict:
+        """The shared RNG's state and each batch size's remaining order."""
+        return {"rng": self.rng.getstate(), "orders": {n: list(b.order) for n, b in self._batches.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(as_random_state(state["rng"]))
+        self._batches = {}
+        for n, order in state["orders"].items():
+            self._batches[int(n)] = shuffled_batches(self.data, self.rng, int(n))
+            self._batches[int(n)].order = list(order)
