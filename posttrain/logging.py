@@ -20,6 +20,7 @@ This module shadows the standard ``logging`` only inside relative imports;
 from __future__ import annotations
 
 import json
+import os
 import math
 import warnings
 from pathlib import Path
@@ -84,9 +85,14 @@ class MetricsLogger:
     lines this logger wrote, not lines already in an appended file.
     """
 
-    def __init__(self, path: str | Path, append: bool = False) -> None:
+    def __init__(self, path: str | Path, append: bool = False, resume_at: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_at is not None:  # a resumed run: drop what was written after its checkpoint
+            if not self.path.exists() or self.path.stat().st_size < resume_at:
+                raise ValueError(f"{self.path} is shorter than the {resume_at} bytes its checkpoint recorded")
+            os.truncate(self.path, resume_at)
+            append = True
         if append:
             _drop_torn_tail(self.path)
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")
@@ -116,6 +122,12 @@ class MetricsLogger:
         self._file.write(line + "\n")
         self._file.flush()
         self._lines += 1
+
+    def offset(self) -> int:
+        """Bytes written so far, flushed and fsynced (a checkpoint records it to resume the file exactly)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
         """Close the file; safe to call twice."""

@@ -37,6 +37,7 @@ OpenRLHF and verl).
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from posttrain.algos import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, VALUE_LOS
                              FixedKLController, aggregate, masked_mean, masked_whiten)
 from posttrain.algos.shaping import informative_groups, overlong_penalty, truncation_loss_mask
 from posttrain.batch import RolloutBatch, cat_rollouts
+from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.buffer import Experience, ExperienceBuffer
 from posttrain.config import RunConfig
 from posttrain.data.text import PtxSampler, load_ptx_texts
@@ -56,6 +58,7 @@ from posttrain.models.logprobs import response_logprobs
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import critic_from_policy, response_values, scalar_model_from_pretrained
 from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts, evaluate, make_optimizer
+from posttrain.recipes.control import NoControl, RunControl
 from posttrain.recipes.sft import sft_loss
 from posttrain.rollout import generate
 
@@ -348,18 +351,21 @@ def critic_backward(cfg: RunConfig, state: RLState, mb: Experience) -> dict[str,
     return stats
 
 
-def _step(model, optimizer, grad_clip: float) -> float:
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+def _step(model, optimizer, grad_clip: float, loss: float) -> tuple[float, bool]:
+    """Clip and step; a non-finite loss or gradient norm skips the step (gradients dropped). -> (norm, stepped)"""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    ok = math.isfinite(grad_norm) and math.isfinite(loss)
+    if ok:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return grad_norm, ok
 
 
 def update(cfg: RunConfig, state: RLState) -> dict[str, float]:
     """ppo_epochs passes over the buffer's shuffled minibatches; metrics averaged over all optimizer steps."""
     c = cfg.rl
     totals: dict[str, float] = {}
-    n_steps = 0
+    n_steps = skipped = 0
     for opt in (state.optimizer, state.critic_optimizer):
         if opt is not None:  # gradients left over from elsewhere (an SFT loop) must not leak in
             opt.zero_grad(set_to_none=True)
@@ -367,10 +373,14 @@ def update(cfg: RunConfig, state: RLState) -> dict[str, float]:
         for k, mb in enumerate(state.buffer.minibatches(c.mini_batches, state.sampler)):
             ptx_batch = state.ptx.next_batch(c.ptx_batch_size) if state.ptx is not None else None
             stats = actor_backward(cfg, state, mb, ptx_batch, check_ratio=c.check_invariants and epoch == k == 0)
-            stats["grad_norm"] = _step(state.policy, state.optimizer, c.grad_clip)
+            stats["grad_norm"], ok = _step(state.policy, state.optimizer, c.grad_clip,
+                                           stats["loss"] + stats.get("ptx_loss", 0.0))
+            skipped += not ok
             if state.critic is not None:
                 stats.update(critic_backward(cfg, state, mb))
-                stats["critic_grad_norm"] = _step(state.critic, state.critic_optimizer, c.grad_clip)
+                stats["critic_grad_norm"], ok = _step(state.critic, state.critic_optimizer, c.grad_clip,
+                                                      stats["value_loss"])
+                skipped += not ok
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             n_steps += 1
@@ -378,7 +388,7 @@ def update(cfg: RunConfig, state: RLState) -> dict[str, float]:
     state.scheduler.step()
     if state.critic_scheduler is not None:
         state.critic_scheduler.step()
-    return {key: value / max(n_steps, 1) for key, value in totals.items()}
+    return {**{key: value / max(n_steps, 1) for key, value in totals.items()}, "skipped_steps": skipped}
 
 
 def rl_step(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> dict:
@@ -393,14 +403,55 @@ def rl_step(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> dict:
     return {**metrics, **stats, "kl_coef": kl_coef, "lr": state.scheduler.get_last_lr()[0]}
 
 
-def train_rl(cfg: RunConfig, state: RLState, logger, progress=None) -> float:
-    """Run `cfg.rl.steps` rollout steps; return the final held-out accuracy."""
+def rl_snapshot(state: RLState, accuracy: float) -> tuple[dict, dict]:
+    """Everything a resumed run needs to continue exactly: ({model: weights}, state)."""
+    weights = {"policy": state.policy.state_dict()}
+    snap = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+            "kl_ctl": state.kl_ctl.state_dict(), "rng": state.rng.getstate(), "sampler": state.sampler.get_state(),
+            "global_rng": global_rng_state(), "accuracy": accuracy}
+    if state.critic is not None:
+        weights["critic"] = state.critic.state_dict()
+        snap.update(critic_optimizer=state.critic_optimizer.state_dict(),
+                    critic_scheduler=state.critic_scheduler.state_dict())
+    if state.ptx is not None:
+        snap["ptx"] = state.ptx.state_dict()
+    return weights, snap
+
+
+def rl_restore(state: RLState, weights: dict, snap: dict) -> float:
+    """Load an `rl_snapshot` into a freshly set-up state; returns the accuracy it recorded."""
+    from posttrain.data.sampling import as_random_state  # noqa: PLC0415
+
+    state.policy.load_state_dict(weights["policy"])
+    state.optimizer.load_state_dict(snap["optimizer"])
+    state.scheduler.load_state_dict(snap["scheduler"])
+    state.kl_ctl.load_state_dict(snap["kl_ctl"])
+    state.rng.setstate(as_random_state(snap["rng"]))
+    state.sampler.set_state(snap["sampler"])
+    set_global_rng_state(snap["global_rng"])
+    if state.critic is not None:
+        state.critic.load_state_dict(weights["critic"])
+        state.critic_optimizer.load_state_dict(snap["critic_optimizer"])
+        state.critic_scheduler.load_state_dict(snap["critic_scheduler"])
+    if state.ptx is not None:
+        state.ptx.load_state_dict(snap["ptx"])
+    return snap["accuracy"]
+
+
+def train_rl(cfg: RunConfig, state: RLState, logger, progress=None, ctl: RunControl | None = None) -> float:
+    """Run `cfg.rl.steps` rollout steps (from a checkpoint's step when `ctl` resumes); return the final
+    held-out accuracy. `ctl` saves checkpoints and handles signals and non-finite steps."""
+    ctl = ctl or NoControl()
     timer = PhaseTimer()
     # Eval mode all along: no dropout, so the training forward pass gives generation's log-probs (the ratio
     # invariant), as TRL's disable_dropout does. Nothing else in a causal LM depends on the mode.
     state.policy.eval()
-    accuracy = float("nan")
-    for step in range(1, cfg.rl.steps + 1):
+    accuracy, first = float("nan"), 1
+    if (resumed := ctl.resume_step("rl")) is not None:
+        accuracy, first = rl_restore(state, resumed.weights, resumed.state), resumed.step + 1
+        if progress is not None:
+            progress.update(resumed.step)
+    for step in range(first, cfg.rl.steps + 1):
         start = time.perf_counter()
         try:
             metrics = rl_step(cfg, state, timer)
@@ -415,6 +466,9 @@ def train_rl(cfg: RunConfig, state: RLState, logger, progress=None) -> float:
                                     cfg.eval.batch_size, cfg.eval.max_new_tokens)
             record["accuracy"] = accuracy
         logger.log({**record, **timer.pop()})
+        snapshot = lambda: rl_snapshot(state, accuracy)  # noqa: E731
+        ctl.record_step(metrics["skipped_steps"] == 0, "rl", step, snapshot)
+        ctl.step_done("rl", step, snapshot)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{accuracy:.3f}",

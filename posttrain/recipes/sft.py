@@ -16,9 +16,11 @@ import torch
 from posttrain.algos import aggregate
 from posttrain.batch import right_pad
 from posttrain.config import RunConfig
-from posttrain.data.sampling import shuffled_batches
+from posttrain.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.models.logprobs import response_logprobs
 from posttrain.recipes.common import PhaseTimer, encode_prompts, evaluate, make_optimizer
+from posttrain.recipes.control import NoControl, RunControl
 
 
 def sft_loss(model, tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, int]:
@@ -40,6 +42,7 @@ class SFTState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     rng: random.Random
+    batches: ShuffledBatches  # endless shuffled passes over `data`, drawn from `rng`
 
 
 def setup_sft(cfg: RunConfig, model, tokenizer, task) -> SFTState:
@@ -48,31 +51,54 @@ def setup_sft(cfg: RunConfig, model, tokenizer, task) -> SFTState:
     data = [(p.prompt, task.demonstration(p, rng)) for p in task.train_problems]
     opt, sched = make_optimizer(model, cfg.sft.lr, cfg.sft.weight_decay, cfg.sft.warmup_steps, cfg.sft.steps,
                                 cfg.sft.lr_min_ratio)
-    return SFTState(model, tokenizer, task, data, opt, sched, rng)
+    return SFTState(model, tokenizer, task, data, opt, sched, rng, shuffled_batches(data, rng, cfg.sft.batch_size))
 
 
-def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
-    """Run `cfg.sft.steps` steps; return the final held-out accuracy."""
+def sft_snapshot(state: SFTState, accuracy: float) -> tuple[dict, dict]:
+    """({"policy": weights}, optimizer/scheduler/data-position/RNG state) to continue exactly."""
+    return {"policy": state.model.state_dict()}, {
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "batches": state.batches.state_dict(), "global_rng": global_rng_state(), "accuracy": accuracy}
+
+
+def sft_restore(state: SFTState, weights: dict, snap: dict) -> float:
+    state.model.load_state_dict(weights["policy"])
+    state.optimizer.load_state_dict(snap["optimizer"])
+    state.scheduler.load_state_dict(snap["scheduler"])
+    state.batches.load_state_dict(snap["batches"])
+    set_global_rng_state(snap["global_rng"])
+    return snap["accuracy"]
+
+
+def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None, ctl: RunControl | None = None) -> float:
+    """Run `cfg.sft.steps` steps (from a checkpoint's step when `ctl` resumes); return the final held-out
+    accuracy. A step with a non-finite loss or gradient is skipped (logged as skipped)."""
     c, model, timer = cfg.sft, state.model, PhaseTimer()
+    ctl = ctl or NoControl()
     model.train()
-    batches = shuffled_batches(state.data, state.rng, c.batch_size)
-    accuracy, tokens = float("nan"), 0
-    for step in range(1, c.steps + 1):
+    accuracy, tokens, first = float("nan"), 0, 1
+    if (resumed := ctl.resume_step("sft")) is not None:
+        accuracy, first = sft_restore(state, resumed.weights, resumed.state), resumed.step + 1
+        if progress is not None:
+            progress.update(resumed.step)
+    for step in range(first, c.steps + 1):
         with timer("update"):
-            prompts, completions = zip(*next(batches))
+            prompts, completions = zip(*next(state.batches))
             loss, n_tokens = sft_loss(model, state.tokenizer, list(prompts), list(completions))
             tokens += n_tokens
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            state.optimizer.step()
+            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            if finite:
+                state.optimizer.step()
             state.scheduler.step()
-        record = {}
+        record = {} if finite else {"step": step, "phase": "sft", "skipped": 1, "loss": loss.item()}
         if step % c.log_every == 0 or step == c.steps:
             times = timer.pop()
             record = {"step": step, "phase": "sft", "loss": loss.item(), "grad_norm": grad_norm.item(),
                       "lr": state.scheduler.get_last_lr()[0],
-                      "tokens_per_s": tokens / max(times["time/update"], 1e-9), **times}
+                      "tokens_per_s": tokens / max(times["time/update"], 1e-9), **record, **times}
             tokens = 0
         if (c.eval_every and step % c.eval_every == 0) or step == c.steps:  # steps == 0: see below
             accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
@@ -80,6 +106,9 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None) -> float:
             record = {"step": step, "phase": "sft", **record, "accuracy": accuracy}
         if record:
             logger.log(record)
+        snapshot = lambda: sft_snapshot(state, accuracy)  # noqa: E731
+        ctl.record_step(finite, "sft", step, snapshot)
+        ctl.step_done("sft", step, snapshot)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", refresh=False)

@@ -1,0 +1,132 @@
+"""Checkpoint cadence, resume and signals for one run directory, shared by the training loops.
+
+    ctl = RunControl(out, cfg.checkpoint, logger)            # the loop calls, after logging each step:
+    ctl.step_done("rl", step, lambda: (weights, state))       # saves every `checkpoint.every` steps, and
+                                                              # on SIGINT/SIGTERM saves and stops the run
+A loop that resumes reads `ctl.resumed` (the checkpoint's phase, step, weights and state) once at its start.
+
+Signals: the first SIGINT or SIGTERM asks the loop to stop after the current step; the loop saves a
+checkpoint and `RunInterrupted` ends the run (exit code 130). A second SIGINT exits at once
+(KeyboardInterrupt); what was written before stays valid, because checkpoints are renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.checkpoint import latest_checkpoint, load_checkpoint, remove_temporaries, save_checkpoint
+from posttrain.errors import PosttrainError
+
+
+class RunInterrupted(Exception):
+    """The run stopped on a signal after saving a checkpoint."""
+
+
+class RunDiverged(PosttrainError):
+    """Too many consecutive steps with a non-finite loss or gradient; the state was saved."""
+
+
+@dataclass
+class Resumed:
+    phase: str
+    step: int
+    weights: dict[str, dict[str, torch.Tensor]]
+    state: dict
+    path: Path
+
+
+def find_resume_point(out: Path) -> Resumed | None:
+    """The newest valid checkpoint of the run in `out` (damaged newer ones reported on stderr), or None."""
+    remove_temporaries(out)
+    path, skipped = latest_checkpoint(out)
+    for line in skipped:
+        print(f"posttrain: {line}", file=sys.stderr)
+    if path is None:
+        return None
+    manifest, weights, state = load_checkpoint(path)
+    return Resumed(manifest["phase"], manifest["step"], weights, state, path)
+
+
+class RunControl:
+    """Saves checkpoints on a cadence and on a signal; counts non-finite steps; knows where a resume starts."""
+
+    def __init__(self, out: Path, every: int, keep: int, max_skipped: int, logger,
+                 resumed: Resumed | None = None):
+        self.out, self.every, self.keep, self.max_skipped = Path(out), every, keep, max_skipped
+        self.logger = logger
+        self.resumed = resumed
+        self.stop_requested = False
+        self.skipped_in_a_row = 0
+        self._previous: dict = {}
+
+    # signals ------------------------------------------------------------------------------------------
+    def __enter__(self) -> "RunControl":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print(f"\nposttrain: {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again to quit at once)", file=sys.stderr)
+
+    # resume -------------------------------------------------------------------------------------------
+    def resume_step(self, phase: str) -> Resumed | None:
+        """The checkpoint to continue `phase` from, if the run resumes inside this phase."""
+        return self.resumed if self.resumed is not None and self.resumed.phase == phase else None
+
+    # checkpoints --------------------------------------------------------------------------------------
+    def save(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> Path:
+        weights, state = snapshot()
+        state = {**state, "metrics_offset": self.logger.offset(), "skipped_in_a_row": self.skipped_in_a_row}
+        return save_checkpoint(self.out, phase, step, weights, state, keep=self.keep)
+
+    def step_done(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> None:
+        """After a step is logged: save on the cadence or on a pending signal (then stop the run)."""
+        if self.stop_requested or (self.every and step % self.every == 0):
+            path = self.save(phase, step, snapshot)
+            if self.stop_requested:
+                raise RunInterrupted(f"stopped after {phase} step {step}; checkpoint {path}; continue with --resume")
+
+    def record_step(self, finite: bool, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> None:
+        """Count consecutive non-finite steps (skipped by the loop); after max_skipped, save and stop."""
+        self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= self.max_skipped:
+            path = self.save(phase, step, snapshot)
+            raise RunDiverged(f"{phase} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite loss "
+                              f"or gradient were skipped; stopping (state saved in {path}; lower the learning rate "
+                              "or check the rewards and data)")
+
+
+class NoControl(RunControl):
+    """For loops run without a run directory (tests, library use): never saves, never resumes."""
+
+    def __init__(self, max_skipped: int = 10**9):
+        super().__init__(Path("."), 0, 0, max_skipped, None)
+
+    def __enter__(self) -> "NoControl":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def step_done(self, phase, step, snapshot) -> None:
+        pass
+
+    def record_step(self, finite, phase, step, snapshot) -> None:
+        self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= self.max_skipped:
+            raise RunDiverged(f"{phase} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite "
+                              "loss or gradient were skipped; stopping")
