@@ -184,3 +184,23 @@ def set_global_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """One sha256 over a model directory's weight files (*.safetensors, *.bin, sorted by name)."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    for f in sorted([*model_dir.glob("*.safetensors"), *model_dir.glob("*.bin")]):
+        h.update(f.name.encode())
+        h.update(_sha256(f).encode())
+    return h.hexdigest()
+
+
+def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Load `model_dir/model.safetensors` into `model` in place (tied weights may be absent from the file)."""
+    sd = load_file(str(Path(model_dir) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{model_dir}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {unexpected[:3]})")

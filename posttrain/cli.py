@@ -1,4 +1,4 @@
-"""Command line: `posttrain demo|sft|rm|rl ...`, each subcommand a plain recipe function.
+"""Command line: `posttrain demo|sft|rm|rl|dpo|rft|bon ...`, each subcommand a plain recipe function.
 
 Every user error (bad argument, config, path, data) prints one line and exits with code 2.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+from pathlib import Path
 
 USAGE_ERROR = 2
 
@@ -15,6 +17,16 @@ USAGE_ERROR = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+RESUMABLE = ("sft", "rl")  # and `demo` (the GRPO pipeline)
+
+
+def _resume_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue the run in the output directory from its "
+                   "newest valid checkpoint (same config)")
+    p.add_argument("--overwrite", action="store_true", help="start again even if the output directory holds an "
+                   "unfinished run (its checkpoints are deleted)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,20 +41,62 @@ def _parser() -> argparse.ArgumentParser:
                       "against the reward model, and the same PPO without KL penalty and ptx loss")
     demo.add_argument("--no-ablation", action="store_true",
                       help="rlhf: skip the second PPO run (beta = 0, lambda_ptx = 0)")
+    _resume_flags(demo)
     demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.steps=100")
     for name, text in (("sft", "supervised fine-tuning"), ("rm", "reward model from preference pairs"),
-                       ("rl", "online RL: GRPO and family, or PPO with a critic and a reward model")):
+                       ("rl", "online RL: GRPO and family, or PPO with a critic and a reward model"),
+                       ("dpo", "a policy from preference pairs: DPO, IPO, SLiC-HF or SimPO (dpo.loss)"),
+                       ("rft", "rejection-sampling fine-tuning: sample n, keep the best, SFT on it, repeat")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("config", help="YAML config file")
+        if name in RESUMABLE:
+            _resume_flags(sp)
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.lr=1e-4")
+    bon = sub.add_parser("bon", help="best-of-n sampling on the held-out problems: accuracy and pass@k against n")
+    bon.add_argument("--model", default=None, help="model directory (model.path), e.g. runs/sft_arithmetic/final")
+    bon.add_argument("--n", type=int, default=None, help="samples per prompt (bon.n, default 16)")
+    bon.add_argument("--scorer", default=None, help="'task' (the verifier, default) or a reward-model directory")
+    bon.add_argument("--config", default=None, help="YAML config to start from (default: embedded)")
+    bon.add_argument("--output-dir", default=None, help="run directory (default runs/bon)")
+    bon.add_argument("overrides", nargs="*", help="dotted overrides, e.g. bon.temperature=0.7")
     return p
+
+
+def _bon_overrides(args) -> list[str]:
+    """`posttrain bon` flags as dotted overrides (after the positional ones, so the flags win)."""
+    from posttrain.config import parse_overrides, read_yaml
+
+    extra = [f"model.path={json.dumps(args.model)}"] if args.model else []  # a path, not YAML
+    extra += [f"bon.n={args.n}"] if args.n is not None else []
+    extra += [f"bon.scorer={json.dumps(args.scorer)}"] if args.scorer else []
+    if args.output_dir:
+        extra.append(f"output_dir={json.dumps(args.output_dir)}")
+    elif "output_dir" not in {**read_yaml(args.config), **parse_overrides(args.overrides)}:
+        extra.append("output_dir=runs/bon")
+    return [*args.overrides, *extra]
+
+
+def _note_run_dir(cfg) -> tuple[Path, bool]:
+    out = Path(cfg.output_dir)
+    return out, out.exists()
+
+
+def _remove_partial_output(out: Path | None = None, existed: bool = True) -> None:
+    """A user error leaves nothing behind: delete the output directory this command created, unless it holds
+    a checkpoint (a run stopped mid-way keeps its state)."""
+    if out is None or existed or not out.is_dir():
+        return
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        return
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from posttrain.config import load_config
-    from posttrain.errors import PosttrainError
+    from posttrain.errors import PosttrainError, RunInterrupted
 
+    run_dir: list = []  # the output directory once known, and whether it existed before this command
     try:
         if args.command == "demo":
             extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
@@ -52,20 +106,29 @@ def main(argv: list[str] | None = None) -> int:
                 from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 
                 cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra])
+                run_dir[:] = _note_run_dir(cfg)
                 run_rlhf(cfg, None if args.no_ablation else ablation)
             else:
                 cfg = load_config(args.config, [*args.overrides, *extra])
+                run_dir[:] = _note_run_dir(cfg)
                 from posttrain.recipes.demo import run_demo
 
-                run_demo(cfg)
+                run_demo(cfg, resume=args.resume, overwrite=args.overwrite)
         else:
-            cfg = load_config(args.config, args.overrides)
+            overrides = _bon_overrides(args) if args.command == "bon" else args.overrides
+            cfg = load_config(args.config, overrides)
+            run_dir[:] = _note_run_dir(cfg)
             from posttrain.recipes import runners
 
-            getattr(runners, f"run_{args.command}")(cfg)
+            flags = {"resume": args.resume, "overwrite": args.overwrite} if args.command in RESUMABLE else {}
+            getattr(runners, f"run_{args.command}")(cfg, **flags)
     except (PosttrainError, FileNotFoundError) as err:
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
+        _remove_partial_output(*run_dir)
         return USAGE_ERROR
+    except RunInterrupted as stop:
+        print(f"posttrain {args.command}: {stop}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"posttrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,8 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from posttrain.errors import ConfigError
 from posttrain.presets import PRESETS, expand_preset
+
+from posttrain.errors import ConfigError
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -46,26 +47,86 @@ class ModelConfig(_Section):
         return self
 
 
+DATA_TASKS = ("gsm8k", "math", "mbpp")
+MBPP_SPLITS = ("prompt", "test", "validation", "train")  # the official task_id ranges (posttrain/tasks/mbpp.py)
+
+
 class TaskConfig(_Section):
-    name: Literal["arithmetic"] = Field("arithmetic", description="Built-in task.")
-    min_operand: int = Field(0, ge=0, description="Smallest operand.")
-    max_operand: int = Field(99, ge=0, description="Largest operand.")
-    operators: tuple[Literal["+", "-", "*"], ...] = Field(("+",), min_length=1, description="Operators to draw from.")
-    num_eval: int = Field(500, ge=1, description="Held-out evaluation problems, disjoint from training prompts.")
+    """The task: `arithmetic` is generated; `gsm8k`, `math` and `mbpp` read data (task.path or task.hf_dataset)
+    and need a model with a subword tokenizer (model.path). A field that does not apply to the chosen task must
+    keep its default (see _FIELD_TASKS). docs/rewards.md describes each task."""
+
+    name: Literal["arithmetic", "gsm8k", "math", "mbpp"] = Field(
+        "arithmetic", description="Built-in task: 'arithmetic' (generated problems, exact-match reward), 'gsm8k' "
+        "(word problems, final-number reward), 'math' (competition problems, symbolic answer check), 'mbpp' "
+        "(Python functions, tests run in the sandbox).")
+    min_operand: int = Field(0, ge=0, description="arithmetic: smallest operand.")
+    max_operand: int = Field(99, ge=0, description="arithmetic: largest operand.")
+    operators: tuple[Literal["+", "-", "*"], ...] = Field(("+",), min_length=1,
+                                                          description="arithmetic: operators to draw from.")
+    num_eval: int = Field(500, ge=1, description="arithmetic, gsm8k, math: held-out evaluation problems, disjoint "
+                          "from training prompts (gsm8k, math: drawn from the training data by a seeded shuffle "
+                          "unless task.eval_path or task.hf_eval_split is set).")
     demo_error: Literal["none", "drop_carry", "trailing_period"] = Field(
-        "drop_carry", description="Systematic mistake in the SFT demonstrations: 'drop_carry' forgets the "
-        "carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might; "
+        "drop_carry", description="arithmetic: systematic mistake in the SFT demonstrations: 'drop_carry' forgets "
+        "the carry out of the units digit of an addition (37+58=85), as a hurried human demonstrator might; "
         "'trailing_period' writes the answer with a full stop (37+58=95.), which the exact-match gold rule "
         "(the bare number) rejects.")
-    demo_error_rate: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of the demonstrations that "
-                                   "could contain the mistake which do.")
+    demo_error_rate: float = Field(0.6, ge=0.0, le=1.0, description="arithmetic: fraction of the demonstrations "
+                                   "that could contain the mistake which do.")
+    path: str | None = Field(None, description="gsm8k, math, mbpp: JSON Lines data file (gsm8k: train.jsonl of "
+                             "openai/grade-school-math; math: MATH-500-style rows; mbpp: mbpp.jsonl of "
+                             "google-research, split by task_id). None: read task.hf_dataset instead; one of the "
+                             "two is required.")
+    eval_path: str | None = Field(None, description="gsm8k, math: held-out JSON Lines file (e.g. gsm8k "
+                                  "test.jsonl); None: hold out task.num_eval training rows.")
+    hf_dataset: str | None = Field(None, description="gsm8k, math, mbpp: a Hugging Face dataset (hub name such as "
+                                   "openai/gsm8k, or a local directory of data files) read with `datasets` "
+                                   "instead of task.path.")
+    hf_config: str | None = Field(None, description="Config name of task.hf_dataset; None: the task's own for a "
+                                  "hub name (gsm8k 'main', mbpp 'full', math none), none for a local directory.")
+    hf_split: str | None = Field(None, description="gsm8k, math, mbpp: training split; None: the task's default "
+                                 "(gsm8k 'train', math 'test', mbpp 'train'). mbpp: one of prompt, test, "
+                                 "validation, train, which in task.path also selects that task_id range.")
+    hf_eval_split: str | None = Field(None, description="Held-out split (gsm8k, math: of task.hf_dataset; None: "
+                                      "hold out task.num_eval training rows. mbpp: as task.hf_split; None: "
+                                      "'validation').")
+    sandbox_timeout_s: float = Field(5.0, gt=0, description="mbpp: wall-clock limit per program run in the "
+                                     "sandbox (interpreter start-up included).")
+    workers: int = Field(2, ge=1, description="mbpp: sandboxed programs run at the same time.")
 
     @model_validator(mode="after")
-    def _range(self) -> "TaskConfig":
-        if self.max_operand < self.min_operand:
+    def _applies(self) -> "TaskConfig":
+        fields = type(self).model_fields
+        misplaced = [f"task.{key} applies only to task.name {' or '.join(tasks)}, not {self.name}"
+                     for key, tasks in _FIELD_TASKS.items()
+                     if self.name not in tasks and getattr(self, key) != fields[key].default]
+        if misplaced:
+            raise ValueError("; ".join(misplaced))
+        if self.name == "arithmetic" and self.max_operand < self.min_operand:
             raise ValueError(f"task.max_operand ({self.max_operand}) must be >= task.min_operand "
                              f"({self.min_operand})")
+        if self.path is not None and self.hf_dataset is not None:
+            raise ValueError("task.path and task.hf_dataset are both set; give one data source (set the other "
+                             "to null)")
+        if self.name == "mbpp":
+            for key in ("hf_split", "hf_eval_split"):
+                value = getattr(self, key)
+                if value is not None and value not in MBPP_SPLITS:
+                    raise ValueError(f"task.{key} must be one of {', '.join(MBPP_SPLITS)} for mbpp"
+                                     f"{_suggest(value, list(MBPP_SPLITS))}")
         return self
+
+
+# The tasks each TaskConfig field applies to; for any other task it must keep its default.
+_FIELD_TASKS = {
+    "min_operand": ("arithmetic",), "max_operand": ("arithmetic",), "operators": ("arithmetic",),
+    "demo_error": ("arithmetic",), "demo_error_rate": ("arithmetic",),
+    "num_eval": ("arithmetic", "gsm8k", "math"),
+    "path": DATA_TASKS, "hf_dataset": DATA_TASKS, "hf_config": DATA_TASKS, "hf_split": DATA_TASKS,
+    "hf_eval_split": DATA_TASKS, "eval_path": ("gsm8k", "math"),
+    "sandbox_timeout_s": ("mbpp",), "workers": ("mbpp",),
+}
 
 
 class SFTConfig(_Section):
@@ -229,6 +290,106 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(6, ge=1, description="Longest answer in tokens, EOS included.")
 
 
+class DPOConfig(_Section):
+    """`posttrain dpo`: a policy from preference pairs (DPO, IPO, SLiC-HF, SimPO). Settings left None take the
+    loss's paper default (posttrain.algos.preference.PREFERENCE_SPECS)."""
+
+    data: str = Field("synthetic", description="Preference pairs: 'synthetic' (the built-in arithmetic preference "
+                      "task: the starting policy's own samples and plausible wrong answers, labelled by the task's "
+                      "hidden gold rule), or a JSONL / .jsonl.gz / Parquet file or a saved HF dataset directory.")
+    format: Literal["auto", "prompt_chosen_rejected", "hh"] = Field(
+        "auto", description="Pair format: {prompt, chosen, rejected}, or HH-RLHF dialogues {chosen, rejected} "
+        "sharing a prefix; 'auto' reads the keys of the first row.")
+    split: str | None = Field(None, description="Split of a saved HF DatasetDict (default 'train').")
+    limit: int | None = Field(None, ge=1, description="Use at most this many pairs from `data`.")
+    eval_data: str | None = Field(None, description="Held-out pairs file; None: hold out eval_fraction of data "
+                                  "(synthetic data: pairs built on the task's held-out problems).")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the pairs held out when eval_data is None.")
+    num_pairs: int = Field(8000, ge=2, description="Synthetic data: training pairs to build.")
+    loss: str = Field("dpo", description="Preference loss (posttrain.algos.preference): dpo, ipo, slic, simpo.")
+    beta: float | None = Field(None, gt=0, description="Scale of the reward gap (DPO's KL coefficient, IPO's "
+                               "tau); None: the loss's default (dpo 0.1, ipo 0.1, slic 1, simpo 2).")
+    margin: float | None = Field(None, ge=0, description="DPO offset, SLiC delta, SimPO gamma (IPO ignores it); "
+                                 "None: the loss's default (dpo 0, slic 1, simpo 1).")
+    reference_free: bool | None = Field(None, description="Compare log pi(y|x) without subtracting log pi_ref "
+                                        "(no reference pass); None: the loss's own (slic, simpo: true).")
+    length_normalize: bool | None = Field(None, description="Divide each sequence's reward by its token count "
+                                          "(EOS included); None: the loss's own (simpo: true).")
+    sft_coef: float | None = Field(None, ge=0, description="Weight of the SFT regulariser (token-mean negative "
+                                   "log-likelihood of the chosen completion) added to the loss, as SLiC-HF's "
+                                   "lambda; None: the loss's default (slic 0.1, others 0).")
+    steps: int = Field(300, ge=0, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Preference pairs per step.")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up, then cosine decay to lr_min_ratio * lr.")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    eval_every: int = Field(100, ge=0, description="Held-out gold accuracy and pair metrics every N steps (0: only "
+                            "at the end).")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+
+    @model_validator(mode="after")
+    def _loss(self) -> "DPOConfig":
+        from posttrain.algos.preference import PREFERENCE_SPECS  # noqa: PLC0415 (light module)
+
+        if self.loss not in PREFERENCE_SPECS:
+            valid = list(PREFERENCE_SPECS)
+            raise ValueError(f"dpo.loss must be one of {', '.join(valid)}{_suggest(self.loss, valid)}")
+        return self
+
+
+class BestOfNConfig(_Section):
+    """`posttrain bon`: sample n completions per held-out prompt, keep the one the scorer likes best."""
+
+    n: int = Field(16, ge=1, description="Samples per prompt; best-of-k is reported for k = 1, 2, 4, ... up to n.")
+    scorer: str = Field("task", description="'task': the task's verifiable reward; or a reward-model directory "
+                        "written by `posttrain rm` (its normalised score).")
+    num_prompts: int | None = Field(None, ge=1, description="Use the first N held-out problems (None: all "
+                                    "task.num_eval).")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch (each sampled n times).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
+
+
+class RFTConfig(_Section):
+    """`posttrain rft`: rejection-sampling fine-tuning (generate n per prompt, keep the best, SFT on it, repeat)."""
+
+    rounds: int = Field(2, ge=1, description="Rounds of generate -> filter -> fine-tune.")
+    prompts_per_round: int = Field(2000, ge=1, description="Distinct training problems sampled each round.")
+    samples: int = Field(8, ge=1, description="Completions sampled per problem.")
+    scorer: str = Field("task", description="'task': the task's verifiable reward; or a reward-model directory "
+                        "written by `posttrain rm`.")
+    min_score: float | None = Field(0.5, description="Keep a problem's best completion only if its score is at "
+                                    "least this (0.5 with the 0/1 verifier: only correct ones); None: always keep "
+                                    "the best.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
+    generate_batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
+    steps: int = Field(200, ge=0, description="SFT optimizer steps per round, on that round's kept completions.")
+    batch_size: int = Field(64, ge=1, description="Kept completions per SFT step.")
+    lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate (a fresh optimizer each round).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up, then cosine decay to lr_min_ratio * lr.")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N SFT steps.")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(50, ge=0, description="Save a checkpoint every N steps of each training phase (0: only "
+                       "when stopped by a signal or by non-finite steps). Checkpoints are deleted when the run "
+                       "completes; final/ holds the result.")
+    keep: int = Field(2, ge=1, description="Keep the newest N checkpoints (an older one is the fallback when the "
+                      "newest is damaged).")
+    max_skipped_steps: int = Field(5, ge=1, description="Stop the run (state saved) after this many consecutive "
+                                   "steps with a non-finite loss or gradient, each skipped.")
+
+
 class RunConfig(_Section):
     seed: int = Field(0, description="Seeds every random generator; same seed and config give the same numbers.")
     output_dir: str = Field("runs/demo", description="Where config.yaml, metrics.jsonl, checkpoints go.")
@@ -240,10 +401,17 @@ class RunConfig(_Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     rm: RewardModelConfig = Field(default_factory=RewardModelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    bon: BestOfNConfig = Field(default_factory=BestOfNConfig)
+    rft: RFTConfig = Field(default_factory=RFTConfig)
 
     @model_validator(mode="after")
     def _task_size(self) -> "RunConfig":
+        """Arithmetic's problem count is known here; a data task's only once loaded (posttrain.tasks.fit_task)."""
         t = self.task
+        if t.name != "arithmetic":
+            return self
         total = len(set(t.operators)) * (t.max_operand - t.min_operand + 1) ** 2
         train = total - t.num_eval
         if train < 1:

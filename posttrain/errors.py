@@ -19,3 +19,7 @@ class DataError(PosttrainError):
 
 class InvariantError(PosttrainError):
     """A check that must hold during training failed (e.g. the first minibatch's probability ratio is not 1)."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM after saving a checkpoint (not a user error: exit code 130)."""

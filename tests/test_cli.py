@@ -151,7 +151,7 @@ def test_demo_writes_sft_and_final_models_and_a_summary(cli):
 
 def capture_demo(monkeypatch):
     seen = []
-    monkeypatch.setattr("posttrain.recipes.demo.run_demo", seen.append)
+    monkeypatch.setattr("posttrain.recipes.demo.run_demo", lambda cfg, **flags: seen.append(cfg))
     return seen
 
 

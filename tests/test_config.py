@@ -164,3 +164,59 @@ def test_every_shipped_config_loads(path):
 def test_shipped_demo_config_equals_the_embedded_defaults():
     """configs/demo.yaml documents the default run; it must not drift from posttrain/config.py."""
     assert load_config(Path(__file__).parent.parent / "configs" / "demo.yaml") == RunConfig()
+
+
+# The data tasks' keys (task.path, ...); building the tasks is tested in tests/tasks/test_build_task.py.
+
+def test_data_task_fields_validate():
+    cfg = build_config(overrides=["task.name=mbpp", "task.path=data/mbpp.jsonl", "task.hf_split=train",
+                                  "task.hf_eval_split=test", "task.sandbox_timeout_s=2.5", "task.workers=4"])
+    t = cfg.task
+    assert (t.name, t.path, t.hf_split, t.hf_eval_split, t.sandbox_timeout_s, t.workers) == \
+        ("mbpp", "data/mbpp.jsonl", "train", "test", 2.5, 4)
+    g = build_config(overrides=["task.name=gsm8k", "task.hf_dataset=openai/gsm8k", "task.hf_eval_split=test",
+                                "rl.prompts_per_step=100000"]).task  # its size is only known once loaded
+    assert (g.path, g.hf_dataset, g.hf_config, g.num_eval) == (None, "openai/gsm8k", None, 500)
+
+
+def test_arithmetic_defaults_are_unchanged():
+    t = RunConfig().task
+    assert (t.name, t.min_operand, t.max_operand, t.operators, t.num_eval, t.demo_error, t.demo_error_rate) == \
+        ("arithmetic", 0, 99, ("+",), 500, "drop_carry", 0.6)
+    assert (t.path, t.eval_path, t.hf_dataset, t.hf_split, t.sandbox_timeout_s, t.workers) == \
+        (None, None, None, None, 5.0, 2)
+
+
+def test_unknown_task_name_lists_the_tasks():
+    msg = error_of("task.name=gsm9k")
+    assert "task.name" in msg and all(name in msg for name in ("arithmetic", "gsm8k", "math", "mbpp"))
+
+
+def test_task_fields_that_do_not_apply_are_named():
+    assert "task.max_operand applies only to task.name arithmetic, not gsm8k" in \
+        error_of("task.name=gsm8k", "task.max_operand=20")
+    assert "task.path applies only to task.name gsm8k or math or mbpp, not arithmetic" in error_of("task.path=x")
+    msg = error_of("task.name=math", "task.workers=4", "task.sandbox_timeout_s=1")
+    assert "task.workers" in msg and "task.sandbox_timeout_s" in msg
+    assert "task.num_eval applies only" in error_of("task.name=mbpp", "task.num_eval=20")
+    assert "task.eval_path applies only" in error_of("task.name=mbpp", "task.eval_path=x")
+
+
+def test_bad_data_task_values_are_named():
+    assert "give one data source" in error_of("task.name=gsm8k", "task.path=a", "task.hf_dataset=b")
+    assert "did you mean 'validation'" in error_of("task.name=mbpp", "task.hf_eval_split=valid")
+    assert "task.workers" in error_of("task.name=mbpp", "task.workers=0")
+    assert "task.sandbox_timeout_s" in error_of("task.name=mbpp", "task.sandbox_timeout_s=0")
+    assert "'task.pth'" in error_of("task.name=gsm8k", "task.pth=x") and "did you mean 'task.path'" in \
+        error_of("task.name=gsm8k", "task.pth=x")
+
+
+def test_arithmetic_size_rules_apply_only_to_arithmetic():
+    assert "task.num_eval=500" in error_of("task.max_operand=5")  # 36 problems, none left for training
+    assert build_config(overrides=["task.name=math", "task.path=x", "task.num_eval=20"]).task.num_eval == 20
+
+
+def test_a_data_task_config_round_trips(tmp_path):
+    cfg = build_config(overrides=["task.name=gsm8k", "task.path=data/train.jsonl", "task.eval_path=data/test.jsonl"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

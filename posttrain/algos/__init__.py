@@ -4,6 +4,7 @@ from .advantages import ADVANTAGES
 from .aggregation import AGG_MODES, aggregate
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .policy_losses import POLICY_LOSSES
+from .preference import PREFERENCE_LOSSES, PREFERENCE_SPECS
 from .registry import Registry, UnknownNameError
 from .utils import masked_mean, masked_whiten
 from .value_losses import VALUE_LOSSES
@@ -13,6 +14,8 @@ __all__ = [
     "AGG_MODES",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
+    "PREFERENCE_SPECS",
     "VALUE_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",

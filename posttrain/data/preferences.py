@@ -117,7 +117,7 @@ def split_pairs(pairs: Sequence[T], eval_fraction: float, seed: int) -> tuple[li
     if eval_fraction == 0.0:
         return list(pairs), []
     if n < 2:
-        raise ValueError(f"need at least 2 pairs to split off an eval set; got {n}")
+        raise DataError(f"need at least 2 pairs to split off an eval set (or give eval_data); got {n}")
     n_eval = min(n - 1, max(1, round(n * eval_fraction)))
     eval_idx = set(random.Random(seed).sample(range(n), n_eval))
     train = [p for i, p in enumerate(pairs) if i not in eval_idx]
@@ -171,6 +171,8 @@ def _to_pair(row: dict, format: str, where: str) -> PreferencePair:
             raise DataError(f"{where}: field {name!r} must be a string, got {_type_name(row[name])}")
         values.append(row[name])
     if format == "prompt_chosen_rejected":
+        if not values[0].strip():
+            raise DataError(f"{where}: field 'prompt' is empty")
         return PreferencePair(*values)
     try:
         return split_hh(*values)

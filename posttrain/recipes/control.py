@@ -21,11 +21,7 @@ from pathlib import Path
 import torch
 
 from posttrain.checkpoint import latest_checkpoint, load_checkpoint, remove_temporaries, save_checkpoint
-from posttrain.errors import PosttrainError
-
-
-class RunInterrupted(Exception):
-    """The run stopped on a signal after saving a checkpoint."""
+from posttrain.errors import PosttrainError, RunInterrupted  # noqa: F401 (re-exported)
 
 
 class RunDiverged(PosttrainError):
@@ -63,6 +59,7 @@ class RunControl:
         self.resumed = resumed
         self.stop_requested = False
         self.skipped_in_a_row = 0
+        self.extra: dict = {}  # saved with every checkpoint (e.g. the frozen reference's hash)
         self._previous: dict = {}
 
     # signals ------------------------------------------------------------------------------------------
@@ -83,6 +80,13 @@ class RunControl:
               "(Ctrl-C again to quit at once)", file=sys.stderr)
 
     # resume -------------------------------------------------------------------------------------------
+    def check_frozen(self, key: str, sha256: str, what: str) -> None:
+        """Record a frozen model's content hash; when resuming, it must equal the one the run saved."""
+        if self.resumed is not None and key in self.resumed.state and self.resumed.state[key] != sha256:
+            raise PosttrainError(f"--resume: {what} changed since {self.resumed.path} was saved (sha256 "
+                                 f"{self.resumed.state[key][:12]}... then, {sha256[:12]}... now)")
+        self.extra[key] = sha256
+
     def resume_step(self, phase: str) -> Resumed | None:
         """The checkpoint to continue `phase` from, if the run resumes inside this phase."""
         return self.resumed if self.resumed is not None and self.resumed.phase == phase else None
@@ -90,7 +94,8 @@ class RunControl:
     # checkpoints --------------------------------------------------------------------------------------
     def save(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> Path:
         weights, state = snapshot()
-        state = {**state, "metrics_offset": self.logger.offset(), "skipped_in_a_row": self.skipped_in_a_row}
+        state = {**state, **self.extra, "metrics_offset": self.logger.offset(),
+                 "skipped_in_a_row": self.skipped_in_a_row}
         return save_checkpoint(self.out, phase, step, weights, state, keep=self.keep)
 
     def step_done(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> None:
@@ -130,3 +135,65 @@ class NoControl(RunControl):
         if self.skipped_in_a_row >= self.max_skipped:
             raise RunDiverged(f"{phase} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite "
                               "loss or gradient were skipped; stopping")
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    out = []
+    for k in keys:
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            show = lambda v: "not set" if v is None else ("{...}" if isinstance(v, dict) else repr(v))  # noqa: E731
+            out.append(f"{prefix}{k} ({show(a)} in the run, {show(b)} now)")
+    return out
+
+
+def open_run(cfg, resume: bool = False, overwrite: bool = False) -> tuple[Path, Resumed | None]:
+    """Decide how a run uses its output directory, before anything is written there.
+
+    - resume: continue from the newest valid checkpoint (none: start from the beginning); the config must
+      equal the one the run was started with (config.yaml in the directory).
+    - a directory holding an unfinished run (checkpoints) without resume: refused unless overwrite, which
+      deletes its checkpoints and metrics first. A finished run (no checkpoints left) is simply replaced.
+    """
+    import shutil  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from posttrain.checkpoint import checkpoint_root  # noqa: PLC0415
+
+    out = Path(cfg.output_dir)
+    has_checkpoints = checkpoint_root(out).is_dir() and any(checkpoint_root(out).iterdir())
+    if resume:
+        saved_path = out / "config.yaml"
+        if saved_path.is_file():
+            saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+            diff = _config_differences(saved, cfg.model_dump(mode="json"))
+            if diff:
+                raise PosttrainError(f"--resume: the config differs from the run's {saved_path}: {'; '.join(diff[:3])}"
+                                     f"{' ...' if len(diff) > 3 else ''}")
+        resumed = find_resume_point(out)
+        if resumed is None:
+            print(f"posttrain: no checkpoint in {out}; starting from the beginning", file=sys.stderr)
+        else:
+            print(f"posttrain: resuming from {resumed.path} ({resumed.phase} step {resumed.step})", file=sys.stderr)
+        return out, resumed
+    if has_checkpoints:
+        if not overwrite:
+            path, _ = latest_checkpoint(out)
+            where = f" (checkpoint {path.name})" if path else ""
+            raise PosttrainError(f"{out} holds an unfinished run{where}; pass --resume to continue it or --overwrite "
+                                 "to start again")
+        shutil.rmtree(checkpoint_root(out))
+    return out, None
+
+
+def finish_run(out: Path) -> None:
+    """The run completed: its checkpoints are no longer needed (final/ holds the result)."""
+    import shutil  # noqa: PLC0415
+
+    from posttrain.checkpoint import checkpoint_root  # noqa: PLC0415
+
+    shutil.rmtree(checkpoint_root(out), ignore_errors=True)

@@ -10,34 +10,51 @@ from pathlib import Path
 from posttrain.config import RunConfig
 from posttrain.logging import MetricsLogger, read_metrics
 from posttrain.models import load_policy, save_pretrained
+from posttrain.checkpoint import load_weights_into, weights_sha256
 from posttrain.recipes.common import prepare_output_dir, seed_everything, write_json
+from posttrain.recipes.control import RunControl, finish_run, open_run
 from posttrain.recipes.rl import setup_rl, train_rl
 from posttrain.recipes.runners import progress_bar
 from posttrain.recipes.sft import setup_sft, train_sft
 from posttrain.report import plot_report, summarize_table
-from posttrain.tasks import build_task
+from posttrain.tasks import build_task, fit_task
 
 
-def run_demo(cfg: RunConfig) -> dict:
-    """SFT then GRPO on the built-in task; returns the summary (also written to summary.json)."""
+def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """SFT then GRPO on the built-in task; returns the summary (also written to summary.json).
+
+    resume: continue from the run directory's newest valid checkpoint (in SFT or in RL); see `open_run`.
+    """
     start = time.perf_counter()
-    out = prepare_output_dir(cfg)
+    out, resumed = open_run(cfg, resume, overwrite)
+    prepare_output_dir(cfg)
     seed_everything(cfg.seed, cfg.threads)
     task = build_task(cfg.task, cfg.seed)
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed)
+    fit_task(task, cfg, model, tokenizer, cfg.rl.prompts_per_step)  # the tokenizer covers it; it fits the context
     n_params = sum(p.numel() for p in model.parameters())
     print(f"posttrain demo: {n_params / 1e6:.2f}M-parameter model, task {task.name} "
           f"({len(task.train_problems)} train / {len(task.eval_problems)} held-out problems), output {out}")
-    with MetricsLogger(out / "metrics.jsonl") as logger:
-        sft_state = setup_sft(cfg, model, tokenizer, task)
-        with progress_bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:
-            sft_accuracy = train_sft(cfg, sft_state, logger, bar)
-        save_pretrained(model, tokenizer, out / "sft")
-        sft_seconds = time.perf_counter() - start
+    ck = cfg.checkpoint
+    offset = resumed.state["metrics_offset"] if resumed else None
+    with MetricsLogger(out / "metrics.jsonl", resume_at=offset) as logger, \
+            RunControl(out, ck.every, ck.keep, ck.max_skipped_steps, logger, resumed) as ctl:
+        if ctl.resume_step("rl") is None:
+            sft_state = setup_sft(cfg, model, tokenizer, task)
+            with progress_bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:
+                sft_accuracy = train_sft(cfg, sft_state, logger, bar, ctl)
+            save_pretrained(model, tokenizer, out / "sft")
+            sft_seconds = time.perf_counter() - start
+        else:  # resuming inside RL: the SFT model (the reference) is the one saved when SFT ended
+            load_weights_into(model, out / "sft")
+            sft_accuracy, sft_seconds = resumed.state["sft_accuracy"], resumed.state["sft_seconds"]
+        ctl.check_frozen("reference_sha256", weights_sha256(out / "sft"), f"the reference model {out / 'sft'}")
+        ctl.extra.update(sft_accuracy=sft_accuracy, sft_seconds=sft_seconds)
         rl_state = setup_rl(cfg, model, tokenizer, task)
         with progress_bar(cfg.rl.steps, "GRPO", cfg.progress) as bar:
-            rl_accuracy = train_rl(cfg, rl_state, logger, bar)
+            rl_accuracy = train_rl(cfg, rl_state, logger, bar, ctl)
         save_pretrained(model, tokenizer, out / "final")
+    finish_run(out)
     plot_report(out / "metrics.jsonl", out / "report.png", title=f"posttrain demo (seed {cfg.seed})")
     summary = {"sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
                "improvement": round(rl_accuracy - sft_accuracy, 6), "eval_problems": len(task.eval_problems),

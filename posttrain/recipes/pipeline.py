@@ -40,7 +40,7 @@ from posttrain.recipes.sft import setup_sft, train_sft
 from posttrain.report import plot_report
 from posttrain.report_rlhf import plot_rlhf
 from posttrain.rollout import generate
-from posttrain.tasks import build_task
+from posttrain.tasks import build_task, fit_task
 
 # The pipeline's defaults on top of RunConfig's (configs/rlhf_demo.yaml holds the same values).
 RLHF_DEFAULTS: dict = {
@@ -126,6 +126,7 @@ def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None) -> dict:
     seed_everything(cfg.seed, cfg.threads)
     task = build_task(cfg.task, cfg.seed)
     policy, tokenizer = load_policy(cfg.model, seed=cfg.seed)
+    fit_task(task, cfg, policy, tokenizer, cfg.rl.prompts_per_step)
     print(f"posttrain RLHF pipeline: SFT -> reward model -> PPO on {task.name}, output {out}")
     times = {}
     with MetricsLogger(out / "metrics.jsonl") as logger:

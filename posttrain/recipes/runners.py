@@ -15,18 +15,19 @@ from posttrain.logging import MetricsLogger
 from posttrain.models import load_policy, save_pretrained
 from posttrain.recipes.common import evaluate, prepare_output_dir, seed_everything, write_json
 from posttrain.report import plot_report
-from posttrain.tasks import build_task
+from posttrain.tasks import build_task, fit_task
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
-def _start(cfg: RunConfig):
-    out = prepare_output_dir(cfg)
-    seed_everything(cfg.seed, cfg.threads)
+def _start(cfg: RunConfig, min_train: int = 1):
     task = build_task(cfg.task, cfg.seed)
+    seed_everything(cfg.seed, cfg.threads)
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed)
+    fit_task(task, cfg, model, tokenizer, min_train)  # tokenizer covers the prompts; overlong ones dropped
+    out = prepare_output_dir(cfg)  # after the user errors above, so that they leave no directory behind
     return out, task, model, tokenizer
 
 
@@ -38,36 +39,62 @@ def _finish(cfg: RunConfig, out, model, tokenizer, summary: dict, start: float) 
     return summary
 
 
-def run_sft(cfg: RunConfig) -> dict:
-    """Supervised fine-tuning on the task's demonstrations."""
+def _control(cfg: RunConfig, out, logger, resumed):
+    from posttrain.recipes.control import RunControl
+
+    ck = cfg.checkpoint
+    return RunControl(out, ck.every, ck.keep, ck.max_skipped_steps, logger, resumed)
+
+
+def run_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Supervised fine-tuning on the task's demonstrations (resume: from the newest valid checkpoint)."""
+    from posttrain.recipes.control import finish_run, open_run
     from posttrain.recipes.sft import setup_sft, train_sft
 
     start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = _start(cfg)
-    with MetricsLogger(out / "metrics.jsonl") as logger:
+    offset = resumed.state["metrics_offset"] if resumed else None
+    with MetricsLogger(out / "metrics.jsonl", resume_at=offset) as logger, \
+            _control(cfg, out, logger, resumed) as ctl:
         state = setup_sft(cfg, model, tokenizer, task)
         with progress_bar(cfg.sft.steps, "SFT", cfg.progress) as bar:
-            accuracy = train_sft(cfg, state, logger, bar)
+            accuracy = train_sft(cfg, state, logger, bar, ctl)
+    finish_run(out)
     summary = _finish(cfg, out, model, tokenizer,
                       {"sft_accuracy": accuracy, "eval_problems": len(task.eval_problems)}, start)
     print(f"SFT held-out accuracy {accuracy:.3f} on {len(task.eval_problems)} problems; model in {out / 'final'}")
     return summary
 
 
-def run_rl(cfg: RunConfig) -> dict:
-    """Online RL from `model.path` (typically an SFT checkpoint) with the configured algorithm."""
+def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Online RL from `model.path` (typically an SFT checkpoint) with the configured algorithm (resume: from
+    the newest valid checkpoint; the starting model, which is also the reference, must be unchanged)."""
+    from posttrain.checkpoint import weights_sha256
+    from posttrain.recipes.control import finish_run, open_run
     from posttrain.recipes.rl import setup_rl, train_rl
 
     start = time.perf_counter()
-    out, task, model, tokenizer = _start(cfg)
+    _, resumed = open_run(cfg, resume, overwrite)
+    out, task, model, tokenizer = _start(cfg, min_train=cfg.rl.prompts_per_step)
     if cfg.model.path is None:
         print("note: model.path is not set, so RL starts from a randomly initialised tiny model")
-    with MetricsLogger(out / "metrics.jsonl") as logger:
-        initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-        logger.log({"step": 0, "phase": "rl", "accuracy": initial})
+    offset = resumed.state["metrics_offset"] if resumed else None
+    with MetricsLogger(out / "metrics.jsonl", resume_at=offset) as logger, \
+            _control(cfg, out, logger, resumed) as ctl:
+        if resumed is None:
+            initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
+                               cfg.eval.max_new_tokens)
+            logger.log({"step": 0, "phase": "rl", "accuracy": initial})
+        else:
+            initial = resumed.state["initial_accuracy"]
+        ctl.extra["initial_accuracy"] = initial
+        if cfg.model.path is not None:
+            ctl.check_frozen("reference_sha256", weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
         state = setup_rl(cfg, model, tokenizer, task)
-        with progress_bar(cfg.rl.steps, cfg.rl.advantage.upper(), cfg.progress) as bar:
-            accuracy = train_rl(cfg, state, logger, bar)
+        with progress_bar(cfg.rl.steps, (cfg.rl.preset or cfg.rl.advantage).upper(), cfg.progress) as bar:
+            accuracy = train_rl(cfg, state, logger, bar, ctl)
+    finish_run(out)
     summary = _finish(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rl_accuracy": accuracy,
                                                    "eval_problems": len(task.eval_problems)}, start)
     print(f"RL held-out accuracy {initial:.3f} -> {accuracy:.3f} on {len(task.eval_problems)} problems; "
@@ -98,4 +125,101 @@ def run_rm(cfg: RunConfig) -> dict:
     write_json(out / "summary.json", summary)
     print(f"reward model held-out accuracy {result['eval_accuracy']:.3f}, mean margin {result['eval_margin']:.3f} "
           f"on {len(eval_pairs)} pairs; model in {out / 'final'}")
+    return summary
+
+
+def run_dpo(cfg: RunConfig) -> dict:
+    """DPO (or IPO, SLiC-HF, SimPO: `dpo.loss`) from `model.path` (typically the SFT model) on `dpo.data` pairs."""
+    from posttrain.recipes.common import evaluate_per_problem
+    from posttrain.recipes.dpo import load_dpo_pairs, setup_dpo, train_dpo
+    from posttrain.recipes.pipeline import confidence_interval
+
+    start = time.perf_counter()
+    out, task, model, tokenizer = _start(cfg)
+    if cfg.model.path is None:
+        print("note: model.path is not set, so DPO starts from a randomly initialised tiny model")
+    train_pairs, eval_pairs = load_dpo_pairs(cfg, task, model, tokenizer)
+    print(f"{cfg.dpo.loss}: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
+    with MetricsLogger(out / "metrics.jsonl") as logger:
+        before = evaluate_per_problem(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
+                                      cfg.eval.max_new_tokens)
+        initial = sum(before) / len(before)
+        logger.log({"step": 0, "phase": "dpo", "accuracy": initial})
+        state = setup_dpo(cfg, model, tokenizer, task, train_pairs, eval_pairs)
+        with progress_bar(cfg.dpo.steps, cfg.dpo.loss.upper(), cfg.progress) as bar:
+            result = train_dpo(cfg, state, logger, bar)
+    mean, lo, hi = confidence_interval(before, result["gold"])
+    loss = state.loss
+    summary = _finish(cfg, out, model, tokenizer, {
+        "initial_accuracy": initial, "dpo_accuracy": result["accuracy"], "improvement": mean,
+        "improvement_ci95": [lo, hi], "eval_problems": len(before), "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs), **{k: v for k, v in result.items() if k.startswith("eval_")},
+        "loss": loss.name, "beta": loss.beta, "margin": loss.margin, "reference": loss.use_reference,
+        "length_normalize": loss.length_normalize, "sft_coef": loss.sft_coef}, start)
+    print(f"{loss.name} held-out accuracy {initial:.3f} -> {result['accuracy']:.3f} ({mean:+.3f}, 95% CI "
+          f"{lo:+.3f} .. {hi:+.3f}) on {len(before)} problems; held-out pair accuracy "
+          f"{result.get('eval_accuracy', float('nan')):.3f}; model in {out / 'final'}")
+    return summary
+
+
+def run_bon(cfg: RunConfig) -> dict:
+    """Best-of-n on the task's held-out problems with `model.path` and `bon.scorer`: table, plot, best.jsonl."""
+    import json
+
+    from posttrain.errors import ConfigError
+    from posttrain.recipes.best_of_n import best_of_n, best_rows, build_scorer, format_table
+    from posttrain.report_offline import plot_best_of_n
+
+    if cfg.model.path is None:
+        raise ConfigError("best-of-n needs a trained model: pass --model DIR (model.path)")
+    start = time.perf_counter()
+    out, task, model, tokenizer = _start(cfg)
+    c = cfg.bon
+    scorer = build_scorer(c.scorer, task)
+    problems = task.eval_problems[:c.num_prompts]
+    greedy = evaluate(model, tokenizer, task, problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    with progress_bar(len(problems), f"best-of-{c.n}", cfg.progress) as bar:
+        result = best_of_n(cfg, model, tokenizer, task, problems, scorer, bar)
+    with MetricsLogger(out / "metrics.jsonl") as logger:
+        for row in result.table:
+            logger.log({"step": row["n"], "phase": "bon", **row})
+        logger.log({"step": c.n, "phase": "bon", "greedy_accuracy": greedy, **result.seconds})
+    with open(out / "best.jsonl", "w", encoding="utf-8") as f:
+        for row in best_rows(problems, result):
+            f.write(json.dumps(row) + "\n")
+    plot_best_of_n(result.table, out / "bon.png", f"best-of-n: {cfg.model.path}, {len(problems)} held-out "
+                   f"problems, temperature {c.temperature} (seed {cfg.seed})", scorer=c.scorer, greedy=greedy)
+    summary = {"table": result.table, "greedy_accuracy": greedy, "eval_problems": len(problems), "n": c.n,
+               "scorer": c.scorer,
+               "model": cfg.model.path, "seed": cfg.seed, **{k.replace("time/", "") + "_seconds": round(v, 1)
+                                                              for k, v in result.seconds.items()},
+               "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_json(out / "summary.json", summary)
+    print(format_table(result.table))
+    print(f"best-of-n on {len(problems)} held-out problems, scorer {c.scorer} (greedy accuracy {greedy:.4f}); "
+          f"table and plot in {out}")
+    return summary
+
+
+def run_rft(cfg: RunConfig) -> dict:
+    """Rejection-sampling fine-tuning from `model.path` (typically the SFT model) for `rft.rounds` rounds."""
+    from posttrain.recipes.rft import setup_rft, train_rft
+
+    start = time.perf_counter()
+    out, task, model, tokenizer = _start(cfg)
+    if cfg.model.path is None:
+        print("note: model.path is not set, so RFT starts from a randomly initialised tiny model")
+    c = cfg.rft
+    with MetricsLogger(out / "metrics.jsonl") as logger:
+        state = setup_rft(cfg, model, tokenizer, task)
+        initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        logger.log({"step": 0, "phase": "rft", "round": 0, "accuracy": initial})
+        with progress_bar(c.rounds * c.steps, "RFT", cfg.progress) as bar:
+            result = train_rft(cfg, state, logger, bar)
+    summary = _finish(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rft_accuracy":
+                                                   result["round_accuracies"][-1], **result,
+                                                   "eval_problems": len(task.eval_problems)}, start)
+    rounds = " -> ".join(f"{a:.3f}" for a in [initial, *result["round_accuracies"]])
+    print(f"RFT held-out accuracy by round {rounds} on {len(task.eval_problems)} problems (kept "
+          f"{', '.join(map(str, result['kept']))}); model in {out / 'final'}")
     return summary

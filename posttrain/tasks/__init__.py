@@ -1,12 +1,130 @@
-"""Built-in tasks: prompts, a verifiable reward, demonstrations for SFT and a held-out evaluation split."""
+"""Built-in tasks: prompts, a verifiable reward, demonstrations for SFT and a held-out evaluation split.
 
+    task = build_task(cfg.task, seed)                  # arithmetic, gsm8k, math or mbpp, as the config says
+    fit_task(task, cfg, model, tokenizer, min_train)   # before a run: the tokenizer covers the prompts, and
+                                                       # prompts the model's context cannot hold are dropped
+
+The data tasks (gsm8k, math, mbpp) are imported only when asked for: they pull in math-verify and the sandbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from posttrain.config import RunConfig, TaskConfig
+from posttrain.errors import ConfigError, DataError, ModelLoadError
 from posttrain.tasks.arithmetic import ArithmeticTask, Problem, exact_match_reward
 
-__all__ = ["ArithmeticTask", "Problem", "exact_match_reward", "build_task"]
+__all__ = ["ArithmeticTask", "Problem", "build_task", "context_length", "exact_match_reward", "fit_task"]
+
+log = logging.getLogger(__name__)
+
+# Where each data task's rows come from, for the error that asks for them.
+_SOURCES = {
+    "gsm8k": ("train.jsonl of github.com/openai/grade-school-math", "openai/gsm8k"),
+    "math": ("MATH-500's test.jsonl from github.com/openai/prm800k", "HuggingFaceH4/MATH-500"),
+    "mbpp": ("mbpp.jsonl of github.com/google-research/google-research/tree/master/mbpp",
+             "google-research-datasets/mbpp"),
+}
 
 
-def build_task(cfg, seed: int) -> ArithmeticTask:
-    """The task named by `cfg.name` (a TaskConfig), deterministic from `seed`."""
+def build_task(cfg: TaskConfig, seed: int):
+    """The task named by `cfg.name`, deterministic from `seed`. A data task's missing file or malformed row is a
+    one-line DataError naming the file and line (or the dataset and row)."""
     if cfg.name == "arithmetic":
         return ArithmeticTask(cfg, seed)
-    raise ValueError(f"task.name: unknown task {cfg.name!r}")
+    if cfg.path is None and cfg.hf_dataset is None:
+        file, hub = _SOURCES[cfg.name]
+        raise DataError(f"task {cfg.name} has no data: set task.path to a JSON Lines file (e.g. {file}) or "
+                        f"task.hf_dataset to a Hugging Face dataset (e.g. {hub})")
+    source: dict = {}
+    if cfg.hf_dataset is not None:
+        source["hf_dataset"] = cfg.hf_dataset
+        if cfg.hf_config is not None or Path(cfg.hf_dataset).is_dir():  # a local directory has no named config
+            source["hf_config"] = cfg.hf_config
+    if cfg.name == "mbpp":
+        from posttrain.sandbox import SandboxConfig
+        from posttrain.tasks.mbpp import MBPPTask
+
+        splits = {k: v for k, v in (("train_split", cfg.hf_split), ("eval_split", cfg.hf_eval_split)) if v}
+        return MBPPTask(cfg.path, seed, sandbox=SandboxConfig(timeout_s=cfg.sandbox_timeout_s),
+                        workers=cfg.workers, **splits, **source)
+    from posttrain.tasks.gsm8k import GSM8KTask
+    from posttrain.tasks.math import MathTask
+
+    task_class = GSM8KTask if cfg.name == "gsm8k" else MathTask
+    splits = {k: v for k, v in (("hf_split", cfg.hf_split), ("hf_eval_split", cfg.hf_eval_split)) if v}
+    return task_class(cfg.path, seed, num_eval=cfg.num_eval, eval_path=cfg.eval_path, **splits, **source)
+
+
+def context_length(model) -> int | None:
+    """The model's context window in tokens, from its HF config (None if the config does not say)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
+    """Check, before a run, that the task can be fed to this model; drop the problems it cannot hold.
+
+    1. A data task needs a real tokenizer. model.path unset (the tiny model's character tokenizer) is a one-line
+       ConfigError; a tokenizer that fails on a prompt, or maps any prompt text to its unknown token, a one-line
+       ModelLoadError.
+    2. A problem whose prompt (special tokens included) plus the longest generation the run asks for
+       (max(rl.max_new_tokens, eval.max_new_tokens)) exceeds the model's context is dropped from its split, and
+       the count is logged (as verl's `filter_overlong_prompts`); none left to train or evaluate on, or fewer
+       than `min_train` training problems (rl.prompts_per_step for RL), is a one-line DataError.
+
+    Returns the number of problems dropped. The task's lists are replaced only when something is dropped.
+    """
+    name = task.name
+    needs = (f"task {name} needs a tokenizer that covers its text; set model.path to a Hugging Face model "
+             f"directory")
+    if name != "arithmetic" and cfg.model.path is None:
+        raise ConfigError(needs)
+    splits = {"training": list(task.train_problems), "held-out": list(task.eval_problems)}
+    everything = _encoded_lengths(tokenizer, splits["training"] + splits["held-out"], needs)
+    n_train = len(splits["training"])
+    lengths = {"training": everything[:n_train], "held-out": everything[n_train:]}
+    context = context_length(model)
+    reserve = max(cfg.rl.max_new_tokens, cfg.eval.max_new_tokens)
+    kept = {split: [p for p, n in zip(problems, lengths[split], strict=True)
+                    if context is None or n + reserve <= context] for split, problems in splits.items()}
+    dropped = {split: len(splits[split]) - len(kept[split]) for split in splits}
+    why = (f"whose prompt plus {reserve} new tokens (max of rl.max_new_tokens and eval.max_new_tokens) does not fit "
+           f"the model's context of {context} tokens")
+    if any(dropped.values()):
+        log.warning("task %s: dropped %s problems %s", name,
+                    " and ".join(f"{dropped[s]} of {len(splits[s])} {s}" for s in splits), why)
+    for split, floor in (("training", min_train), ("held-out", 1)):
+        if len(kept[split]) < floor:
+            need = " for rl.prompts_per_step" if split == "training" and floor == cfg.rl.prompts_per_step > 1 else ""
+            after = (f" after dropping {dropped[split]} {why}; use a model with a longer context or fewer new tokens"
+                     if dropped[split] else "")
+            raise DataError(f"task {name}: {len(kept[split])} {split} problems left (need {floor}{need}){after}")
+    if any(dropped.values()):
+        task.train_problems, task.eval_problems = kept["training"], kept["held-out"]
+    return sum(dropped.values())
+
+
+def _encoded_lengths(tokenizer, problems, needs: str) -> list[int]:
+    """Token count of each problem's prompt as the recipes encode it (special tokens added);
+    ModelLoadError `needs` if the tokenizer fails on a prompt or maps any of its text to the unknown token."""
+    prompts = [p.prompt for p in problems]
+    try:
+        encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+        unk = tokenizer.unk_token_id
+        baseline = tokenizer("", add_special_tokens=True)["input_ids"].count(unk) if unk is not None else 0
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the same thing to the user
+        raise ModelLoadError(f"{needs} (the tokenizer failed on a prompt: {type(exc).__name__}: {exc})") from None
+    if unk is not None:
+        bad = [p for p, ids in zip(problems, encoded, strict=True) if ids.count(unk) > baseline]
+        if bad:
+            where = getattr(bad[0], "id", bad[0].prompt[:40])
+            raise ModelLoadError(f"{needs} ({len(bad)} of {len(prompts)} prompts contain text its tokenizer maps "
+                                 f"to {tokenizer.unk_token!r}, the first from {where})")
+    return [len(ids) for ids in encoded]

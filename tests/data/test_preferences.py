@@ -17,10 +17,10 @@ HH_FILE = Path(__file__).resolve().parents[3] / "shared/data/hh-rlhf/harmless-ba
 ROWS = [
     {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
     {"prompt": "Capital of France?", "chosen": " Paris", "rejected": " Lyon", "source": "extra keys are ignored"},
-    {"prompt": "", "chosen": "a", "rejected": "b"},
+    {"prompt": "Pick a letter:", "chosen": "a", "rejected": "b"},
 ]
 PAIRS = [PreferencePair("2+2=", "4", "5"), PreferencePair("Capital of France?", " Paris", " Lyon"),
-         PreferencePair("", "a", "b")]
+         PreferencePair("Pick a letter:", "a", "b")]
 
 
 def hh(*turns: str) -> str:
@@ -59,6 +59,12 @@ def test_prompt_chosen_rejected_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [ROWS[0], "", "   ", ROWS[1], ROWS[2]])  # blank lines skipped
     assert load_preference_pairs(path) == PAIRS
     assert load_preference_pairs(str(path), format="prompt_chosen_rejected") == PAIRS
+
+
+def test_an_empty_prompt_is_an_error_naming_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [ROWS[0], {"prompt": " ", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"pairs.jsonl line 2: field 'prompt' is empty"):
+        load_preference_pairs(path)
 
 
 def test_hh_jsonl_splits_at_last_shared_assistant_turn(tmp_path):

@@ -11,8 +11,8 @@ from posttrain.models import save_pretrained
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import _head, scalar_model_from_pretrained
 from posttrain.recipes.common import PhaseTimer
-from posttrain.recipes.rl import (actor_backward, critic_backward, kl_penalty_rewards, make_experience, rl_step,
-                                  setup_rl)
+from posttrain.recipes.experience import kl_penalty_rewards, make_experience
+from posttrain.recipes.rl import actor_backward, critic_backward, rl_step, setup_rl
 from posttrain.recipes.sft import sft_loss
 from tests.recipes.test_rl import EvenFirstCharTask, snapshot
 

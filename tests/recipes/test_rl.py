@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES
-from posttrain.config import ConfigError
 from posttrain.recipes.common import PhaseTimer
-from posttrain.recipes.rl import outcome_token_rewards, rl_step, setup_rl
+from posttrain.recipes.experience import outcome_token_rewards
+from posttrain.recipes.rl import rl_step, setup_rl
 from posttrain.tasks import ArithmeticTask
 
 

@@ -1,0 +1,214 @@
+"""Preference optimisation of a policy without a reward model: DPO, IPO, SLiC-HF, SimPO.
+
+    setup -> the pairs; log pi_ref(y|x) of every chosen and rejected completion, computed once with the
+             starting policy before any update (skipped when the loss is reference-free), so no second
+             model is kept in memory; the optimizer
+    for each step:
+      policy     log pi_theta of the chosen and rejected completions of a batch, in one forward pass
+      update     rewards r = sum_t log pi_theta - log pi_ref [/ |y|] (`implicit_rewards`), the registered
+                 loss (`dpo.loss`) [+ sft_coef x token-mean NLL of the chosen completions], AdamW step
+      log/eval   metrics line; held-out gold accuracy (greedy) and held-out pair metrics every eval_every steps
+
+Each sequence is the prompt (with BOS, left-padded) followed by the completion and EOS, tokenised as SFT
+tokenises demonstrations, so |y| counts the EOS. Which reward a loss compares, and its default beta,
+margin and SFT coefficient, come from `PREFERENCE_SPECS`; the config can override each. Departures:
+the reference is the policy at the start of this run (usually the SFT model, as in the DPO paper's
+"SFT reference"); the SFT regulariser is the token mean (SLiC-HF sums over the sequence).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import PREFERENCE_LOSSES, PREFERENCE_SPECS, aggregate
+from posttrain.algos.preference import implicit_rewards
+from posttrain.batch import right_pad
+from posttrain.config import DPOConfig, RunConfig
+from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
+from posttrain.data.sampling import shuffled_batches
+from posttrain.errors import ConfigError
+from posttrain.models.logprobs import response_logprobs
+from posttrain.recipes.common import PhaseTimer, encode_prompts, evaluate_per_problem, make_optimizer
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A loss with every setting resolved (config value, else the loss's paper default)."""
+
+    name: str
+    beta: float
+    margin: float
+    use_reference: bool
+    length_normalize: bool
+    sft_coef: float
+
+
+def resolve_loss(c: DPOConfig) -> PreferenceLoss:
+    spec = PREFERENCE_SPECS[c.loss]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return PreferenceLoss(c.loss, pick(c.beta, spec.beta), pick(c.margin, spec.margin),
+                          not pick(c.reference_free, not spec.use_reference),
+                          pick(c.length_normalize, spec.length_normalize), pick(c.sft_coef, spec.sft_coef))
+
+
+def load_dpo_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tuple[list, list]:
+    """(train, eval) pairs as configured in `cfg.dpo`."""
+    c = cfg.dpo
+    if c.data == "synthetic":
+        from posttrain.tasks.preference import ArithmeticPreferenceTask
+
+        if task.name != "arithmetic":
+            raise ConfigError(f"dpo.data 'synthetic' builds pairs from the arithmetic task, not task {task.name!r}; "
+                              f"give a pairs file (dpo.data=pairs.jsonl)")
+
+        return ArithmeticPreferenceTask(task).train_eval_pairs(c.num_pairs, policy, tokenizer, cfg.seed)
+    pairs = load_preference_pairs(c.data, split=c.split, format=c.format, limit=c.limit)
+    if c.eval_data is not None:
+        return pairs, load_preference_pairs(c.eval_data, format=c.format)
+    return split_pairs(pairs, c.eval_fraction, cfg.seed)
+
+
+def pair_logprobs(model, tokenizer, pairs: list[PreferencePair]) -> tuple[Tensor, Tensor]:
+    """Per-token log pi(y_t | x, y_<t) of the chosen then the rejected completions (+ EOS) of `pairs`:
+    logprobs (2B, T) (rows 0..B-1 chosen, B..2B-1 rejected, 0 off the mask) and response_mask (2B, T)."""
+    prompts = [p.prompt for p in pairs] * 2
+    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    targets = [ids + [tokenizer.eos_token_id]
+               for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+    response_ids, response_mask = right_pad(targets, tokenizer.pad_token_id)
+    logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    return logprobs, response_mask
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 256) -> Tensor:
+    """(N, 2) summed log pi(y|x) of the chosen (column 0) and rejected (column 1) completion of each pair."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        logprobs, mask = pair_logprobs(model, tokenizer, chunk)
+        sums = (logprobs * mask).sum(-1)  # (2b,)
+        out.append(torch.stack([sums[:len(chunk)], sums[len(chunk):]], dim=1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+@dataclass
+class DPOState:
+    policy: torch.nn.Module
+    tokenizer: object
+    task: object
+    loss: PreferenceLoss
+    train_pairs: list[PreferencePair]
+    eval_pairs: list[PreferencePair]
+    ref_train: Tensor | None  # (N_train, 2) log pi_ref(y_w|x), log pi_ref(y_l|x); None when reference-free
+    ref_eval: Tensor | None  # (N_eval, 2)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rng: random.Random
+
+
+def setup_dpo(cfg: RunConfig, policy, tokenizer, task, train_pairs, eval_pairs) -> DPOState:
+    """Reference log-probs of every pair (once, with the starting policy) and the optimizer."""
+    loss = resolve_loss(cfg.dpo)
+    ref_train = ref_eval = None
+    if loss.use_reference:
+        ref_train = sequence_logprobs(policy, tokenizer, train_pairs)
+        ref_eval = sequence_logprobs(policy, tokenizer, eval_pairs)
+    c = cfg.dpo
+    opt, sched = make_optimizer(policy, c.lr, c.weight_decay, c.warmup_steps, c.steps, c.lr_min_ratio)
+    return DPOState(policy, tokenizer, task, loss, train_pairs, eval_pairs, ref_train, ref_eval, opt, sched,
+                    random.Random(f"dpo-{cfg.seed}"))
+
+
+def preference_loss(loss: PreferenceLoss, model, tokenizer, pairs: list[PreferencePair],
+                    ref: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The batch's mean registered loss (+ sft_coef x NLL of the chosen) and its metrics; `ref`: (B, 2) or None."""
+    B = len(pairs)
+    logprobs, mask = pair_logprobs(model, tokenizer, pairs)  # (2B, T)
+    ref_sums = None if ref is None else torch.cat([ref[:, 0], ref[:, 1]])  # (2B,)
+    rewards = implicit_rewards(logprobs, mask, ref_sums, length_normalize=loss.length_normalize)  # (2B,)
+    per_pair, metrics = PREFERENCE_LOSSES.get(loss.name)(rewards[:B], rewards[B:], beta=loss.beta,
+                                                         margin=loss.margin)
+    total = per_pair.mean()
+    nll = aggregate(-logprobs[:B], mask[:B], "token-mean")
+    if loss.sft_coef:
+        total = total + loss.sft_coef * nll
+    with torch.no_grad():
+        sums = (logprobs * mask).sum(-1)
+        metrics = {**metrics, "logp_chosen": sums[:B].mean(), "logp_rejected": sums[B:].mean(),
+                   "sft_loss": nll.detach()}
+    return total, metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(state: DPOState, batch_size: int = 256) -> dict[str, float]:
+    """Held-out pair metrics: implicit-reward accuracy, margin, chosen and rejected rewards, loss."""
+    if not state.eval_pairs:
+        return {}
+    model = state.policy
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    n = len(state.eval_pairs)
+    for i in range(0, n, batch_size):
+        chunk = state.eval_pairs[i:i + batch_size]
+        ref = None if state.ref_eval is None else state.ref_eval[i:i + len(chunk)]
+        loss, metrics = preference_loss(state.loss, model, state.tokenizer, chunk, ref)
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
+    model.train(was_training)
+    return {f"eval_{k}": v / n for k, v in totals.items() if k in ("loss", "accuracy", "margin", "chosen_reward",
+                                                                   "rejected_reward")}
+
+
+def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None) -> dict:
+    """Run `cfg.dpo.steps` steps; return the final held-out gold accuracy (`accuracy`, and per problem
+    `gold`) and held-out pair metrics."""
+    c, model, timer = cfg.dpo, state.policy, PhaseTimer()
+    model.train()
+    batches = shuffled_batches(range(len(state.train_pairs)), state.rng, c.batch_size)
+    result: dict = {}
+
+    def held_out() -> dict:
+        with timer("eval"):
+            gold = evaluate_per_problem(model, state.tokenizer, state.task, state.task.eval_problems,
+                                        cfg.eval.batch_size, cfg.eval.max_new_tokens)
+            return {"accuracy": sum(gold) / len(gold), **evaluate_pairs(state), "gold": gold}
+
+    for step in range(1, c.steps + 1):
+        idx = next(batches)
+        pairs = [state.train_pairs[i] for i in idx]
+        ref = None if state.ref_train is None else state.ref_train[idx]
+        with timer("policy"):
+            loss, metrics = preference_loss(state.loss, model, state.tokenizer, pairs, ref)
+        with timer("update"):
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            state.optimizer.step()
+            state.scheduler.step()
+        evaluate_now = (c.eval_every and step % c.eval_every == 0) or step == c.steps
+        if evaluate_now:
+            result = held_out()
+        if evaluate_now or step % c.log_every == 0:
+            logger.log({"step": step, "phase": "dpo", "loss": loss.item(), "accuracy_train": metrics["accuracy"],
+                        **{k: v for k, v in metrics.items() if k != "accuracy"}, "grad_norm": grad_norm.item(),
+                        "lr": state.scheduler.get_last_lr()[0],
+                        **({k: v for k, v in result.items() if k != "gold"} if evaluate_now else {}),
+                        **timer.pop()})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{result.get('accuracy', float('nan')):.3f}",
+                                 refresh=False)
+    if c.steps == 0:
+        result = held_out()
+        logger.log({"step": 0, "phase": "dpo", **{k: v for k, v in result.items() if k != "gold"}})
+    return result

@@ -1,0 +1,124 @@
+"""Rejection-sampling fine-tuning (RFT): sample, keep the best, imitate it, repeat.
+
+    for each round:
+      generate   `samples` completions for each of `prompts_per_round` training problems (seeded)
+      score      every completion with the scorer (the task's verifiable reward, or a reward model)
+      filter     per problem, the best-scored completion that ended with EOS, kept when its score is at
+                 least `min_score` (None: always)
+      update     `steps` SFT steps (the completion-only next-token loss of recipes/sft.py) on the kept
+                 (prompt, completion) pairs, with a fresh AdamW and schedule
+      eval       held-out greedy accuracy
+
+This is best-of-n distilled into the weights: expert iteration / RAFT (Dong et al. 2023, "RAFT: Reward
+rAnked FineTuning"), the rejection-sampling stage of Llama 2 (Touvron et al. 2023, sec. 3.2.3), and with
+a 0/1 verifier ReST-EM (Singh et al. 2023). Departures: each round continues from the current policy
+(ReST-EM restarts from the base model each iteration), and one completion per problem is kept.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.config import RunConfig
+from posttrain.data.sampling import shuffled_batches
+from posttrain.errors import ConfigError
+from posttrain.recipes.best_of_n import Scorer, build_scorer, sample_completions, score_samples
+from posttrain.recipes.common import PhaseTimer, evaluate, make_optimizer
+from posttrain.recipes.sft import sft_loss
+
+
+@dataclass
+class RFTState:
+    policy: torch.nn.Module
+    tokenizer: object
+    task: object
+    scorer: Scorer
+    rng: random.Random  # problem order
+    sampler: torch.Generator  # token sampling
+
+
+def setup_rft(cfg: RunConfig, policy, tokenizer, task) -> RFTState:
+    c = cfg.rft
+    if c.prompts_per_round > len(task.train_problems):
+        raise ConfigError(f"rft.prompts_per_round ({c.prompts_per_round}) exceeds the {len(task.train_problems)} "
+                          f"training problems of the task")
+    return RFTState(policy, tokenizer, task, build_scorer(c.scorer, task), random.Random(f"rft-{cfg.seed}"),
+                    torch.Generator().manual_seed(cfg.seed))
+
+
+def select_best(problems: list, completions: list[list[str]], finished: list[list[bool]],
+                scores: list[list[float]], min_score: float | None) -> list[tuple[str, str]]:
+    """(prompt, completion) for each problem whose best finished completion (first argmax) passes `min_score`."""
+    kept = []
+    for p, comps, done, s in zip(problems, completions, finished, scores, strict=True):
+        eligible = [j for j in range(len(comps)) if done[j]]
+        if not eligible:
+            continue
+        j = max(eligible, key=lambda i: (s[i], -i))
+        if min_score is None or s[j] >= min_score:
+            kept.append((p.prompt, comps[j]))
+    return kept
+
+
+def fine_tune(cfg: RunConfig, state: RFTState, data: list[tuple[str, str]], logger, round_: int, first_step: int,
+              timer: PhaseTimer, progress=None) -> int:
+    """`cfg.rft.steps` SFT steps on `data` with a fresh optimizer; returns the next global step."""
+    c, model = cfg.rft, state.policy
+    model.train()
+    opt, sched = make_optimizer(model, c.lr, c.weight_decay, c.warmup_steps, c.steps, c.lr_min_ratio)
+    batches = shuffled_batches(data, state.rng, c.batch_size)
+    step = first_step
+    for i in range(1, c.steps + 1):
+        with timer("update"):
+            prompts, completions = zip(*next(batches))
+            loss, _ = sft_loss(model, state.tokenizer, list(prompts), list(completions))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            opt.step()
+            sched.step()
+        step += 1
+        if i % c.log_every == 0 or i == c.steps:
+            logger.log({"step": step, "phase": "rft", "round": round_, "loss": loss.item(),
+                        "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0], **timer.pop()})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(round=round_, loss=f"{loss.item():.3f}", refresh=False)
+    return step
+
+
+def train_rft(cfg: RunConfig, state: RFTState, logger, progress=None) -> dict:
+    """Run `cfg.rft.rounds` rounds; return the held-out accuracy and the kept count of each round."""
+    c, task, timer = cfg.rft, state.task, PhaseTimer()
+    step, accuracies, kept_counts = 0, [], []
+    for round_ in range(1, c.rounds + 1):
+        problems = task.sample_prompts(state.rng, c.prompts_per_round)
+        with timer("generate"):
+            completions, finished = sample_completions(
+                state.policy, state.tokenizer, [p.prompt for p in problems], c.samples,
+                batch_size=c.generate_batch_size, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                top_k=c.top_k, top_p=c.top_p, generator=state.sampler)
+        with timer("score"):
+            scores, gold = score_samples(state.scorer, task, problems, completions, finished)
+        with timer("filter"):
+            data = select_best(problems, completions, finished, scores, c.min_score)
+        sampled = {"kept": len(data), "kept_frac": len(data) / len(problems),
+                   "sample_accuracy": sum(map(sum, gold)) / (len(problems) * c.samples),
+                   "pass_at_n": sum(any(g >= 1.0 for g in row) for row in gold) / len(problems),
+                   "score_mean": sum(map(sum, scores)) / (len(problems) * c.samples), **timer.pop()}
+        if data:
+            step = fine_tune(cfg, state, data, logger, round_, step, timer, progress)
+        elif progress is not None:
+            progress.update(c.steps)
+        with timer("eval"):
+            accuracy = evaluate(state.policy, state.tokenizer, task, task.eval_problems, cfg.eval.batch_size,
+                                cfg.eval.max_new_tokens)
+        logger.log({"step": step, "phase": "rft", "round": round_, "accuracy": accuracy, **sampled, **timer.pop()})
+        accuracies.append(accuracy)
+        kept_counts.append(len(data))
+        if progress is not None:
+            progress.set_postfix(round=round_, kept=len(data), acc=f"{accuracy:.3f}", refresh=False)
+    return {"round_accuracies": accuracies, "kept": kept_counts}

@@ -1,0 +1,176 @@
+"""Selecting a task from the config: build_task for every name, from the shared data files and from small JSONL
+files; one-line data errors; fit_task's tokenizer check and its policy for prompts longer than the context."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+
+import pytest
+from tests.tasks.conftest import GSM8K, GSM8K_ROWS, MATH500, MATH_ROWS, MBPP, MBPP_ROWS, require, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.config import build_config
+from posttrain.errors import ConfigError, DataError, ModelLoadError
+from posttrain.models import build_char_tokenizer
+from posttrain.tasks import ArithmeticTask, build_task, context_length, fit_task
+from posttrain.tasks.gsm8k import GSM8KTask
+from posttrain.tasks.math import MathTask
+from posttrain.tasks.mbpp import MBPPTask
+
+
+def task_of(*overrides: str, seed: int = 0):
+    return build_task(build_config(overrides=list(overrides)).task, seed)
+
+
+def test_arithmetic_is_still_the_default():
+    task = task_of()
+    assert isinstance(task, ArithmeticTask) and len(task.eval_problems) == 500
+
+
+def test_gsm8k_from_the_shared_file():
+    task = task_of("task.name=gsm8k", f"task.path={require(GSM8K)}", "task.num_eval=100")
+    assert isinstance(task, GSM8KTask)
+    assert (len(task.train_problems), len(task.eval_problems)) == (7473 - 100, 100)
+
+
+def test_math_from_the_shared_file():
+    task = task_of("task.name=math", f"task.path={require(MATH500)}", "task.num_eval=20")
+    assert isinstance(task, MathTask) and (len(task.train_problems), len(task.eval_problems)) == (80, 20)
+    assert all(p.answer for p in task.eval_problems)
+
+
+def test_mbpp_from_the_shared_file_with_its_official_splits():
+    task = task_of("task.name=mbpp", f"task.path={require(MBPP)}")
+    assert isinstance(task, MBPPTask) and (len(task.train_problems), len(task.eval_problems)) == (374, 90)
+    test = task_of("task.name=mbpp", f"task.path={MBPP}", "task.hf_split=validation", "task.hf_eval_split=test")
+    assert (len(test.train_problems), len(test.eval_problems)) == (90, 500)
+
+
+def test_small_jsonl_files_for_each_task(tmp_path):
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", GSM8K_ROWS)
+    held = write_jsonl(tmp_path / "held.jsonl", GSM8K_ROWS[:3])
+    task = task_of("task.name=gsm8k", f"task.path={gsm}", "task.num_eval=2")
+    assert (len(task.train_problems), len(task.eval_problems)) == (6, 2)
+    assert task_of("task.name=gsm8k", f"task.path={gsm}", "task.num_eval=2", seed=1).eval_problems != \
+        task.eval_problems
+    task = task_of("task.name=gsm8k", f"task.path={gsm}", f"task.eval_path={held}")
+    assert (len(task.train_problems), len(task.eval_problems)) == (8, 3)
+    task = task_of("task.name=math", f"task.path={write_jsonl(tmp_path / 'math.jsonl', MATH_ROWS)}", "task.num_eval=2")
+    assert (len(task.train_problems), len(task.eval_problems)) == (4, 2)
+    problem = task.eval_problems[0]
+    assert task.reward([problem.prompt], [problem.solution], [problem]) == [1.0]
+
+
+def test_mbpp_settings_reach_the_sandbox(tmp_path):
+    path = write_jsonl(tmp_path / "mbpp.jsonl", MBPP_ROWS)
+    task = task_of("task.name=mbpp", f"task.path={path}", "task.sandbox_timeout_s=2.5", "task.workers=3",
+                   "task.hf_eval_split=prompt")
+    assert (task.sandbox.timeout_s, task.workers) == (2.5, 3)
+    assert [p.task_id for p in task.train_problems] == [601, 602, 603, 604]
+    assert [p.task_id for p in task.eval_problems] == [2, 3]
+    problems = task.train_problems
+    right = [task.demonstration(p, random.Random(0)) for p in problems]
+    assert task.reward([p.prompt for p in problems] * 2, right + ["def f(:"] * 4, problems * 2) == [1.0] * 4 + [0.0] * 4
+    # The sandbox pool lives for one batch: nothing is left running that a run would have to shut down.
+    assert not [t for t in threading.enumerate() if t.name.startswith("sandbox")]
+
+
+def test_hugging_face_dataset_from_a_local_directory(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    data = tmp_path / "gsm8k_local"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", GSM8K_ROWS)
+    write_jsonl(data / "test.jsonl", GSM8K_ROWS[:2])
+    # hf_config unset: a local directory gets no config name (gsm8k's own, 'main', is for the hub dataset).
+    task = task_of("task.name=gsm8k", f"task.hf_dataset={data}", "task.hf_eval_split=test")
+    assert (len(task.train_problems), len(task.eval_problems)) == (8, 2)
+    assert task.eval_problems[0].id == f"{data}[test] row 0"
+
+
+def test_no_data_source_asks_for_task_path():
+    with pytest.raises(DataError, match=r"task gsm8k has no data: set task\.path .* or task\.hf_dataset") as err:
+        task_of("task.name=gsm8k")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math", "mbpp"])
+def test_missing_file_is_a_data_error_naming_it(tmp_path, name):
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
+        task_of(f"task.name={name}", f"task.path={tmp_path / 'missing.jsonl'}")
+
+
+def test_malformed_row_names_the_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", GSM8K_ROWS[:3] + ['{"question": "q"}'])
+    with pytest.raises(DataError, match=r"bad\.jsonl:4: missing field 'answer'"):
+        task_of("task.name=gsm8k", f"task.path={path}", "task.num_eval=1")
+
+
+# fit_task: run before every sft/rm/rl run (posttrain/recipes/runners.py).
+
+@pytest.fixture(scope="module")
+def hf_model(hf_model_dir):
+    return AutoModelForCausalLM.from_pretrained(hf_model_dir), AutoTokenizer.from_pretrained(hf_model_dir)
+
+
+def data_config(path, *overrides: str):
+    return build_config(overrides=["task.name=gsm8k", f"task.path={path}", "task.num_eval=2", "model.path=some/dir",
+                                   "rl.prompts_per_step=2", *overrides])
+
+
+def test_fit_task_keeps_every_prompt_that_fits(tmp_path, hf_model):
+    cfg = data_config(write_jsonl(tmp_path / "gsm.jsonl", GSM8K_ROWS), "rl.max_new_tokens=256")
+    task = build_task(cfg.task, 0)
+    train, held = task.train_problems, task.eval_problems
+    assert context_length(hf_model[0]) == 1024
+    assert fit_task(task, cfg, *hf_model, min_train=2) == 0
+    assert task.train_problems is train and task.eval_problems is held
+
+
+def test_prompts_longer_than_the_context_are_dropped_and_counted(tmp_path, hf_model, caplog):
+    model, tokenizer = hf_model
+    long_row = {"question": "Tom counts apples. " * 40 + "How many?", "answer": "#### 1"}
+    cfg = data_config(write_jsonl(tmp_path / "gsm.jsonl", GSM8K_ROWS + [long_row] * 3), "task.num_eval=3",
+                      "rl.max_new_tokens=900", "eval.max_new_tokens=16")
+    task = build_task(cfg.task, 0)
+    assert max(len(ids) for ids in tokenizer([p.prompt for p in task.train_problems])["input_ids"]) + 900 > 1024
+    with caplog.at_level(logging.WARNING, logger="posttrain.tasks"):
+        dropped = fit_task(task, cfg, model, tokenizer, min_train=2)
+    assert dropped == 3 and len(task.train_problems) + len(task.eval_problems) == 8
+    assert all("counts apples" not in p.prompt for p in task.train_problems + task.eval_problems)
+    assert "task gsm8k: dropped" in caplog.text and "context of 1024 tokens" in caplog.text
+    too_few = build_task(cfg.task, 0)
+    with pytest.raises(DataError, match=r"training problems left \(need 100\)"):
+        fit_task(too_few, cfg, model, tokenizer, min_train=100)
+    nothing = build_task(data_config(tmp_path / "gsm.jsonl", "task.num_eval=3", "rl.max_new_tokens=1020").task, 0)
+    with pytest.raises(DataError, match=r"task gsm8k: 0 training problems left"):
+        fit_task(nothing, data_config(tmp_path / "gsm.jsonl", "rl.max_new_tokens=1020"), model, tokenizer)
+
+
+def test_a_data_task_without_model_path_asks_for_one(tmp_path, tiny_model, tokenizer):
+    cfg = build_config(overrides=["task.name=gsm8k", f"task.path={write_jsonl(tmp_path / 'g.jsonl', GSM8K_ROWS)}",
+                                  "task.num_eval=2"])
+    with pytest.raises(ConfigError, match=r"^task gsm8k needs a tokenizer that covers its text; set model\.path to a "
+                                          r"Hugging Face model directory$"):
+        fit_task(build_task(cfg.task, 0), cfg, tiny_model, tokenizer)
+
+
+def test_a_tokenizer_that_cannot_encode_the_prompts_is_rejected(tmp_path, tiny_model):
+    rows = GSM8K_ROWS + [{"question": "A pen costs 3 €. What do 2 pens cost?", "answer": "#### 6"}]
+    cfg = data_config(write_jsonl(tmp_path / "g.jsonl", rows), "rl.max_new_tokens=4", "eval.max_new_tokens=4")
+    task = build_task(cfg.task, 0)
+    tiny_model.config.max_position_embeddings = 1024
+    with pytest.raises(ModelLoadError, match=r"task gsm8k needs a tokenizer that covers its text; set model\.path .*"
+                                          r"1 of 9 prompts contain text its tokenizer maps to '<unk>', the first "
+                                          r"from .*g\.jsonl:9\)"):
+        fit_task(task, cfg, tiny_model, build_char_tokenizer())
+
+
+def test_arithmetic_with_the_character_tokenizer_is_unchanged(tiny_model, tokenizer):
+    cfg = build_config(overrides=["task.max_operand=20", "task.num_eval=20", "rl.prompts_per_step=4"])
+    task = build_task(cfg.task, 0)
+    before = (list(task.train_problems), list(task.eval_problems))
+    assert fit_task(task, cfg, tiny_model, tokenizer, min_train=4) == 0
+    assert (task.train_problems, task.eval_problems) == before

@@ -1,0 +1,151 @@
+"""Bad input, one case per row: the CLI prints one line naming the file, line or field, exits with code 2, and
+leaves no output directory behind. docs/errors.md lists the same cases with their messages
+(`python -m tests.test_errors` prints that table)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+
+TINY = ["threads=1", "progress=false", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.intermediate_size=64", "task.num_eval=20", "task.max_operand=20",
+        "sft.steps=2", "rl.steps=1", "rl.prompts_per_step=4", "rl.group_size=4", "rm.steps=1"]
+
+
+def files(d: Path) -> dict[str, Path]:
+    """Bad files and directories, made once per test in `d`."""
+    (d / "bad.yaml").write_text("rl:\n  lr: [1, 2\n")
+    (d / "list.yaml").write_text("- 1\n- 2\n")
+    (d / "ok.yaml").write_text("rl:\n  steps: 1\n")
+    (d / "malformed.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", \n')
+    (d / "missing_field.jsonl").write_text('{"prompt": "1+1=", "chosen": "2"}\n')
+    (d / "wrong_type.jsonl").write_text('{"prompt": "1+1=", "chosen": 2, "rejected": "3"}\n')
+    (d / "empty_prompt.jsonl").write_text('{"prompt": "", "chosen": "2", "rejected": "3"}\n')
+    (d / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "chosen": "2", "rejected": "3"}\n')
+    (d / "not_object.jsonl").write_text('["1+1=", "2", "3"]\n')
+    (d / "empty.jsonl").write_text("")
+    with gzip.open(d / "truncated.jsonl.gz", "wb") as f:
+        f.write(b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n' * 50)
+    (d / "truncated.jsonl.gz").write_bytes((d / "truncated.jsonl.gz").read_bytes()[:30])
+    (d / "ptx_bad.jsonl").write_text('{"txt": "hello"}\n')
+    (d / "no_config_model").mkdir(exist_ok=True)
+    (d / "gsm8k_bad.jsonl").write_text('{"question": "How many?"}\n')
+    return {p.name: p for p in d.iterdir()}
+
+
+# (id, argv built from the files dict `f` and the run dir `out`, text the one-line message must contain)
+CASES = [
+    ("unknown-key", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.lrr=1e-4"], "unknown config key 'rl.lrr' (did you mean 'rl.lr'?)"),
+    ("unknown-section", lambda f, out: ["demo", "rll.steps=1"], "unknown config key 'rll'"),
+    ("wrong-type", lambda f, out: ["demo", "rl.lr=fast"], "rl.lr: Input should be a valid number"),
+    ("out-of-range", lambda f, out: ["demo", "rl.clip_eps_low=1.5"], "rl.clip_eps_low: Input should be less than 1"),
+    ("negative-steps", lambda f, out: ["demo", "sft.steps=-1"], "sft.steps: Input should be greater than or equal to 0"),
+    ("batch-not-divisible", lambda f, out: ["demo", "rl.mini_batches=3"], "must be divisible by rl.mini_batches (3)"),
+    ("micro-batch", lambda f, out: ["demo", "rl.micro_batch_size=3"], "rl.micro_batch_size (3) must divide the minibatch size"),
+    ("zero-accumulation", lambda f, out: ["demo", "rl.micro_batch_size=0"], "rl.micro_batch_size: Input should be greater than or equal to 1"),
+    ("dynamic-sampling-group", lambda f, out: ["demo", "rl.dynamic_sampling=true", "rl.group_size=1"], "rl.dynamic_sampling needs rl.group_size >= 2"),
+    ("unknown-preset", lambda f, out: ["demo", "rl.preset=grpoo"], "rl.preset must be one of"),
+    ("unknown-estimator", lambda f, out: ["demo", "rl.advantage=rlo"], "did you mean 'rloo'"),
+    ("unknown-enum", lambda f, out: ["demo", "rl.kl_placement=everywhere"], "rl.kl_placement: Input should be 'loss' or 'reward'"),
+    ("incompatible-reward", lambda f, out: ["demo", "rl.reward=reward_model"], "rl.reward_model_path is required"),
+    ("operand-range", lambda f, out: ["demo", "task.min_operand=50", "task.max_operand=10"], "task.max_operand (10) must be >= task.min_operand (50)"),
+    ("heads", lambda f, out: ["demo", "model.hidden_size=30"], "model.hidden_size (30) must be divisible by model.num_heads (4)"),
+    ("bad-override", lambda f, out: ["demo", "rl.lr"], "override 'rl.lr' is not of the form key=value"),
+    ("config-missing", lambda f, out: ["rl", "nowhere.yaml"], "config file not found: nowhere.yaml"),
+    ("config-bad-yaml", lambda f, out: ["rl", str(f["bad.yaml"])], "bad.yaml line 3: not valid YAML"),
+    ("config-not-mapping", lambda f, out: ["rl", str(f["list.yaml"])], "the top level must be a mapping"),
+    ("bad-flag", lambda f, out: ["demo", "--sed", "1"], "unrecognized arguments: --sed"),
+    ("model-dir-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "model.path=nowhere"], "model.path: directory not found: nowhere"),
+    ("model-dir-not-hf", lambda f, out: ["rl", str(f["ok.yaml"]), f"model.path={f['no_config_model']}"], "has no config.json"),
+    ("rm-path-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.reward=reward_model", "rl.reward_model_path=nowhere"], "nowhere"),
+    ("pairs-missing", lambda f, out: ["rm", str(f["ok.yaml"]), "rm.data=nowhere.jsonl"], "nowhere.jsonl"),
+    ("pairs-malformed-json", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['malformed.jsonl']}"], "malformed.jsonl line 2: not valid JSON"),
+    ("pairs-missing-field", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['missing_field.jsonl']}"], "missing_field.jsonl line 1: missing field 'rejected'"),
+    ("pairs-wrong-type", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['wrong_type.jsonl']}"], "wrong_type.jsonl line 1: field 'chosen' must be a string, got int"),
+    ("pairs-empty-prompt", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['empty_prompt.jsonl']}", "rm.format=prompt_chosen_rejected"], "empty_prompt.jsonl line 1"),
+    ("pairs-invalid-utf8", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['latin1.jsonl']}"], "latin1.jsonl"),
+    ("pairs-not-object", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['not_object.jsonl']}"], "not_object.jsonl line 1: expected a JSON object"),
+    ("pairs-empty-file", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['empty.jsonl']}"], "empty.jsonl"),
+    ("pairs-truncated-gzip", lambda f, out: ["rm", str(f["ok.yaml"]), f"rm.data={f['truncated.jsonl.gz']}"], "truncated.jsonl.gz"),
+    ("ptx-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.ptx_coef=0.1", "rl.ptx_data=nowhere.jsonl"], "nowhere.jsonl"),
+    ("ptx-bad-row", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.ptx_coef=0.1", f"rl.ptx_data={f['ptx_bad.jsonl']}"], "ptx_bad.jsonl line 1: needs a string 'text'"),
+    ("task-data-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", "task.path=nowhere.jsonl"], "nowhere.jsonl"),
+    ("task-data-bad-row", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", f"task.path={f['gsm8k_bad.jsonl']}"], "gsm8k_bad.jsonl:1: missing field 'answer'"),
+    ("arithmetic-only-key", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", "task.max_operand=5"], "task.max_operand applies only to task.name arithmetic"),
+    ("prompt-too-long", lambda f, out: ["sft", str(f["ok.yaml"]), "model.max_position_embeddings=8"], "context"),
+]
+
+
+def run_case(argv_fn, tmp_path, capsys):
+    f = files(tmp_path)
+    out = tmp_path / "run"
+    argv = argv_fn(f, out)
+    argv = with_tiny(argv, out)
+    code = main(argv) if "--sed" not in argv else _argparse_exit(argv, capsys)
+    err = capsys.readouterr().err.strip()
+    return code, err, out
+
+
+def with_tiny(argv: list[str], out: Path) -> list[str]:
+    """Insert the tiny-model settings before the case's own overrides (which must win), and the run dir."""
+    if argv[0] not in ("sft", "rl", "rm", "demo"):
+        return argv
+    at = 1 if argv[0] == "demo" else 2
+    tiny = [t for t in TINY if not t.startswith("task.")] if any("task.name" in a for a in argv) else TINY
+    return [*argv[:at], *tiny, f"output_dir={out}", *argv[at:]]
+
+
+def _argparse_exit(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("case_id,argv_fn,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_no_output(case_id, argv_fn, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err, out = run_case(argv_fn, tmp_path, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert expected in lines[0], lines[0]
+    assert not out.exists(), f"{case_id} left {sorted(p.name for p in out.iterdir())}"
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+if __name__ == "__main__":  # print docs/errors.md's table
+    import tempfile
+
+    class _Cap:
+        def readouterr(self):
+            return self
+
+    print("| case | command (tiny settings omitted) | message |\n|---|---|---|")
+    for case_id, argv_fn, _ in CASES:
+        with tempfile.TemporaryDirectory() as d:
+            import contextlib
+            import io
+            import os
+
+            os.chdir(d)
+            buf = io.StringIO()
+            with contextlib.redirect_stderr(buf):
+                try:
+                    argv = argv_fn(files(Path(d)), Path(d) / "run")
+                    shown = " ".join(a.replace(d + "/", "") for a in argv)
+                    full = with_tiny(argv, Path(d) / "run")
+                    main(full)
+                except SystemExit:
+                    pass
+            msg = buf.getvalue().strip().replace(d + "/", "").replace("|", "\\|")
+            print(f"| {case_id} | `posttrain {shown}` | `{msg}` |")
+        sys.stdout.flush()

@@ -1,0 +1,102 @@
+"""How a run uses its output directory from the CLI: refuse to clobber an unfinished run, resume it exactly,
+stop cleanly on SIGINT, fall back from a damaged checkpoint, and reject a changed config on resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from posttrain.config import build_config, dump_config
+
+from tests.conftest import tiny_run_dict
+
+POSTTRAIN = str(Path(sys.executable).with_name("posttrain"))
+
+
+def write_config(tmp_path, **changes):
+    data = tiny_run_dict(tmp_path / "run")
+    data["sft"].update(steps=12, log_every=1, eval_every=6)
+    data["rl"].update(steps=4, eval_every=2)
+    data["checkpoint"] = {"every": 1, "keep": 2}
+    for key, value in changes.items():
+        section, field = key.split(".")
+        data[section][field] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def demo(config, *flags, **kw):
+    return subprocess.run([POSTTRAIN, "demo", "--config", str(config), *flags], capture_output=True, text=True, **kw)
+
+
+def checkpoints(run):
+    root = run / "checkpoints"
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+def test_sigint_saves_and_exits_130_then_resume_finishes_and_clears_checkpoints(tmp_path):
+    config = write_config(tmp_path, **{"sft.steps": 400})
+    proc = subprocess.Popen([POSTTRAIN, "demo", "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    while not checkpoints(run) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    saved = checkpoints(run)
+    assert saved and "sft" in saved[-1]
+    # without --resume the unfinished run is protected
+    refused = demo(config)
+    assert refused.returncode == 2 and "holds an unfinished run" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    done = demo(config, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    assert checkpoints(run) == [] and (run / "final" / "model.safetensors").is_file()
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    config = write_config(tmp_path, **{"checkpoint.every": 1})
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    saved = build_config(yaml.safe_load(config.read_text()), ["seed=5"])  # as the run wrote it, another seed
+    dump_config(saved, run / "config.yaml")
+    out = demo(config, "--resume")
+    assert out.returncode == 2 and "config differs" in out.stderr and "seed (5 in the run, 0 now)" in out.stderr
+
+
+def test_overwrite_starts_again(tmp_path):
+    config = write_config(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "000003-sft-000003").mkdir(parents=True)
+    out = demo(config, "--overwrite")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((run / "summary.json").read_text())["seed"] == 0
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    config = write_config(tmp_path, **{"sft.steps": 400})
+    run = tmp_path / "run"
+    proc = subprocess.Popen([POSTTRAIN, "demo", "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while len(checkpoints(run)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    older, newest = checkpoints(run)[-2:]
+    target = run / "checkpoints" / newest / "policy.safetensors"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    out = demo(config, "--resume", env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"{newest} is invalid (policy.safetensors does not match its sha256 checksum" in out.stderr
+    assert f"resuming from {run / 'checkpoints' / older}" in out.stderr
