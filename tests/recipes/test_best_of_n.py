@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from posttrain.cli import main
 from posttrain.config import dump_config
@@ -85,12 +86,11 @@ def test_best_of_n_with_the_verifier(tmp_path, make_config, tiny_model, tokenize
 def test_best_of_n_with_a_reward_model(tmp_path, make_config, tiny_model, tokenizer):
     cfg = make_config(tmp_path, "bon.n=4", "bon.max_new_tokens=4")
     rm = RewardModel(build_scalar_model(cfg.model, tokenizer, seed=0), tokenizer)
-    import torch
-
     torch.nn.init.normal_(rm.model.score.weight, generator=torch.Generator().manual_seed(0))
     rm.save(tmp_path / "rm")
     task = ArithmeticTask(cfg.task, cfg.seed)
-    result = best_of_n(cfg, tiny_model, tokenizer, task, task.eval_problems[:6], build_scorer(str(tmp_path / "rm"), task))
+    scorer = build_scorer(str(tmp_path / "rm"), task)
+    result = best_of_n(cfg, tiny_model, tokenizer, task, task.eval_problems[:6], scorer)
     scores = [r["score_mean"] for r in result.table]
     assert scores == sorted(scores) and scores[-1] == pytest.approx(sum(max(s) for s in result.scores) / 6)
 
