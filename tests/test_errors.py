@@ -108,9 +108,12 @@ def _argparse_exit(argv, capsys):
 
 
 @pytest.mark.parametrize("case_id,argv_fn,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_no_output(case_id, argv_fn, expected, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_no_output(case_id, argv_fn, expected, tmp_path, capsys, monkeypatch,
+                                                     caplog):
     monkeypatch.chdir(tmp_path)
+    caplog.set_level("WARNING")
     code, err, out = run_case(argv_fn, tmp_path, capsys)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # logged lines would reach stderr too
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err

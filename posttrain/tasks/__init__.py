@@ -97,16 +97,15 @@ def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
     dropped = {split: len(splits[split]) - len(kept[split]) for split in splits}
     why = (f"whose prompt plus {reserve} new tokens (max of rl.max_new_tokens and eval.max_new_tokens) does not fit "
            f"the model's context of {context} tokens")
-    if any(dropped.values()):
-        log.warning("task %s: dropped %s problems %s", name,
-                    " and ".join(f"{dropped[s]} of {len(splits[s])} {s}" for s in splits), why)
     for split, floor in (("training", min_train), ("held-out", 1)):
         if len(kept[split]) < floor:
             need = " for rl.prompts_per_step" if split == "training" and floor == cfg.rl.prompts_per_step > 1 else ""
             after = (f" after dropping {dropped[split]} {why}; use a model with a longer context or fewer new tokens"
                      if dropped[split] else "")
             raise DataError(f"task {name}: {len(kept[split])} {split} problems left (need {floor}{need}){after}")
-    if any(dropped.values()):
+    if any(dropped.values()):  # after the checks above, so that a fatal case prints its one error line only
+        log.warning("task %s: dropped %s problems %s", name,
+                    " and ".join(f"{dropped[s]} of {len(splits[s])} {s}" for s in splits), why)
         task.train_problems, task.eval_problems = kept["training"], kept["held-out"]
     return sum(dropped.values())
 
