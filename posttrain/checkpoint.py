@@ -157,11 +157,6 @@ def remove_temporaries(run_dir: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (a frozen model's weights are referenced by path and this hash)."""
-    return _sha256(Path(path))
-
-
 def global_rng_state() -> dict:
     """The process-wide RNG states: Python's `random`, NumPy's legacy global and torch's CPU generator."""
     import random  # noqa: PLC0415

@@ -22,8 +22,6 @@ raises `DataError` with a one-line message naming the source and the 1-based lin
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from posttrain.data.jsonl import iter_jsonl
+from posttrain.data.jsonl import one_line as _one_line
 from posttrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -194,35 +194,11 @@ def _rows(path: Path, label: str, split: str | None) -> Iterator[tuple[str, Any]
     if path.is_file() and (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
         if split is not None:
             raise DataError(f"{label}: split={split!r} given, but a single file has no splits")
-        return _jsonl_rows(path, label)
+        return iter_jsonl(path, label)
     if path.is_dir() or name.endswith(".parquet"):
         return _dataset_rows(path, label, split)
     raise DataError(f"{label}: unsupported file type; expected .jsonl, .jsonl.gz, .parquet or a dataset "
                     f"directory")
-
-
-def _jsonl_rows(path: Path, label: str) -> Iterator[tuple[str, Any]]:
-    """Lines of a (gzip-compressed) JSONL file, decoded and parsed one by one so errors name the line."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    lineno = 0
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                where = f"{label} line {lineno}"
-                try:
-                    line = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")
-                except UnicodeDecodeError as err:
-                    raise DataError(f"{where}: not UTF-8 text (byte {err.start + 1} of the line)") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line.rstrip())
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                yield where, row
-    except (OSError, EOFError) as err:  # a corrupt or truncated gzip stream (gzip.BadGzipFile is an OSError)
-        # gzip reads ahead in blocks, so the line is where reading stopped, not necessarily the bad one
-        raise DataError(f"{label} near line {lineno + 1}: cannot read: {_one_line(err)}") from None
 
 
 def _dataset_rows(path: Path, label: str, split: str | None) -> Iterator[tuple[str, Any]]:
@@ -265,8 +241,3 @@ def _pick_split(splits: list[str], split: str | None, label: str) -> str:
     if len(splits) == 1:
         return splits[0]
     raise DataError(f"{label}: several splits ({', '.join(splits)}) and none is 'train'; pass split=")
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

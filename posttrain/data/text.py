@@ -8,10 +8,10 @@ The loss covers the completion tokens (plus EOS); a prompt only conditions.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from posttrain.data.jsonl import iter_jsonl
 from posttrain.data.sampling import ShuffledBatches, as_random_state, shuffled_batches
 from posttrain.errors import DataError
 
@@ -21,26 +21,19 @@ def load_ptx_texts(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"rl.ptx_data: file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
     out: list[tuple[str, str]] = []
     if path.suffix == ".txt":
-        out = [("", line) for line in lines if line.strip()]
+        out = [("", line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif path.suffix == ".jsonl":
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+        for where, row in iter_jsonl(path):
             if not isinstance(row, dict):
-                raise DataError(f"{path} line {n}: expected a JSON object")
+                raise DataError(f"{where}: expected a JSON object")
             if isinstance(row.get("text"), str):
                 out.append(("", row["text"]))
             elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
                 out.append((row["prompt"], row["completion"]))
             else:
-                raise DataError(f"{path} line {n}: needs a string 'text', or string 'prompt' and 'completion'")
+                raise DataError(f"{where}: needs a string 'text', or string 'prompt' and 'completion'")
     else:
         raise DataError(f"rl.ptx_data: {path}: expected a .txt or .jsonl file")
     if not out:

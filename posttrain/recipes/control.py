@@ -92,7 +92,13 @@ class RunControl:
         return self.resumed if self.resumed is not None and self.resumed.phase == phase else None
 
     # checkpoints --------------------------------------------------------------------------------------
-    def save(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> Path:
+    @classmethod
+    def for_run(cls, cfg, out: Path, logger, resumed: Resumed | None) -> "RunControl":
+        """The control a recipe uses: `cfg.checkpoint`'s cadence, keep and skip limit."""
+        ck = cfg.checkpoint
+        return cls(out, ck.every, ck.keep, ck.max_skipped_steps, logger, resumed)
+
+    def save(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> Path | None:
         weights, state = snapshot()
         state = {**state, **self.extra, "metrics_offset": self.logger.offset(),
                  "skipped_in_a_row": self.skipped_in_a_row}
@@ -110,13 +116,15 @@ class RunControl:
         self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
         if self.skipped_in_a_row >= self.max_skipped:
             path = self.save(phase, step, snapshot)
+            saved = f"state saved in {path}; " if path is not None else ""
             raise RunDiverged(f"{phase} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite loss "
-                              f"or gradient were skipped; stopping (state saved in {path}; lower the learning rate "
-                              "or check the rewards and data)")
+                              f"or gradient were skipped; stopping ({saved}lower the learning rate or check the "
+                              "rewards and data)")
 
 
 class NoControl(RunControl):
-    """For loops run without a run directory (tests, library use): never saves, never resumes."""
+    """For loops run without a run directory (tests, library use): never saves, resumes or catches signals; it
+    still stops a run after `max_skipped` non-finite steps in a row."""
 
     def __init__(self, max_skipped: int = 10**9):
         super().__init__(Path("."), 0, 0, max_skipped, None)
@@ -127,14 +135,15 @@ class NoControl(RunControl):
     def __exit__(self, *exc) -> None:
         pass
 
-    def step_done(self, phase, step, snapshot) -> None:
-        pass
+    def save(self, phase, step, snapshot) -> None:
+        return None
 
-    def record_step(self, finite, phase, step, snapshot) -> None:
-        self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
-        if self.skipped_in_a_row >= self.max_skipped:
-            raise RunDiverged(f"{phase} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite "
-                              "loss or gradient were skipped; stopping")
+
+def metrics_logger(out: Path, resumed: Resumed | None):
+    """metrics.jsonl of the run: new, or cut back to the checkpoint's length when resuming."""
+    from posttrain.logging import MetricsLogger  # noqa: PLC0415
+
+    return MetricsLogger(out / "metrics.jsonl", resume_at=resumed.state["metrics_offset"] if resumed else None)
 
 
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

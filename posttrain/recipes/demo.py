@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from posttrain.config import RunConfig
-from posttrain.logging import MetricsLogger, read_metrics
+from posttrain.logging import read_metrics
 from posttrain.models import load_policy, save_pretrained
 from posttrain.checkpoint import load_weights_into, weights_sha256
 from posttrain.recipes.common import prepare_output_dir, seed_everything, write_json
-from posttrain.recipes.control import RunControl, finish_run, open_run
+from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
 from posttrain.recipes.rl import setup_rl, train_rl
 from posttrain.recipes.runners import progress_bar
 from posttrain.recipes.sft import setup_sft, train_sft
@@ -35,10 +35,7 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
     n_params = sum(p.numel() for p in model.parameters())
     print(f"posttrain demo: {n_params / 1e6:.2f}M-parameter model, task {task.name} "
           f"({len(task.train_problems)} train / {len(task.eval_problems)} held-out problems), output {out}")
-    ck = cfg.checkpoint
-    offset = resumed.state["metrics_offset"] if resumed else None
-    with MetricsLogger(out / "metrics.jsonl", resume_at=offset) as logger, \
-            RunControl(out, ck.every, ck.keep, ck.max_skipped_steps, logger, resumed) as ctl:
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         if ctl.resume_step("rl") is None:
             sft_state = setup_sft(cfg, model, tokenizer, task)
             with progress_bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:

@@ -39,24 +39,15 @@ def _finish(cfg: RunConfig, out, model, tokenizer, summary: dict, start: float) 
     return summary
 
 
-def _control(cfg: RunConfig, out, logger, resumed):
-    from posttrain.recipes.control import RunControl
-
-    ck = cfg.checkpoint
-    return RunControl(out, ck.every, ck.keep, ck.max_skipped_steps, logger, resumed)
-
-
 def run_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Supervised fine-tuning on the task's demonstrations (resume: from the newest valid checkpoint)."""
-    from posttrain.recipes.control import finish_run, open_run
+    from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.sft import setup_sft, train_sft
 
     start = time.perf_counter()
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = _start(cfg)
-    offset = resumed.state["metrics_offset"] if resumed else None
-    with MetricsLogger(out / "metrics.jsonl", resume_at=offset) as logger, \
-            _control(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         state = setup_sft(cfg, model, tokenizer, task)
         with progress_bar(cfg.sft.steps, "SFT", cfg.progress) as bar:
             accuracy = train_sft(cfg, state, logger, bar, ctl)
@@ -71,7 +62,7 @@ def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
     """Online RL from `model.path` (typically an SFT checkpoint) with the configured algorithm (resume: from
     the newest valid checkpoint; the starting model, which is also the reference, must be unchanged)."""
     from posttrain.checkpoint import weights_sha256
-    from posttrain.recipes.control import finish_run, open_run
+    from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.rl import setup_rl, train_rl
 
     start = time.perf_counter()
@@ -79,9 +70,7 @@ def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
     out, task, model, tokenizer = _start(cfg, min_train=cfg.rl.prompts_per_step)
     if cfg.model.path is None:
         print("note: model.path is not set, so RL starts from a randomly initialised tiny model")
-    offset = resumed.state["metrics_offset"] if resumed else None
-    with MetricsLogger(out / "metrics.jsonl", resume_at=offset) as logger, \
-            _control(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         if resumed is None:
             initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
                                cfg.eval.max_new_tokens)
