@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-RESUMABLE = ("sft", "rl")  # and `demo` (the GRPO pipeline)
+RESUMABLE = ("sft", "rm", "rl", "dpo", "rft")  # and `demo` (both pipelines); `bon` trains nothing
 
 
 def _resume_flags(p: argparse.ArgumentParser) -> None:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra])
                 run_dir[:] = _note_run_dir(cfg)
-                run_rlhf(cfg, None if args.no_ablation else ablation)
+                run_rlhf(cfg, None if args.no_ablation else ablation, resume=args.resume, overwrite=args.overwrite)
             else:
                 cfg = load_config(args.config, [*args.overrides, *extra])
                 run_dir[:] = _note_run_dir(cfg)

@@ -381,9 +381,9 @@ class RFTConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(50, ge=0, description="Save a checkpoint every N steps of each training phase (0: only "
-                       "when stopped by a signal or by non-finite steps). Checkpoints are deleted when the run "
-                       "completes; final/ holds the result.")
+    every: int = Field(50, ge=0, description="Save a checkpoint every N steps of each training phase, at its "
+                       "last step and at the end of each RFT round (0: only when stopped by a signal or by "
+                       "non-finite steps). Checkpoints are deleted when the run completes; final/ holds the result.")
     keep: int = Field(2, ge=1, description="Keep the newest N checkpoints (an older one is the fallback when the "
                       "newest is damaged).")
     max_skipped_steps: int = Field(5, ge=1, description="Stop the run (state saved) after this many consecutive "

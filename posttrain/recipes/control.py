@@ -60,6 +60,8 @@ class RunControl:
         self.stop_requested = False
         self.skipped_in_a_row = 0
         self.extra: dict = {}  # saved with every checkpoint (e.g. the frozen reference's hash)
+        self.final_steps: dict[str, int] = {}  # a phase's last step is always saved (its result is kept)
+        self.names: dict[str, str] = {}  # a loop's phase name -> the name its checkpoints carry (see `stage`)
         self._previous: dict = {}
 
     # signals ------------------------------------------------------------------------------------------
@@ -89,27 +91,39 @@ class RunControl:
 
     def resume_step(self, phase: str) -> Resumed | None:
         """The checkpoint to continue `phase` from, if the run resumes inside this phase."""
+        phase = self.names.get(phase, phase)
         return self.resumed if self.resumed is not None and self.resumed.phase == phase else None
+
+    def stage(self, logger, names: dict[str, str] | None = None) -> None:
+        """A multi-stage run moves on to a stage with its own metrics file (`logger`, whose length the next
+        checkpoints record); `names` renames the phases of a loop run a second time (the RLHF pipeline's
+        ablation runs the RL loop again, and checkpoints it as phase "ablation")."""
+        self.logger, self.names = logger, dict(names or {})
 
     # checkpoints --------------------------------------------------------------------------------------
     @classmethod
     def for_run(cls, cfg, out: Path, logger, resumed: Resumed | None) -> "RunControl":
         """The control a recipe uses: `cfg.checkpoint`'s cadence, keep and skip limit."""
         ck = cfg.checkpoint
-        return cls(out, ck.every, ck.keep, ck.max_skipped_steps, logger, resumed)
+        ctl = cls(out, ck.every, ck.keep, ck.max_skipped_steps, logger, resumed)
+        ctl.final_steps = {"sft": cfg.sft.steps, "rm": cfg.rm.steps, "dpo": cfg.dpo.steps, "rl": cfg.rl.steps}
+        return ctl
 
     def save(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> Path | None:
         weights, state = snapshot()
         state = {**state, **self.extra, "metrics_offset": self.logger.offset(),
                  "skipped_in_a_row": self.skipped_in_a_row}
-        return save_checkpoint(self.out, phase, step, weights, state, keep=self.keep)
+        return save_checkpoint(self.out, self.names.get(phase, phase), step, weights, state, keep=self.keep)
 
-    def step_done(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> None:
-        """After a step is logged: save on the cadence or on a pending signal (then stop the run)."""
-        if self.stop_requested or (self.every and step % self.every == 0):
+    def step_done(self, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]], force: bool = False) -> None:
+        """After a step is logged: save on the cadence, at the phase's last step, when `force`d (the end of an
+        RFT round), or on a pending signal (then stop the run)."""
+        due = force or (self.every and step % self.every == 0) or step == self.final_steps.get(phase)
+        if self.stop_requested or (self.every and due):
             path = self.save(phase, step, snapshot)
             if self.stop_requested:
-                raise RunInterrupted(f"stopped after {phase} step {step}; checkpoint {path}; continue with --resume")
+                name = self.names.get(phase, phase)
+                raise RunInterrupted(f"stopped after {name} step {step}; checkpoint {path}; continue with --resume")
 
     def record_step(self, finite: bool, phase: str, step: int, snapshot: Callable[[], tuple[dict, dict]]) -> None:
         """Count consecutive non-finite steps (skipped by the loop); after max_skipped, save and stop."""
@@ -117,7 +131,7 @@ class RunControl:
         if self.skipped_in_a_row >= self.max_skipped:
             path = self.save(phase, step, snapshot)
             saved = f"state saved in {path}; " if path is not None else ""
-            raise RunDiverged(f"{phase} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite loss "
+            raise RunDiverged(f"{self.names.get(phase, phase)} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite loss "
                               f"or gradient were skipped; stopping ({saved}lower the learning rate or check the "
                               "rewards and data)")
 

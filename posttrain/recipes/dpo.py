@@ -27,12 +27,14 @@ from torch import Tensor
 from posttrain.algos import PREFERENCE_LOSSES, PREFERENCE_SPECS, aggregate
 from posttrain.algos.preference import implicit_rewards
 from posttrain.batch import right_pad
+from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import DPOConfig, RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
-from posttrain.data.sampling import shuffled_batches
+from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.errors import ConfigError
 from posttrain.models.logprobs import response_logprobs
 from posttrain.recipes.common import PhaseTimer, encode_prompts, evaluate_per_problem, make_optimizer
+from posttrain.recipes.control import NoControl, RunControl
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class DPOState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     rng: random.Random
+    batches: ShuffledBatches  # endless shuffled passes over the training pair indices, drawn from `rng`
 
 
 def setup_dpo(cfg: RunConfig, policy, tokenizer, task, train_pairs, eval_pairs) -> DPOState:
@@ -124,8 +127,25 @@ def setup_dpo(cfg: RunConfig, policy, tokenizer, task, train_pairs, eval_pairs) 
         ref_eval = sequence_logprobs(policy, tokenizer, eval_pairs)
     c = cfg.dpo
     opt, sched = make_optimizer(policy, c.lr, c.weight_decay, c.warmup_steps, c.steps, c.lr_min_ratio)
-    return DPOState(policy, tokenizer, task, loss, train_pairs, eval_pairs, ref_train, ref_eval, opt, sched,
-                    random.Random(f"dpo-{cfg.seed}"))
+    rng = random.Random(f"dpo-{cfg.seed}")
+    return DPOState(policy, tokenizer, task, loss, train_pairs, eval_pairs, ref_train, ref_eval, opt, sched, rng,
+                    shuffled_batches(range(len(train_pairs)), rng, c.batch_size))
+
+
+def dpo_snapshot(state: DPOState, result: dict) -> tuple[dict, dict]:
+    """({"policy": weights}, optimizer/scheduler/data-position/RNG state and the last held-out result)."""
+    return {"policy": state.policy.state_dict()}, {
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "batches": state.batches.state_dict(), "global_rng": global_rng_state(), "result": dict(result)}
+
+
+def dpo_restore(state: DPOState, weights: dict, snap: dict) -> dict:
+    state.policy.load_state_dict(weights["policy"])
+    state.optimizer.load_state_dict(snap["optimizer"])
+    state.scheduler.load_state_dict(snap["scheduler"])
+    state.batches.load_state_dict(snap["batches"])
+    set_global_rng_state(snap["global_rng"])
+    return dict(snap["result"])
 
 
 def preference_loss(loss: PreferenceLoss, model, tokenizer, pairs: list[PreferencePair],
@@ -169,13 +189,19 @@ def evaluate_pairs(state: DPOState, batch_size: int = 256) -> dict[str, float]:
                                                                    "rejected_reward")}
 
 
-def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None) -> dict:
-    """Run `cfg.dpo.steps` steps; return the final held-out gold accuracy (`accuracy`, and per problem
-    `gold`) and held-out pair metrics."""
+def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunControl | None = None) -> dict:
+    """Run `cfg.dpo.steps` steps (from a checkpoint's step when `ctl` resumes); return the final held-out
+    gold accuracy (`accuracy`, and per problem `gold`) and held-out pair metrics. A step with a non-finite
+    loss or gradient is skipped (logged as skipped)."""
     c, model, timer = cfg.dpo, state.policy, PhaseTimer()
+    ctl = ctl or NoControl()
     model.train()
-    batches = shuffled_batches(range(len(state.train_pairs)), state.rng, c.batch_size)
     result: dict = {}
+    first = 1
+    if (resumed := ctl.resume_step("dpo")) is not None:
+        result, first = dpo_restore(state, resumed.weights, resumed.state), resumed.step + 1
+        if progress is not None:
+            progress.update(resumed.step)
 
     def held_out() -> dict:
         with timer("eval"):
@@ -183,8 +209,8 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None) -> dict:
                                         cfg.eval.batch_size, cfg.eval.max_new_tokens)
             return {"accuracy": sum(gold) / len(gold), **evaluate_pairs(state), "gold": gold}
 
-    for step in range(1, c.steps + 1):
-        idx = next(batches)
+    for step in range(first, c.steps + 1):
+        idx = next(state.batches)
         pairs = [state.train_pairs[i] for i in idx]
         ref = None if state.ref_train is None else state.ref_train[idx]
         with timer("policy"):
@@ -193,17 +219,22 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None) -> dict:
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            state.optimizer.step()
+            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            if finite:
+                state.optimizer.step()
             state.scheduler.step()
         evaluate_now = (c.eval_every and step % c.eval_every == 0) or step == c.steps
         if evaluate_now:
             result = held_out()
-        if evaluate_now or step % c.log_every == 0:
+        if evaluate_now or step % c.log_every == 0 or not finite:
             logger.log({"step": step, "phase": "dpo", "loss": loss.item(), "accuracy_train": metrics["accuracy"],
                         **{k: v for k, v in metrics.items() if k != "accuracy"}, "grad_norm": grad_norm.item(),
                         "lr": state.scheduler.get_last_lr()[0],
                         **({k: v for k, v in result.items() if k != "gold"} if evaluate_now else {}),
-                        **timer.pop()})
+                        **({} if finite else {"skipped": 1}), **timer.pop()})
+        snapshot = lambda: dpo_snapshot(state, result)  # noqa: E731
+        ctl.record_step(finite, "dpo", step, snapshot)
+        ctl.step_done("dpo", step, snapshot)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{result.get('accuracy', float('nan')):.3f}",

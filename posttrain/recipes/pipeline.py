@@ -25,14 +25,16 @@ from pathlib import Path
 
 import torch
 
+from posttrain.checkpoint import load_weights_into, weights_sha256
 from posttrain.config import RunConfig, build_config
-from posttrain.logging import MetricsLogger
+from posttrain.logging import read_metrics
 from posttrain.models import load_policy, save_pretrained
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import scalar_model_from_pretrained
 from posttrain.models.logprobs import response_logprobs
 from posttrain.recipes.common import (encode_prompts, greedy_completions, prepare_output_dir, seed_everything,
                                       write_json)
+from posttrain.recipes.control import Resumed, RunControl, finish_run, metrics_logger, open_run
 from posttrain.recipes.reward_model import load_pairs, setup_rm, train_rm
 from posttrain.recipes.rl import setup_rl, train_rl
 from posttrain.recipes.runners import progress_bar
@@ -102,15 +104,19 @@ def held_out(cfg: RunConfig, policy, tokenizer, task, rm: RewardModel, reference
     return {"gold": gold, "accuracy": sum(gold) / len(gold), "rm_score": rm_score, "kl": kl, "examples": examples}
 
 
-def _ppo(cfg: RunConfig, policy, tokenizer, task, out: Path, label: str) -> list[dict]:
-    """Train with PPO, logging to out/metrics.jsonl; return the RL records."""
+STAGES = ("sft", "rm", "rl", "ablation")  # checkpoint phases in run order; a resume skips the finished stages
+
+
+def _ppo(cfg: RunConfig, policy, tokenizer, task, out: Path, label: str, ctl: RunControl,
+         resumed: Resumed | None, names: dict | None = None) -> list[dict]:
+    """Train with PPO, logging to out/metrics.jsonl (cut back to the checkpoint when `resumed` is inside this
+    stage); return the RL records."""
     out.mkdir(parents=True, exist_ok=True)
-    with MetricsLogger(out / "metrics.jsonl") as logger:
+    with metrics_logger(out, resumed) as logger:
+        ctl.stage(logger, names)
         state = setup_rl(cfg, policy, tokenizer, task)
         with progress_bar(cfg.rl.steps, label, cfg.progress) as bar:
-            train_rl(cfg, state, logger, bar)
-    from posttrain.logging import read_metrics
-
+            train_rl(cfg, state, logger, bar, ctl)
     return [r for r in read_metrics(out / "metrics.jsonl") if r.get("phase") == "rl"]
 
 
@@ -119,69 +125,100 @@ def _tail_mean(records: list[dict], key: str, n: int = 10) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None) -> dict:
-    """SFT -> reward model -> PPO (-> the beta = 0, lambda_ptx = 0 ablation); returns the summary."""
+def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None, resume: bool = False, overwrite: bool = False) -> dict:
+    """SFT -> reward model -> PPO (-> the beta = 0, lambda_ptx = 0 ablation); returns the summary.
+
+    Checkpoints (phases sft, rm, rl, ablation) go to <output_dir>/checkpoints; `resume` continues from the
+    newest valid one, loading the models of the stages finished before it (sft/, the reward model, final/)
+    after checking that their content hashes are the ones the checkpoint recorded.
+    """
     start = time.perf_counter()
-    out = prepare_output_dir(cfg)
+    out, resumed = open_run(cfg, resume, overwrite)
+    prepare_output_dir(cfg)
     seed_everything(cfg.seed, cfg.threads)
     task = build_task(cfg.task, cfg.seed)
     policy, tokenizer = load_policy(cfg.model, seed=cfg.seed)
     fit_task(task, cfg, policy, tokenizer, cfg.rl.prompts_per_step)
     print(f"posttrain RLHF pipeline: SFT -> reward model -> PPO on {task.name}, output {out}")
-    times = {}
-    with MetricsLogger(out / "metrics.jsonl") as logger:
-        sft_state = setup_sft(cfg, policy, tokenizer, task)
-        with progress_bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:
-            train_sft(cfg, sft_state, logger, bar)
-        del sft_state
-        save_pretrained(policy, tokenizer, out / "sft")
-        times["sft_seconds"] = time.perf_counter() - start
-
-        train_pairs, eval_pairs = load_pairs(cfg, task, policy, tokenizer)
-        rm = RewardModel(scalar_model_from_pretrained(out / "sft", tokenizer.pad_token_id), tokenizer,
-                         cfg.rm.max_length)
-        rm_state = setup_rm(cfg, rm, train_pairs, eval_pairs)
-        with progress_bar(cfg.rm.steps, "RM  ", cfg.progress) as bar:
-            rm_result = train_rm(cfg, rm_state, logger, bar)
-        del rm_state
-        rm.save(Path(cfg.rl.reward_model_path))
+    at = STAGES.index(resumed.phase) if resumed is not None else -1  # the stage the run resumes in
+    rm_path = Path(cfg.rl.reward_model_path)
+    with RunControl.for_run(cfg, out, None, resumed) as ctl:
+        times = ctl.extra["times"] = dict(resumed.state.get("times", {})) if resumed is not None else {}
+        if at <= 1:
+            with metrics_logger(out, resumed) as logger:
+                ctl.stage(logger)
+                if at <= 0:
+                    sft_state = setup_sft(cfg, policy, tokenizer, task)
+                    with progress_bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:
+                        train_sft(cfg, sft_state, logger, bar, ctl)
+                    del sft_state
+                    save_pretrained(policy, tokenizer, out / "sft")
+                    times["sft_seconds"] = time.perf_counter() - start
+                else:
+                    load_weights_into(policy, out / "sft")
+                ctl.check_frozen("sft_sha256", weights_sha256(out / "sft"), f"the SFT model {out / 'sft'}")
+                t0 = time.perf_counter()
+                train_pairs, eval_pairs = load_pairs(cfg, task, policy, tokenizer)
+                rm = RewardModel(scalar_model_from_pretrained(out / "sft", tokenizer.pad_token_id), tokenizer,
+                                 cfg.rm.max_length)
+                rm_state = setup_rm(cfg, rm, train_pairs, eval_pairs)
+                with progress_bar(cfg.rm.steps, "RM  ", cfg.progress) as bar:
+                    rm_result = train_rm(cfg, rm_state, logger, bar, ctl)
+                del rm_state
+                rm.save(rm_path)
+                times["rm_seconds"] = time.perf_counter() - t0
+                n_pairs = [len(train_pairs), len(eval_pairs)]
+        else:  # SFT and the reward model finished before the checkpoint
+            load_weights_into(policy, out / "sft")
+            ctl.check_frozen("sft_sha256", weights_sha256(out / "sft"), f"the SFT model {out / 'sft'}")
+            rm_result, n_pairs = dict(resumed.state["rm_result"]), list(resumed.state["rm_pairs"])
+        ctl.check_frozen("rm_sha256", weights_sha256(rm_path), f"the reward model {rm_path}")
+        ctl.extra.update(rm_result=rm_result, rm_pairs=n_pairs)
+        rm = RewardModel.load(rm_path)  # as PPO reads it
         rm.model.eval().requires_grad_(False)
-        times["rm_seconds"] = time.perf_counter() - start - times["sft_seconds"]
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    sft_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        sft_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
 
-    t0 = time.perf_counter()
-    records = _ppo(cfg, policy, tokenizer, task, out / "ppo", "PPO ")
-    save_pretrained(policy, tokenizer, out / "final")
-    ppo_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
-    times["ppo_seconds"] = time.perf_counter() - t0
-    mean, lo, hi = confidence_interval(sft_eval["gold"], ppo_eval["gold"])
-    summary = {"sft_accuracy": sft_eval["accuracy"], "ppo_accuracy": ppo_eval["accuracy"],
-               "improvement": mean, "improvement_ci95": [lo, hi], "eval_problems": len(task.eval_problems),
-               "rm_eval_accuracy": rm_result["eval_accuracy"], "rm_eval_margin": rm_result["eval_margin"],
-               "rm_train_pairs": len(train_pairs), "rm_eval_pairs": len(eval_pairs),
-               "sft_rm_score": sft_eval["rm_score"], "sft_kl": sft_eval["kl"], "sft_examples": sft_eval["examples"], "ppo_rm_score": ppo_eval["rm_score"],
-               "ppo_kl": ppo_eval["kl"], "ppo_examples": ppo_eval["examples"], "ppo_kl_train": _tail_mean(records, "kl"), "ppo_kl_coef": cfg.rl.kl_coef, "ppo_ptx_coef": cfg.rl.ptx_coef,
-               "seed": cfg.seed}
-    pipeline_seconds = time.perf_counter() - start
-    if ablation_cfg is not None:
         t0 = time.perf_counter()
-        policy, _ = load_policy(ablation_cfg.model.model_copy(update={"path": str(out / "sft")}), seed=cfg.seed)
-        seed_everything(cfg.seed, cfg.threads)
-        _ppo(ablation_cfg, policy, tokenizer, task, out / "ablation", "PPO beta=0 ptx=0")
-        save_pretrained(policy, tokenizer, out / "ablation" / "final")
-        ab_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
-        times["ablation_seconds"] = time.perf_counter() - t0
-        ab_mean, ab_lo, ab_hi = confidence_interval(sft_eval["gold"], ab_eval["gold"])
-        summary["ablation"] = {"accuracy": ab_eval["accuracy"], "improvement": ab_mean,
-                               "improvement_ci95": [ab_lo, ab_hi], "rm_score": ab_eval["rm_score"],
-                               "kl": ab_eval["kl"], "examples": ab_eval["examples"]}
+        if at <= 2:
+            records = _ppo(cfg, policy, tokenizer, task, out / "ppo", "PPO ", ctl, resumed if at == 2 else None)
+            save_pretrained(policy, tokenizer, out / "final")
+            times["ppo_seconds"] = time.perf_counter() - t0
+        else:  # PPO finished before the checkpoint
+            load_weights_into(policy, out / "final")
+            records = [r for r in read_metrics(out / "ppo" / "metrics.jsonl") if r.get("phase") == "rl"]
+        ctl.check_frozen("ppo_sha256", weights_sha256(out / "final"), f"the PPO model {out / 'final'}")
+        ppo_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
+        mean, lo, hi = confidence_interval(sft_eval["gold"], ppo_eval["gold"])
+        summary = {"sft_accuracy": sft_eval["accuracy"], "ppo_accuracy": ppo_eval["accuracy"],
+                   "improvement": mean, "improvement_ci95": [lo, hi], "eval_problems": len(task.eval_problems),
+                   "rm_eval_accuracy": rm_result["eval_accuracy"], "rm_eval_margin": rm_result["eval_margin"],
+                   "rm_train_pairs": n_pairs[0], "rm_eval_pairs": n_pairs[1],
+                   "sft_rm_score": sft_eval["rm_score"], "sft_kl": sft_eval["kl"], "sft_examples": sft_eval["examples"],
+                   "ppo_rm_score": ppo_eval["rm_score"], "ppo_kl": ppo_eval["kl"], "ppo_examples": ppo_eval["examples"],
+                   "ppo_kl_train": _tail_mean(records, "kl"), "ppo_kl_coef": cfg.rl.kl_coef,
+                   "ppo_ptx_coef": cfg.rl.ptx_coef, "seed": cfg.seed}
+        pipeline_seconds = time.perf_counter() - start
+        if ablation_cfg is not None:
+            t0 = time.perf_counter()
+            policy, _ = load_policy(ablation_cfg.model.model_copy(update={"path": str(out / "sft")}), seed=cfg.seed)
+            seed_everything(cfg.seed, cfg.threads)
+            _ppo(ablation_cfg, policy, tokenizer, task, out / "ablation", "PPO beta=0 ptx=0", ctl,
+                 resumed if at == 3 else None, names={"rl": "ablation"})
+            save_pretrained(policy, tokenizer, out / "ablation" / "final")
+            ab_eval = held_out(cfg, policy, tokenizer, task, rm, reference)
+            times["ablation_seconds"] = time.perf_counter() - t0
+            ab_mean, ab_lo, ab_hi = confidence_interval(sft_eval["gold"], ab_eval["gold"])
+            summary["ablation"] = {"accuracy": ab_eval["accuracy"], "improvement": ab_mean,
+                                   "improvement_ci95": [ab_lo, ab_hi], "rm_score": ab_eval["rm_score"],
+                                   "kl": ab_eval["kl"], "examples": ab_eval["examples"]}
     plot_report(out / "metrics.jsonl", out / "report.png", title=f"RLHF pipeline: SFT and reward model (seed {cfg.seed})")
     plot_rlhf(out, summary, out / "rlhf.png")
     summary.update({k: round(v, 1) for k, v in times.items()})
     summary["pipeline_seconds"] = round(pipeline_seconds, 1)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "summary.json", summary)
+    finish_run(out)
     print(rlhf_table(summary))
     return summary
 

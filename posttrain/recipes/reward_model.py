@@ -20,12 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algos.preference import bradley_terry
+from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
-from posttrain.data.sampling import shuffled_batches
+from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import last_token_scores
 from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts, make_optimizer
+from posttrain.recipes.control import NoControl, RunControl
 from posttrain.rollout import generate
 from posttrain.tasks.arithmetic import wrong_answers
 
@@ -84,12 +86,30 @@ class RMState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     rng: random.Random
+    batches: ShuffledBatches  # endless shuffled passes over the training pairs, drawn from `rng`
 
 
 def setup_rm(cfg: RunConfig, rm: RewardModel, train_pairs, eval_pairs) -> RMState:
     opt, sched = make_optimizer(rm.model, cfg.rm.lr, cfg.rm.weight_decay, cfg.rm.warmup_steps, cfg.rm.steps,
                                 cfg.rm.lr_min_ratio)
-    return RMState(rm, train_pairs, eval_pairs, opt, sched, random.Random(f"rm-{cfg.seed}"))
+    rng = random.Random(f"rm-{cfg.seed}")
+    return RMState(rm, train_pairs, eval_pairs, opt, sched, rng, shuffled_batches(train_pairs, rng, cfg.rm.batch_size))
+
+
+def rm_snapshot(state: RMState, result: dict) -> tuple[dict, dict]:
+    """({"reward_model": weights}, optimizer/scheduler/data-position/RNG state and the last eval) to continue."""
+    return {"reward_model": state.rm.model.state_dict()}, {
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "batches": state.batches.state_dict(), "global_rng": global_rng_state(), "result": dict(result)}
+
+
+def rm_restore(state: RMState, weights: dict, snap: dict) -> dict:
+    state.rm.model.load_state_dict(weights["reward_model"])
+    state.optimizer.load_state_dict(snap["optimizer"])
+    state.scheduler.load_state_dict(snap["scheduler"])
+    state.batches.load_state_dict(snap["batches"])
+    set_global_rng_state(snap["global_rng"])
+    return dict(snap["result"])
 
 
 def pair_rewards(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,32 +151,43 @@ def calibrate(rm: RewardModel, pairs: list[PreferencePair], n: int) -> tuple[flo
     return mean, std
 
 
-def train_rm(cfg: RunConfig, state: RMState, logger, progress=None) -> dict[str, float]:
-    """Run `cfg.rm.steps` steps, calibrate; return the final held-out metrics and the normalisation."""
+def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunControl | None = None) -> dict[str, float]:
+    """Run `cfg.rm.steps` steps (from a checkpoint's step when `ctl` resumes), calibrate; return the final
+    held-out metrics and the normalisation. A step with a non-finite loss or gradient is skipped (logged)."""
     c, model, timer = cfg.rm, state.rm.model, PhaseTimer()
+    ctl = ctl or NoControl()
     model.train()
-    batches = shuffled_batches(state.train_pairs, state.rng, c.batch_size)
     result: dict[str, float] = {}
-    for step in range(1, c.steps + 1):
+    first = 1
+    if (resumed := ctl.resume_step("rm")) is not None:
+        result, first = rm_restore(state, resumed.weights, resumed.state), resumed.step + 1
+        if progress is not None:
+            progress.update(resumed.step)
+    for step in range(first, c.steps + 1):
         with timer("update"):
-            chosen, rejected = pair_rewards(state.rm, next(batches))
+            chosen, rejected = pair_rewards(state.rm, next(state.batches))
             loss, metrics = bradley_terry(chosen, rejected, margin=c.margin or None)
             loss = loss.mean()
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            state.optimizer.step()
+            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            if finite:
+                state.optimizer.step()
             state.scheduler.step()
-        record = {}
+        record = {} if finite else {"step": step, "phase": "rm", "skipped": 1, "loss": loss.item()}
         if step % c.log_every == 0 or step == c.steps:
             record = {"step": step, "phase": "rm", "loss": loss.item(), "accuracy_train": float(metrics["accuracy"]),
                       "margin": float(metrics["margin"]), "grad_norm": grad_norm.item(),
-                      "lr": state.scheduler.get_last_lr()[0], **timer.pop()}
+                      "lr": state.scheduler.get_last_lr()[0], **record, **timer.pop()}
         if (c.eval_every and step % c.eval_every == 0) or step == c.steps:
             result = evaluate_rm(state.rm, state.eval_pairs)
             record = {"step": step, "phase": "rm", **record, **result}
         if record:
             logger.log(record)
+        snapshot = lambda: rm_snapshot(state, result)  # noqa: E731
+        ctl.record_step(finite, "rm", step, snapshot)
+        ctl.step_done("rm", step, snapshot)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{result.get('eval_accuracy', float('nan')):.3f}",

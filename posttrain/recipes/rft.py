@@ -22,11 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import RunConfig
-from posttrain.data.sampling import shuffled_batches
+from posttrain.data.sampling import as_random_state, shuffled_batches
 from posttrain.errors import ConfigError
 from posttrain.recipes.best_of_n import Scorer, build_scorer, sample_completions, score_samples
 from posttrain.recipes.common import PhaseTimer, evaluate, make_optimizer
+from posttrain.recipes.control import NoControl, RunControl
 from posttrain.recipes.sft import sft_loss
 
 
@@ -63,62 +65,106 @@ def select_best(problems: list, completions: list[list[str]], finished: list[lis
     return kept
 
 
-def fine_tune(cfg: RunConfig, state: RFTState, data: list[tuple[str, str]], logger, round_: int, first_step: int,
-              timer: PhaseTimer, progress=None) -> int:
-    """`cfg.rft.steps` SFT steps on `data` with a fresh optimizer; returns the next global step."""
-    c, model = cfg.rft, state.policy
+def rft_snapshot(state: RFTState, run: dict, round_: int, round_done: bool, inside: dict | None = None
+                 ) -> tuple[dict, dict]:
+    """({"policy": weights}, state): the rounds so far (`run`), the RNGs and, inside a round (`inside`), its kept
+    data, sampling metrics, fine-tuning step, optimizer, schedule and data position."""
+    snap = {"round": round_, "round_done": round_done, "step": run["step"], "accuracies": list(run["accuracies"]),
+            "kept": list(run["kept"]), "rng": state.rng.getstate(), "sampler": state.sampler.get_state(),
+            "global_rng": global_rng_state(), **(inside or {})}
+    return {"policy": state.policy.state_dict()}, snap
+
+
+def fine_tune(cfg: RunConfig, state: RFTState, data: list[tuple[str, str]], logger, round_: int, run: dict,
+              sampled: dict, timer: PhaseTimer, progress=None, ctl: RunControl | None = None,
+              resumed: dict | None = None) -> None:
+    """`cfg.rft.steps` SFT steps on `data` with a fresh optimizer (or, `resumed`, the saved one from the saved
+    step on); advances run["step"]. A step with a non-finite loss or gradient is skipped (logged)."""
+    c, model, ctl = cfg.rft, state.policy, ctl or NoControl()
     model.train()
     opt, sched = make_optimizer(model, c.lr, c.weight_decay, c.warmup_steps, c.steps, c.lr_min_ratio)
     batches = shuffled_batches(data, state.rng, c.batch_size)
-    step = first_step
-    for i in range(1, c.steps + 1):
+    first = 1
+    if resumed is not None:
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        batches.load_state_dict(resumed["batches"])
+        first = resumed["inner"] + 1
+    for i in range(first, c.steps + 1):
         with timer("update"):
             prompts, completions = zip(*next(batches))
             loss, _ = sft_loss(model, state.tokenizer, list(prompts), list(completions))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            opt.step()
+            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            if finite:
+                opt.step()
             sched.step()
-        step += 1
-        if i % c.log_every == 0 or i == c.steps:
-            logger.log({"step": step, "phase": "rft", "round": round_, "loss": loss.item(),
-                        "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0], **timer.pop()})
+        run["step"] += 1
+        if i % c.log_every == 0 or i == c.steps or not finite:
+            logger.log({"step": run["step"], "phase": "rft", "round": round_, "loss": loss.item(),
+                        "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+                        **({} if finite else {"skipped": 1}), **timer.pop()})
+        inside = lambda i=i: {"data": data, "sampled": sampled, "inner": i, "optimizer": opt.state_dict(),  # noqa: E731
+                              "scheduler": sched.state_dict(), "batches": batches.state_dict()}
+        snapshot = lambda: rft_snapshot(state, run, round_, False, inside())  # noqa: E731
+        ctl.record_step(finite, "rft", run["step"], snapshot)
+        ctl.step_done("rft", run["step"], snapshot)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(round=round_, loss=f"{loss.item():.3f}", refresh=False)
-    return step
 
 
-def train_rft(cfg: RunConfig, state: RFTState, logger, progress=None) -> dict:
-    """Run `cfg.rft.rounds` rounds; return the held-out accuracy and the kept count of each round."""
-    c, task, timer = cfg.rft, state.task, PhaseTimer()
-    step, accuracies, kept_counts = 0, [], []
-    for round_ in range(1, c.rounds + 1):
-        problems = task.sample_prompts(state.rng, c.prompts_per_round)
-        with timer("generate"):
-            completions, finished = sample_completions(
-                state.policy, state.tokenizer, [p.prompt for p in problems], c.samples,
-                batch_size=c.generate_batch_size, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                top_k=c.top_k, top_p=c.top_p, generator=state.sampler)
-        with timer("score"):
-            scores, gold = score_samples(state.scorer, task, problems, completions, finished)
-        with timer("filter"):
-            data = select_best(problems, completions, finished, scores, c.min_score)
-        sampled = {"kept": len(data), "kept_frac": len(data) / len(problems),
-                   "sample_accuracy": sum(map(sum, gold)) / (len(problems) * c.samples),
-                   "pass_at_n": sum(any(g >= 1.0 for g in row) for row in gold) / len(problems),
-                   "score_mean": sum(map(sum, scores)) / (len(problems) * c.samples), **timer.pop()}
+def train_rft(cfg: RunConfig, state: RFTState, logger, progress=None, ctl: RunControl | None = None) -> dict:
+    """Run `cfg.rft.rounds` rounds (from a checkpoint when `ctl` resumes: after a finished round, or inside a
+    round's fine-tuning with its kept data); return the held-out accuracy and the kept count of each round.
+    A checkpoint is saved at the end of every round and on the `checkpoint.every` cadence of SFT steps."""
+    c, task, timer, ctl = cfg.rft, state.task, PhaseTimer(), ctl or NoControl()
+    run: dict = {"step": 0, "accuracies": [], "kept": []}  # rounds so far; "step" counts SFT steps
+    first_round, inside = 1, None
+    if (resumed := ctl.resume_step("rft")) is not None:
+        snap = resumed.state
+        state.policy.load_state_dict(resumed.weights["policy"])
+        state.rng.setstate(as_random_state(snap["rng"]))
+        state.sampler.set_state(snap["sampler"])
+        set_global_rng_state(snap["global_rng"])
+        run = {"step": snap["step"], "accuracies": list(snap["accuracies"]), "kept": list(snap["kept"])}
+        first_round = snap["round"] + 1 if snap["round_done"] else snap["round"]
+        inside = None if snap["round_done"] else snap
+        if progress is not None:
+            progress.update((snap["round"] - 1) * c.steps + (c.steps if snap["round_done"] else snap["inner"]))
+    for round_ in range(first_round, c.rounds + 1):
+        if inside is None:
+            problems = task.sample_prompts(state.rng, c.prompts_per_round)
+            with timer("generate"):
+                completions, finished = sample_completions(
+                    state.policy, state.tokenizer, [p.prompt for p in problems], c.samples,
+                    batch_size=c.generate_batch_size, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                    top_k=c.top_k, top_p=c.top_p, generator=state.sampler)
+            with timer("score"):
+                scores, gold = score_samples(state.scorer, task, problems, completions, finished)
+            with timer("filter"):
+                data = select_best(problems, completions, finished, scores, c.min_score)
+            sampled = {"kept": len(data), "kept_frac": len(data) / len(problems),
+                       "sample_accuracy": sum(map(sum, gold)) / (len(problems) * c.samples),
+                       "pass_at_n": sum(any(g >= 1.0 for g in row) for row in gold) / len(problems),
+                       "score_mean": sum(map(sum, scores)) / (len(problems) * c.samples), **timer.pop()}
+        else:  # resumed inside this round's fine-tuning
+            data, sampled = [tuple(pair) for pair in inside["data"]], dict(inside["sampled"])
         if data:
-            step = fine_tune(cfg, state, data, logger, round_, step, timer, progress)
+            fine_tune(cfg, state, data, logger, round_, run, sampled, timer, progress, ctl, inside)
         elif progress is not None:
             progress.update(c.steps)
+        inside = None
         with timer("eval"):
             accuracy = evaluate(state.policy, state.tokenizer, task, task.eval_problems, cfg.eval.batch_size,
                                 cfg.eval.max_new_tokens)
-        logger.log({"step": step, "phase": "rft", "round": round_, "accuracy": accuracy, **sampled, **timer.pop()})
-        accuracies.append(accuracy)
-        kept_counts.append(len(data))
+        logger.log({"step": run["step"], "phase": "rft", "round": round_, "accuracy": accuracy, **sampled,
+                    **timer.pop()})
+        run["accuracies"].append(accuracy)
+        run["kept"].append(len(data))
+        ctl.step_done("rft", run["step"], lambda: rft_snapshot(state, run, round_, True), force=True)  # noqa: B023
         if progress is not None:
             progress.set_postfix(round=round_, kept=len(data), acc=f"{accuracy:.3f}", refresh=False)
-    return {"round_accuracies": accuracies, "kept": kept_counts}
+    return {"round_accuracies": run["accuracies"], "kept": run["kept"]}

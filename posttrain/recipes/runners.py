@@ -51,9 +51,9 @@ def run_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
         state = setup_sft(cfg, model, tokenizer, task)
         with progress_bar(cfg.sft.steps, "SFT", cfg.progress) as bar:
             accuracy = train_sft(cfg, state, logger, bar, ctl)
-    finish_run(out)
     summary = _finish(cfg, out, model, tokenizer,
                       {"sft_accuracy": accuracy, "eval_problems": len(task.eval_problems)}, start)
+    finish_run(out)  # after final/ is written: a crash before this point resumes at the last step
     print(f"SFT held-out accuracy {accuracy:.3f} on {len(task.eval_problems)} problems; model in {out / 'final'}")
     return summary
 
@@ -83,60 +83,77 @@ def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
         state = setup_rl(cfg, model, tokenizer, task)
         with progress_bar(cfg.rl.steps, (cfg.rl.preset or cfg.rl.advantage).upper(), cfg.progress) as bar:
             accuracy = train_rl(cfg, state, logger, bar, ctl)
-    finish_run(out)
     summary = _finish(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rl_accuracy": accuracy,
                                                    "eval_problems": len(task.eval_problems)}, start)
+    finish_run(out)
     print(f"RL held-out accuracy {initial:.3f} -> {accuracy:.3f} on {len(task.eval_problems)} problems; "
           f"model in {out / 'final'}")
     return summary
 
 
-def run_rm(cfg: RunConfig) -> dict:
-    """Reward model (Bradley-Terry) from `model.path` (typically the SFT model) on `rm.data` pairs."""
+def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Reward model (Bradley-Terry) from `model.path` (typically the SFT model) on `rm.data` pairs (resume:
+    from the newest valid checkpoint; the starting model, which also samples synthetic pairs, must be unchanged)."""
+    from posttrain.checkpoint import weights_sha256
     from posttrain.models.reward import RewardModel
     from posttrain.models.value import build_scalar_model
+    from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.reward_model import load_pairs, setup_rm, train_rm
 
     start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
     out, task, policy, tokenizer = _start(cfg)
     train_pairs, eval_pairs = load_pairs(cfg, task, policy, tokenizer)
     print(f"reward model: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
     rm = RewardModel(build_scalar_model(cfg.model, tokenizer, cfg.seed), tokenizer, cfg.rm.max_length)
     del policy
-    with MetricsLogger(out / "metrics.jsonl") as logger:
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+        if cfg.model.path is not None:
+            ctl.check_frozen("start_sha256", weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
         state = setup_rm(cfg, rm, train_pairs, eval_pairs)
         with progress_bar(cfg.rm.steps, "RM", cfg.progress) as bar:
-            result = train_rm(cfg, state, logger, bar)
+            result = train_rm(cfg, state, logger, bar, ctl)
     rm.save(out / "final")
     plot_report(out / "metrics.jsonl", out / "report.png")
     summary = {**result, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "seed": cfg.seed,
                "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
+    finish_run(out)
     print(f"reward model held-out accuracy {result['eval_accuracy']:.3f}, mean margin {result['eval_margin']:.3f} "
           f"on {len(eval_pairs)} pairs; model in {out / 'final'}")
     return summary
 
 
-def run_dpo(cfg: RunConfig) -> dict:
-    """DPO (or IPO, SLiC-HF, SimPO: `dpo.loss`) from `model.path` (typically the SFT model) on `dpo.data` pairs."""
+def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """DPO (or IPO, SLiC-HF, SimPO: `dpo.loss`) from `model.path` (typically the SFT model) on `dpo.data` pairs
+    (resume: from the newest valid checkpoint; the starting model, which is also the reference, must be unchanged)."""
+    from posttrain.checkpoint import weights_sha256
     from posttrain.recipes.common import evaluate_per_problem
+    from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.dpo import load_dpo_pairs, setup_dpo, train_dpo
     from posttrain.recipes.pipeline import confidence_interval
 
     start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = _start(cfg)
     if cfg.model.path is None:
         print("note: model.path is not set, so DPO starts from a randomly initialised tiny model")
     train_pairs, eval_pairs = load_dpo_pairs(cfg, task, model, tokenizer)
     print(f"{cfg.dpo.loss}: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-    with MetricsLogger(out / "metrics.jsonl") as logger:
-        before = evaluate_per_problem(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
-                                      cfg.eval.max_new_tokens)
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+        if resumed is None:
+            before = evaluate_per_problem(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
+                                          cfg.eval.max_new_tokens)
+            logger.log({"step": 0, "phase": "dpo", "accuracy": sum(before) / len(before)})
+        else:
+            before = list(resumed.state["initial_gold"])
         initial = sum(before) / len(before)
-        logger.log({"step": 0, "phase": "dpo", "accuracy": initial})
-        state = setup_dpo(cfg, model, tokenizer, task, train_pairs, eval_pairs)
+        ctl.extra["initial_gold"] = before
+        if cfg.model.path is not None:
+            ctl.check_frozen("reference_sha256", weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
+        state = setup_dpo(cfg, model, tokenizer, task, train_pairs, eval_pairs)  # reference log-probs: before restore
         with progress_bar(cfg.dpo.steps, cfg.dpo.loss.upper(), cfg.progress) as bar:
-            result = train_dpo(cfg, state, logger, bar)
+            result = train_dpo(cfg, state, logger, bar, ctl)
     mean, lo, hi = confidence_interval(before, result["gold"])
     loss = state.loss
     summary = _finish(cfg, out, model, tokenizer, {
@@ -145,6 +162,7 @@ def run_dpo(cfg: RunConfig) -> dict:
         "eval_pairs": len(eval_pairs), **{k: v for k, v in result.items() if k.startswith("eval_")},
         "loss": loss.name, "beta": loss.beta, "margin": loss.margin, "reference": loss.use_reference,
         "length_normalize": loss.length_normalize, "sft_coef": loss.sft_coef}, start)
+    finish_run(out)
     print(f"{loss.name} held-out accuracy {initial:.3f} -> {result['accuracy']:.3f} ({mean:+.3f}, 95% CI "
           f"{lo:+.3f} .. {hi:+.3f}) on {len(before)} problems; held-out pair accuracy "
           f"{result.get('eval_accuracy', float('nan')):.3f}; model in {out / 'final'}")
@@ -190,24 +208,33 @@ def run_bon(cfg: RunConfig) -> dict:
     return summary
 
 
-def run_rft(cfg: RunConfig) -> dict:
-    """Rejection-sampling fine-tuning from `model.path` (typically the SFT model) for `rft.rounds` rounds."""
+def run_rft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Rejection-sampling fine-tuning from `model.path` (typically the SFT model) for `rft.rounds` rounds
+    (resume: from the newest valid checkpoint, saved at every round's end and on the SFT-step cadence)."""
+    from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.rft import setup_rft, train_rft
 
     start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = _start(cfg)
     if cfg.model.path is None:
         print("note: model.path is not set, so RFT starts from a randomly initialised tiny model")
     c = cfg.rft
-    with MetricsLogger(out / "metrics.jsonl") as logger:
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         state = setup_rft(cfg, model, tokenizer, task)
-        initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-        logger.log({"step": 0, "phase": "rft", "round": 0, "accuracy": initial})
+        if resumed is None:
+            initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
+                               cfg.eval.max_new_tokens)
+            logger.log({"step": 0, "phase": "rft", "round": 0, "accuracy": initial})
+        else:
+            initial = resumed.state["initial_accuracy"]
+        ctl.extra["initial_accuracy"] = initial
         with progress_bar(c.rounds * c.steps, "RFT", cfg.progress) as bar:
-            result = train_rft(cfg, state, logger, bar)
+            result = train_rft(cfg, state, logger, bar, ctl)
     summary = _finish(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rft_accuracy":
                                                    result["round_accuracies"][-1], **result,
                                                    "eval_problems": len(task.eval_problems)}, start)
+    finish_run(out)
     rounds = " -> ".join(f"{a:.3f}" for a in [initial, *result["round_accuracies"]])
     print(f"RFT held-out accuracy by round {rounds} on {len(task.eval_problems)} problems (kept "
           f"{', '.join(map(str, result['kept']))}); model in {out / 'final'}")
