@@ -36,7 +36,22 @@ def files(d: Path) -> dict[str, Path]:
     (d / "ptx_bad.jsonl").write_text('{"txt": "hello"}\n')
     (d / "no_config_model").mkdir(exist_ok=True)
     (d / "gsm8k_bad.jsonl").write_text('{"question": "How many?"}\n')
+    no_special_tokens_model(d / "no_pad_no_eos")
     return {p.name: p for p in d.iterdir()}
+
+
+def no_special_tokens_model(path: Path, keep_eos: bool = False) -> Path:
+    """A tiny Hugging Face model directory whose tokenizer has no pad token (and no EOS unless `keep_eos`)."""
+    from posttrain.config import ModelConfig
+    from posttrain.models import build_char_tokenizer, build_tiny_model, save_pretrained
+    from tests.conftest import TINY_MODEL
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(ModelConfig(**TINY_MODEL), tokenizer, seed=0)
+    tokenizer.pad_token = None
+    if not keep_eos:
+        tokenizer.eos_token = None
+    return save_pretrained(model, tokenizer, path)
 
 
 # (id, argv built from the files dict `f` and the run dir `out`, text the one-line message must contain)
@@ -78,6 +93,7 @@ CASES = [
     ("task-data-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", "task.path=nowhere.jsonl"], "nowhere.jsonl"),
     ("task-data-bad-row", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", f"task.path={f['gsm8k_bad.jsonl']}"], "gsm8k_bad.jsonl:1: missing field 'answer'"),
     ("arithmetic-only-key", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", "task.max_operand=5"], "task.max_operand applies only to task.name arithmetic"),
+    ("tokenizer-no-pad-no-eos", lambda f, out: ["sft", str(f["ok.yaml"]), f"model.path={f['no_pad_no_eos']}"], "has neither a pad nor an eos token"),
     ("prompt-too-long", lambda f, out: ["sft", str(f["ok.yaml"]), "model.max_position_embeddings=8"], "context"),
 ]
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from posttrain.config import build_config, dump_config
@@ -100,3 +101,56 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"{newest} is invalid (policy.safetensors does not match its sha256 checksum" in out.stderr
     assert f"resuming from {run / 'checkpoints' / older}" in out.stderr
+
+
+def _tiny_yaml(tmp_path, **sections):
+    data = tiny_run_dict(tmp_path / "run")
+    data["checkpoint"] = {"every": 1, "keep": 2}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("argv,sections,phase", [
+    (["rm"], {"rm": {"steps": 3000, "num_pairs": 24, "batch_size": 8, "eval_every": 0, "calibration_size": 8}}, "rm"),
+    (["dpo"], {"dpo": {"steps": 3000, "num_pairs": 24, "batch_size": 8, "eval_every": 0}}, "dpo"),
+    (["rft"], {"rft": {"rounds": 1, "steps": 3000, "prompts_per_round": 12, "samples": 4, "max_new_tokens": 4,
+                       "batch_size": 4, "min_score": None}}, "rft"),
+    (["demo", "--pipeline", "rlhf", "--config"], {"sft": {"steps": 3000}, "rm": {"num_pairs": 24}}, "sft"),
+], ids=["rm", "dpo", "rft", "rlhf-pipeline"])
+def test_every_training_command_saves_on_sigint_and_refuses_to_clobber(tmp_path, argv, sections, phase):
+    config = _tiny_yaml(tmp_path, **sections)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([POSTTRAIN, *argv, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    while not checkpoints(run) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"stopped after {phase} step" in err and "continue with --resume" in err and "Traceback" not in err
+    assert checkpoints(run) and phase in checkpoints(run)[-1]
+    refused = subprocess.run([POSTTRAIN, *argv, str(config)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "holds an unfinished run" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_rm_resumes_after_sigint_and_finishes(tmp_path):
+    config = _tiny_yaml(tmp_path, rm={"steps": 150, "num_pairs": 24, "batch_size": 8, "eval_every": 0,
+                                      "calibration_size": 8, "log_every": 1}, checkpoint={"every": 20})
+    run = tmp_path / "run"
+    proc = subprocess.Popen([POSTTRAIN, "rm", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    while not checkpoints(run) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    done = subprocess.run([POSTTRAIN, "rm", str(config), "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    assert checkpoints(run) == [] and (run / "final" / "model.safetensors").is_file()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 150  # no step logged twice, none missing at the end

@@ -99,3 +99,19 @@ def test_load_policy_directory_without_config_json_names_the_path(tmp_path):
         load_policy(ModelConfig(path=str(tmp_path)))
     assert "config.json" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_trains(tmp_path, caplog):
+    """The documented policy: no pad token -> EOS pads (one warning naming the directory); the run trains."""
+    from posttrain.cli import main
+    from tests.test_errors import TINY, no_special_tokens_model
+
+    model_dir = no_special_tokens_model(tmp_path / "no_pad", keep_eos=True)
+    config = tmp_path / "c.yaml"
+    config.write_text("sft:\n  steps: 2\n")
+    with caplog.at_level("WARNING"):
+        code = main(["sft", str(config), *TINY, f"model.path={model_dir}", f"output_dir={tmp_path / 'run'}"])
+    assert code == 0
+    assert any("has no pad token; using its eos token" in r.getMessage() and str(model_dir) in r.getMessage()
+               for r in caplog.records)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
