@@ -93,6 +93,8 @@ CASES = [
     ("task-data-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", "task.path=nowhere.jsonl"], "nowhere.jsonl"),
     ("task-data-bad-row", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", f"task.path={f['gsm8k_bad.jsonl']}"], "gsm8k_bad.jsonl:1: missing field 'answer'"),
     ("arithmetic-only-key", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", "task.max_operand=5"], "task.max_operand applies only to task.name arithmetic"),
+    ("dpo-pairs-missing-field", lambda f, out: ["dpo", str(f["ok.yaml"]), f"dpo.data={f['missing_field.jsonl']}"], "missing_field.jsonl line 1: missing field 'rejected'"),
+    ("rft-too-many-prompts", lambda f, out: ["rft", str(f["ok.yaml"]), "rft.prompts_per_round=100000"], "rft.prompts_per_round (100000) exceeds the"),
     ("tokenizer-no-pad-no-eos", lambda f, out: ["sft", str(f["ok.yaml"]), f"model.path={f['no_pad_no_eos']}"], "has neither a pad nor an eos token"),
     ("prompt-too-long", lambda f, out: ["sft", str(f["ok.yaml"]), "model.max_position_embeddings=8"], "context"),
 ]
@@ -110,7 +112,7 @@ def run_case(argv_fn, tmp_path, capsys):
 
 def with_tiny(argv: list[str], out: Path) -> list[str]:
     """Insert the tiny-model settings before the case's own overrides (which must win), and the run dir."""
-    if argv[0] not in ("sft", "rl", "rm", "demo"):
+    if argv[0] not in ("sft", "rl", "rm", "dpo", "rft", "demo"):
         return argv
     at = 1 if argv[0] == "demo" else 2
     tiny = [t for t in TINY if not t.startswith("task.")] if any("task.name" in a for a in argv) else TINY
