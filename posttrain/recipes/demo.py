@@ -14,7 +14,7 @@ from posttrain.checkpoint import load_weights_into, weights_sha256
 from posttrain.recipes.common import prepare_output_dir, seed_everything, write_json
 from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
 from posttrain.recipes.rl import setup_rl, train_rl
-from posttrain.recipes.runners import progress_bar
+from posttrain.recipes.runners import dropped_prompts, progress_bar
 from posttrain.recipes.sft import setup_sft, train_sft
 from posttrain.report import plot_report, summarize_table
 from posttrain.tasks import build_task, fit_task
@@ -55,7 +55,8 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
     plot_report(out / "metrics.jsonl", out / "report.png", title=f"posttrain demo (seed {cfg.seed})")
     summary = {"sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
                "improvement": round(rl_accuracy - sft_accuracy, 6), "eval_problems": len(task.eval_problems),
-               "seed": cfg.seed, "parameters": n_params, "sft_seconds": round(sft_seconds, 1),
+               **dropped_prompts(task), "seed": cfg.seed, "parameters": n_params,
+               "sft_seconds": round(sft_seconds, 1),
                "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
     print(summarize_table(read_metrics(out / "metrics.jsonl")))

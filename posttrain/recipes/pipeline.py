@@ -37,7 +37,7 @@ from posttrain.recipes.common import (encode_prompts, greedy_completions, prepar
 from posttrain.recipes.control import Resumed, RunControl, finish_run, metrics_logger, open_run
 from posttrain.recipes.reward_model import load_pairs, setup_rm, train_rm
 from posttrain.recipes.rl import setup_rl, train_rl
-from posttrain.recipes.runners import progress_bar
+from posttrain.recipes.runners import dropped_prompts, progress_bar
 from posttrain.recipes.sft import setup_sft, train_sft
 from posttrain.report import plot_report
 from posttrain.report_rlhf import plot_rlhf
@@ -197,7 +197,7 @@ def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None, resume: bool = Fals
                    "sft_rm_score": sft_eval["rm_score"], "sft_kl": sft_eval["kl"], "sft_examples": sft_eval["examples"],
                    "ppo_rm_score": ppo_eval["rm_score"], "ppo_kl": ppo_eval["kl"], "ppo_examples": ppo_eval["examples"],
                    "ppo_kl_train": _tail_mean(records, "kl"), "ppo_kl_coef": cfg.rl.kl_coef,
-                   "ppo_ptx_coef": cfg.rl.ptx_coef, "seed": cfg.seed}
+                   "ppo_ptx_coef": cfg.rl.ptx_coef, **dropped_prompts(task), "seed": cfg.seed}
         pipeline_seconds = time.perf_counter() - start
         if ablation_cfg is not None:
             t0 = time.perf_counter()

@@ -31,10 +31,16 @@ def _start(cfg: RunConfig, min_train: int = 1):
     return out, task, model, tokenizer
 
 
-def _finish(cfg: RunConfig, out, model, tokenizer, summary: dict, start: float) -> dict:
+def dropped_prompts(task) -> dict:
+    """{"dropped_prompts": {"training": n, "held-out": m}}: problems `fit_task` dropped as too long for the context."""
+    return {"dropped_prompts": dict(getattr(task, "dropped_prompts", {}))}
+
+
+def _finish(cfg: RunConfig, out, model, tokenizer, summary: dict, start: float, task=None) -> dict:
     save_pretrained(model, tokenizer, out / "final")
     plot_report(out / "metrics.jsonl", out / "report.png")
-    summary = {**summary, "seed": cfg.seed, "wall_seconds": round(time.perf_counter() - start, 1)}
+    summary = {**summary, **dropped_prompts(task), "seed": cfg.seed,
+               "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -52,7 +58,7 @@ def run_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
         with progress_bar(cfg.sft.steps, "SFT", cfg.progress) as bar:
             accuracy = train_sft(cfg, state, logger, bar, ctl)
     summary = _finish(cfg, out, model, tokenizer,
-                      {"sft_accuracy": accuracy, "eval_problems": len(task.eval_problems)}, start)
+                      {"sft_accuracy": accuracy, "eval_problems": len(task.eval_problems)}, start, task)
     finish_run(out)  # after final/ is written: a crash before this point resumes at the last step
     print(f"SFT held-out accuracy {accuracy:.3f} on {len(task.eval_problems)} problems; model in {out / 'final'}")
     return summary
@@ -84,7 +90,7 @@ def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
         with progress_bar(cfg.rl.steps, (cfg.rl.preset or cfg.rl.advantage).upper(), cfg.progress) as bar:
             accuracy = train_rl(cfg, state, logger, bar, ctl)
     summary = _finish(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rl_accuracy": accuracy,
-                                                   "eval_problems": len(task.eval_problems)}, start)
+                                                   "eval_problems": len(task.eval_problems)}, start, task)
     finish_run(out)
     print(f"RL held-out accuracy {initial:.3f} -> {accuracy:.3f} on {len(task.eval_problems)} problems; "
           f"model in {out / 'final'}")
@@ -115,7 +121,8 @@ def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
             result = train_rm(cfg, state, logger, bar, ctl)
     rm.save(out / "final")
     plot_report(out / "metrics.jsonl", out / "report.png")
-    summary = {**result, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "seed": cfg.seed,
+    summary = {**result, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), **dropped_prompts(task),
+               "seed": cfg.seed,
                "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
     finish_run(out)
@@ -161,7 +168,7 @@ def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
         "improvement_ci95": [lo, hi], "eval_problems": len(before), "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs), **{k: v for k, v in result.items() if k.startswith("eval_")},
         "loss": loss.name, "beta": loss.beta, "margin": loss.margin, "reference": loss.use_reference,
-        "length_normalize": loss.length_normalize, "sft_coef": loss.sft_coef}, start)
+        "length_normalize": loss.length_normalize, "sft_coef": loss.sft_coef}, start, task)
     finish_run(out)
     print(f"{loss.name} held-out accuracy {initial:.3f} -> {result['accuracy']:.3f} ({mean:+.3f}, 95% CI "
           f"{lo:+.3f} .. {hi:+.3f}) on {len(before)} problems; held-out pair accuracy "
@@ -233,7 +240,7 @@ def run_rft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
             result = train_rft(cfg, state, logger, bar, ctl)
     summary = _finish(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rft_accuracy":
                                                    result["round_accuracies"][-1], **result,
-                                                   "eval_problems": len(task.eval_problems)}, start)
+                                                   "eval_problems": len(task.eval_problems)}, start, task)
     finish_run(out)
     rounds = " -> ".join(f"{a:.3f}" for a in [initial, *result["round_accuracies"]])
     print(f"RFT held-out accuracy by round {rounds} on {len(task.eval_problems)} problems (kept "

@@ -79,7 +79,8 @@ def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
        the count is logged (as verl's `filter_overlong_prompts`); none left to train or evaluate on, or fewer
        than `min_train` training problems (rl.prompts_per_step for RL), is a one-line DataError.
 
-    Returns the number of problems dropped. The task's lists are replaced only when something is dropped.
+    Returns the number of problems dropped, and records it per split as `task.dropped_prompts` (the runs'
+    summary.json reports it). The task's lists are replaced only when something is dropped.
     """
     name = task.name
     needs = (f"task {name} needs a tokenizer that covers its text; set model.path to a Hugging Face model "
@@ -95,6 +96,7 @@ def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
     kept = {split: [p for p, n in zip(problems, lengths[split], strict=True)
                     if context is None or n + reserve <= context] for split, problems in splits.items()}
     dropped = {split: len(splits[split]) - len(kept[split]) for split in splits}
+    task.dropped_prompts = dropped
     why = (f"whose prompt plus {reserve} new tokens (max of rl.max_new_tokens and eval.max_new_tokens) does not fit "
            f"the model's context of {context} tokens")
     for split, floor in (("training", min_train), ("held-out", 1)):

@@ -164,3 +164,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_state_saved(tm
     assert resume_point.phase == recipe and resume_point.step == skipped[-1]["step"]
     key = "reward_model" if recipe == "rm" else "policy"
     assert all(torch.isfinite(t).all() for t in resume_point.weights[key].values())  # no NaN step was applied
+
+
+def test_summary_counts_prompts_dropped_for_the_context(tmp_path):
+    """Prompts too long for the context are dropped before the run; summary.json says how many per split."""
+    cfg = tiny(tmp_path, "run", "model.max_position_embeddings=10", "sft.steps=1")  # BOS "12+13=" + 4 new > 10
+    summary = runners.run_sft(cfg)
+    dropped = summary["dropped_prompts"]
+    assert dropped["training"] > 0 and json.loads((tmp_path / "run" / "summary.json").read_text())["dropped_prompts"] == dropped

@@ -139,6 +139,7 @@ def test_prompts_longer_than_the_context_are_dropped_and_counted(tmp_path, hf_mo
     with caplog.at_level(logging.WARNING, logger="posttrain.tasks"):
         dropped = fit_task(task, cfg, model, tokenizer, min_train=2)
     assert dropped == 3 and len(task.train_problems) + len(task.eval_problems) == 8
+    assert set(task.dropped_prompts) == {"training", "held-out"} and sum(task.dropped_prompts.values()) == 3
     assert all("counts apples" not in p.prompt for p in task.train_problems + task.eval_problems)
     assert "task gsm8k: dropped" in caplog.text and "context of 1024 tokens" in caplog.text
     too_few = build_task(cfg.task, 0)
