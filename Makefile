@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# posttrain against TRL on identical work (issue 8): one table of ratios, also written to benchmarks/RESULTS.md
+bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	test -d benchmarks/.trl112/trl || $(PY) -m pip install -q --disable-pip-version-check --no-deps \
+		--target benchmarks/.trl112 trl==1.12.0
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,8 +8,9 @@ batch 64, 16 and 64 new tokens. Both generate exactly `new` tokens per row (post
 has; HF: no EOS and min_new_tokens = new), so both produce the same number of tokens. Prints the median of
 `--repeats` runs of each and their ratio.
 
-First measurement (2026-11-23, this 2-core machine, quiet, --repeats 3): 16 new tokens 8,485 vs 8,065 tok/s
-(1.05x), 64 new tokens 7,161 vs 7,348 tok/s (0.97x): no faster than HF yet; issue 8 asks for 3x.
+First measurement (2026-11-23, this 2-core machine, quiet, --repeats 3), before the lean decode loop: 16 new
+tokens 8,485 vs 8,065 tok/s (1.05x), 64 new tokens 7,161 vs 7,348 tok/s (0.97x). Current numbers: `make bench`
+(benchmarks/bench.py runs this comparison as its rollout rows) and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -11,10 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posttrain.models.lean import lean_backbone, positions_from_mask
 
-def positions_from_mask(mask: Tensor) -> Tensor:
-    """(B, L) attention mask -> (B, L) position ids counting real tokens only (0 on left padding)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+def causal_lm_logits(model, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
+    """(B, L) left-padded ids and mask -> (B, keep, V) logits of the last `keep` positions, positions counted
+    over real tokens (the HF forward; `response_logprobs` takes the lean one where it can)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+                 logits_to_keep=keep, use_cache=False).logits
+
+
+def response_hidden_states(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                           response_mask: Tensor) -> Tensor | None:
+    """(B, T, C) final hidden states that predict each response token, through the lean forward
+    (posttrain.models.lean: Llama, Qwen2; shared prompts run once), or None where it does not apply."""
+    lean = lean_backbone(model)
+    if lean is None:
+        return None
+    return lean.response_hidden(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
 def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
@@ -26,12 +40,14 @@ def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_i
     Returns logprobs (B, T) (0 off the mask) and entropy (B, T) or None. Logits are divided by
     `temperature`, as in sampling.
     """
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+T)
-    attn = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
-    T = response_ids.size(1)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions_from_mask(attn),
-                logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature  # (B, T, V): the logits at s_t predict a_t
+    lean = lean_backbone(model)
+    if lean is not None and lean.head is not None:
+        logits = lean.logits(lean.response_hidden(prompt_ids, prompt_mask, response_ids, response_mask))
+    else:
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+T)
+        attn = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
+        logits = causal_lm_logits(model, input_ids, attn, keep=response_ids.size(1) + 1)[:, :-1]
+    logits = logits.float() / temperature  # (B, T, V): the logits at s_t predict a_t
     logp_all = F.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask
     entropy = None

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from transformers.utils import logging as hf_logging
 
 from posttrain.errors import ModelLoadError
-from posttrain.models.logprobs import positions_from_mask
+from posttrain.models.logprobs import positions_from_mask, response_hidden_states
 
 
 def _head(model: PreTrainedModel) -> torch.nn.Module:
@@ -97,6 +97,9 @@ def response_values(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Ten
     s_t is the prompt plus a_0..a_{t-1}, so V(s_t) is read at the position of the token before a_t
     (the last prompt token for t = 0). Zero off the response mask.
     """
+    hidden = response_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask)  # lean forward
+    if hidden is not None:
+        return _head(model)(hidden).squeeze(-1).float() * response_mask
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attn = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     T = response_ids.size(1)

@@ -14,7 +14,6 @@ from posttrain.config import RunConfig
 from posttrain.logging import MetricsLogger
 from posttrain.models import load_policy, save_pretrained
 from posttrain.recipes.common import evaluate, prepare_output_dir, seed_everything, write_json
-from posttrain.report import plot_report
 from posttrain.tasks import build_task, fit_task
 
 
@@ -38,6 +37,8 @@ def dropped_prompts(task) -> dict:
 
 def _finish(cfg: RunConfig, out, model, tokenizer, summary: dict, start: float, task=None) -> dict:
     save_pretrained(model, tokenizer, out / "final")
+    from posttrain.report import plot_report  # matplotlib: imported when a run ends, not at start
+
     plot_report(out / "metrics.jsonl", out / "report.png")
     summary = {**summary, **dropped_prompts(task), "seed": cfg.seed,
                "wall_seconds": round(time.perf_counter() - start, 1)}
@@ -120,6 +121,8 @@ def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
         with progress_bar(cfg.rm.steps, "RM", cfg.progress) as bar:
             result = train_rm(cfg, state, logger, bar, ctl)
     rm.save(out / "final")
+    from posttrain.report import plot_report  # matplotlib: imported when a run ends, not at start
+
     plot_report(out / "metrics.jsonl", out / "report.png")
     summary = {**result, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), **dropped_prompts(task),
                "seed": cfg.seed,

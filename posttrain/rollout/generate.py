@@ -4,6 +4,11 @@ Prompts are left-padded; position ids count real tokens only, exactly as the tra
 (`posttrain.models.logprobs.response_logprobs`) does, so the log-probabilities agree. A row stops at
 EOS; the loop stops when every row has stopped or `max_new_tokens` is reached.
 
+Llama and Qwen2 models decode through the lean forward (`posttrain.models.lean`): a KV cache preallocated for
+the whole generation, fused projections, one attention mask built per batch, and repeated prompts (GRPO's G
+samples of each) prefilled once. Any other causal LM decodes through its own HF forward and a DynamicCache.
+Both give the same tokens and log-probabilities up to float rounding (tests/models/test_lean.py).
+
 The returned log-probability of a sampled token is log softmax(logits / temperature), i.e. the
 temperature-scaled policy *before* top-k / top-p filtering, which is what the training forward pass
 computes (the common convention of TRL, OpenRLHF and verl; filtering makes the sampling distribution
@@ -18,6 +23,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from posttrain.batch import RolloutBatch
+from posttrain.models.lean import LeanDecoder, lean_backbone
 from posttrain.models.logprobs import positions_from_mask
 
 
@@ -35,38 +41,68 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+class _HFStepper:
+    """Decoding through the model's own forward and a transformers DynamicCache (any causal LM)."""
+
+    def __init__(self, model, prompt_ids: Tensor, attn: Tensor) -> None:
+        self.model, self.attn, self.cache = model, attn, DynamicCache()
+        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions_from_mask(attn),
+                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.first = out.logits[:, -1]
+
+    def step(self, tokens: Tensor, positions: Tensor, alive: Tensor) -> Tensor:
+        self.attn = torch.cat([self.attn, alive.long().unsqueeze(1)], dim=1)
+        out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=self.attn, position_ids=positions.unsqueeze(1),
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+
+class _LeanStepper:
+    """Decoding through posttrain.models.lean: preallocated KV cache, fused projections (Llama, Qwen2)."""
+
+    def __init__(self, lean, prompt_ids: Tensor, attn: Tensor, max_new_tokens: int) -> None:
+        self.decoder = LeanDecoder(lean, attn, max_new_tokens)
+        self.first = self.decoder.prefill(prompt_ids, attn, positions_from_mask(attn))
+
+    def step(self, tokens: Tensor, positions: Tensor, alive: Tensor) -> Tensor:
+        return self.decoder.step(tokens, positions)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_token_id: int,
              pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None) -> RolloutBatch:
-    """Sample (or decode greedily) up to `max_new_tokens` tokens for each left-padded prompt (B, P)."""
+    """Sample (or decode greedily) up to `max_new_tokens` tokens for each left-padded prompt (B, P).
+
+    Llama and Qwen2 models decode through the lean forward (posttrain.models.lean), anything else through
+    its HF forward; both give the same tokens and log-probs up to float rounding.
+    """
     B = prompt_ids.size(0)
     attn = prompt_mask.long()
-    cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions_from_mask(attn),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    next_pos = attn.sum(-1, keepdim=True)  # (B, 1): position of the first response token
+    lean = lean_backbone(model)
+    lean = lean if lean is not None and lean.head is not None else None
+    stepper = (_LeanStepper(lean, prompt_ids, attn, max_new_tokens) if lean is not None
+               else _HFStepper(model, prompt_ids, attn))
+    logits = stepper.first
+    next_pos = attn.sum(-1)  # (B,): position of the first response token
     tokens, logps, masks = [], [], []
     alive = torch.ones(B, dtype=torch.bool)
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
-        logits = logits / temperature
+        logits = logits.float() / temperature  # (B, V)
         if greedy:
             tok = logits.argmax(-1)
         else:
             probs = filter_logits(logits, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         logp = F.log_softmax(logits, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-        tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
-        masks.append(alive.float())
+        tok = tok.masked_fill(~alive, pad_token_id)
+        masks.append(alive)
         tokens.append(tok)
-        logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
+        logps.append(logp.masked_fill(~alive, 0.0))
         alive = alive & (tok != eos_token_id)
-        if not alive.any() or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or not alive.any():
             break
-        attn = torch.cat([attn, masks[-1].long().unsqueeze(1)], dim=1)
-        out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos + t,
-                    past_key_values=cache, use_cache=True)
-    response_mask = torch.stack(masks, 1)
+        logits = stepper.step(tok, next_pos + t, masks[-1])
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=torch.stack(tokens, 1),
-                        response_mask=response_mask, logprobs=torch.stack(logps, 1), finished=~alive)
+                        response_mask=torch.stack(masks, 1).float(), logprobs=torch.stack(logps, 1),
+                        finished=~alive)

@@ -1,0 +1,296 @@
+"""A lean forward pass for Llama-family models (Llama, Qwen2): the model's own parameters, fewer ops.
+
+Why: on CPU a ~1M-parameter model spends most of a decode step in per-op overhead, not in arithmetic. The HF
+forward runs ~60 small ops per layer (three projections, a mask built on every call, rotate-half copies,
+a growing KV cache concatenated on every step); this one runs ~15: one matmul for q, k and v, one for gate
+and up, `torch.rms_norm`, attention through `scaled_dot_product_attention` against a KV cache preallocated
+for the whole generation, and one additive mask built once per batch. Same equations, same weights (read
+from the modules at each call, so optimizer steps are seen), so it agrees with the HF forward to float
+rounding (~1e-6); generation and the training forward both use it, so the PPO ratio stays 1.
+
+`lean_backbone(model)` returns None for anything it does not cover (another architecture, a RoPE variant
+whose frequencies change with the length, gradient checkpointing, hooks, dropout in training mode, sliding
+windows); callers then use the HF forward. POSTTRAIN_LEAN=0 in the environment switches it off.
+
+Shapes: B = rows, L = positions in this call, S = key positions (cache length), C = hidden size,
+H / Hkv = query / key-value heads, D = head size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
+# o_proj, residual, RMSNorm, SwiGLU MLP (no bias), residual.
+_BACKBONES = {"LlamaModel", "Qwen2Model"}
+_UNSUPPORTED_ROPE = ("dynamic", "longrope")  # frequencies depend on the sequence length
+
+
+def enabled() -> bool:
+    return os.environ.get("POSTTRAIN_LEAN", "1") != "0"
+
+
+def _backbone_supported(backbone) -> bool:
+    cfg = backbone.config
+    if type(backbone).__name__ not in _BACKBONES or not enabled():
+        return False
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if any(word in rope for word in _UNSUPPORTED_ROPE):
+        return False
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    if getattr(cfg, "mlp_bias", False) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return False
+    if backbone.training and getattr(cfg, "attention_dropout", 0.0) > 0:
+        return False
+    if getattr(backbone, "gradient_checkpointing", False):
+        return False
+    embed = backbone.embed_tokens
+    if type(embed) is not torch.nn.Embedding or embed.max_norm is not None or embed.scale_grad_by_freq:
+        return False
+    return True
+
+
+def _hooked(model) -> bool:
+    """Forward hooks anywhere (the lean forward would skip them)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def lean_backbone(model) -> "LeanBackbone | None":
+    """The lean view of `model` (a causal LM or a scalar-head model around a supported backbone), or None."""
+    backbone = getattr(model, "model", None) if not type(model).__name__.endswith("Model") else model
+    if backbone is None or not _backbone_supported(backbone) or _hooked(model):
+        return None
+    head = None
+    if model is not backbone:
+        if type(model).__name__.endswith("ForCausalLM"):
+            head = model.get_output_embeddings()
+            if type(head) is not torch.nn.Linear or getattr(model.config, "final_logit_softcapping", None):
+                return None
+    return LeanBackbone(backbone, head)
+
+
+def attention_bias(key_mask: Tensor, queries: int) -> Tensor:
+    """(B, S) key mask -> (B, 1, queries, S) additive bias: 0 where the query may attend, the most negative
+    float elsewhere (finite, so fully masked padding rows stay finite). Queries are the last `queries` key
+    positions and attend causally."""
+    S = key_mask.size(1)
+    allowed = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    if queries > 1:
+        causal = torch.ones(queries, S, dtype=torch.bool).tril(S - queries)
+        allowed = allowed & causal
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+
+@dataclass
+class _Layer:
+    ln1: Tensor
+    w_qkv: Tensor
+    b_qkv: Tensor | None
+    w_o: Tensor
+    ln2: Tensor
+    w_gate_up: Tensor
+    w_down: Tensor
+
+
+class LeanBackbone:
+    """The decoder stack of a supported model as plain tensor code over the module's parameters."""
+
+    def __init__(self, backbone, head: torch.nn.Linear | None = None) -> None:
+        cfg = backbone.config
+        self.backbone, self.head = backbone, head  # head: a causal LM's lm_head
+        self.H = cfg.num_attention_heads
+        self.Hkv = getattr(cfg, "num_key_value_heads", None) or self.H
+        self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
+        self.C = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.D ** -0.5
+        self.rotary = backbone.rotary_emb
+
+    def layers(self) -> list[_Layer]:
+        """Fused weights (q|k|v and gate|up) of every layer; differentiable (torch.cat) when grad is on."""
+        out = []
+        for layer in self.backbone.layers:
+            a, m = layer.self_attn, layer.mlp
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            out.append(_Layer(layer.input_layernorm.weight,
+                              torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
+                              a.o_proj.weight, layer.post_attention_layernorm.weight,
+                              torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
+        return out
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) positions -> cos, sin (B, 1, L, D): the model's own rotary module."""
+        cos, sin = self.rotary(self.backbone.embed_tokens.weight, positions)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, layers: list[_Layer],
+                cache: "KVCache | None" = None) -> Tensor:
+        """(B, L) ids -> (B, L, C) final hidden states (after the last norm).
+
+        cos, sin: (B, 1, L, D) from `rope`; bias: (B, 1, L, S) additive attention bias, S = L without a
+        cache, else the cache's filled length after this call; cache: keys and values of earlier positions,
+        this call's are written at cache.length.
+        """
+        H, Hkv, D = self.H, self.Hkv, self.D
+        B, L = input_ids.shape
+        embed = self.backbone.embed_tokens
+        x = F.embedding(input_ids, embed.weight, embed.padding_idx)  # (B, L, C); no gradient to the pad row
+        half = D // 2
+        for i, w in enumerate(layers):
+            h = F.rms_norm(x, (self.C,), w.ln1, self.eps)
+            qkv = F.linear(h, w.w_qkv, w.b_qkv).view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
+            qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # RoPE on q and k at once
+            q, k = qk[:, :H], qk[:, H:]
+            if cache is not None:
+                k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=H != Hkv)
+            x = x + F.linear(a.transpose(1, 2).reshape(B, L, H * D), w.w_o)
+            h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
+            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.w_down)
+        return F.rms_norm(x, (self.C,), self.backbone.norm.weight, self.eps)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., C) final hidden states -> (..., V) logits through the causal LM's head."""
+        return F.linear(hidden, self.head.weight, self.head.bias)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """A full causal forward pass without a cache: (B, L) left-padded -> (B, L, C)."""
+        cos, sin = self.rope(positions_from_mask(attention_mask))
+        return self.forward(input_ids, cos, sin, attention_bias(attention_mask, input_ids.size(1)), self.layers())
+
+    def response_hidden(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                        response_mask: Tensor) -> Tensor:
+        """The final hidden states that predict each response token: at the last prompt position and the
+        first T-1 response positions. prompt (B, P) left-padded, response (B, T) right-padded -> (B, T, C).
+
+        Rows with the same prompt (GRPO's G samples, DPO's chosen and rejected) run the prompt once: its keys
+        and values are computed for the distinct prompts and shared, so only the response positions run per
+        row. The same equations as one forward pass over prompt + response, with or without autograd.
+        """
+        T = response_ids.size(1)
+        key_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
+        inverse, first = distinct_rows(prompt_ids, prompt_mask)
+        if len(first) == len(prompt_ids):  # nothing shared: one pass over prompt + response
+            return self.hidden_states(torch.cat([prompt_ids, response_ids], dim=1), key_mask)[:, -T - 1:-1]
+        layers = self.layers()
+        ids_u, mask_u = prompt_ids[first], prompt_mask[first]
+        cos, sin = self.rope(positions_from_mask(mask_u))
+        prefix = PrefixKV(inverse)
+        h_prompt = self.forward(ids_u, cos, sin, attention_bias(mask_u, ids_u.size(1)), layers, prefix)
+        prefix.sharing = True
+        positions = positions_from_mask(key_mask)[:, -T:]
+        cos, sin = self.rope(positions)
+        h_resp = self.forward(response_ids, cos, sin, attention_bias(key_mask, T), layers, prefix)
+        return torch.cat([h_prompt[:, -1:][inverse], h_resp[:, :-1]], dim=1)
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """(B, L) attention mask -> (B, L) position ids counting real tokens only (0 on left padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, P) prompts -> (inverse (B,), first (U,)): row b holds the same prompt as row first[inverse[b]]."""
+    B = ids.size(0)
+    _, inverse = torch.unique(torch.cat([ids, mask.long()], dim=1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(B), "amin")
+    return inverse, first
+
+
+class PrefixKV:
+    """Keys and values of distinct prompts, collected in a first pass and shared by the rows that repeat them
+    (`inverse`) in a second pass over the responses. Works under autograd (no in-place writes)."""
+
+    def __init__(self, inverse: Tensor) -> None:
+        self.inverse, self.k, self.v, self.sharing = inverse, [], [], False
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.sharing:
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        return (torch.cat([self.k[layer][self.inverse], k], dim=2),
+                torch.cat([self.v[layer][self.inverse], v], dim=2))
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated for `capacity` positions; `length` are filled."""
+
+    def __init__(self, n_layers: int, B: int, Hkv: int, capacity: int, D: int, dtype: torch.dtype) -> None:
+        self.k = torch.empty(n_layers, B, Hkv, capacity, D, dtype=dtype)
+        self.v = torch.empty(n_layers, B, Hkv, capacity, D, dtype=dtype)
+        self.length = 0  # positions filled before the current call
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class LeanDecoder:
+    """Incremental decoding with a preallocated KV cache: `prefill` the prompts, then `step` one token at a time.
+
+    Positions are passed in (real-token counts, as the training forward computes them); the attention bias
+    masks the prompt's left padding and is built once; every response position is attended to (a finished
+    row's later tokens are discarded by the caller, so what it attends to does not matter).
+    """
+
+    def __init__(self, lean: LeanBackbone, prompt_mask: Tensor, max_new_tokens: int) -> None:
+        self.lean = lean
+        self.layers = lean.layers()
+        B, P = prompt_mask.shape
+        capacity = P + max_new_tokens
+        key_mask = torch.cat([prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool)], dim=1)
+        self.bias = attention_bias(key_mask, 1)  # (B, 1, 1, capacity) for the decode steps
+        self.prefill_bias = attention_bias(prompt_mask, P)
+        dtype = lean.head.weight.dtype
+        self.cache = KVCache(len(self.layers), B, lean.Hkv, capacity, lean.D, dtype)
+        # cos/sin for every position a row can reach, indexed per step (static RoPE only: see lean_backbone)
+        cos, sin = lean.rope(torch.arange(capacity).unsqueeze(0))
+        self.cos_table, self.sin_table = cos[0, 0], sin[0, 0]  # (capacity, D)
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, positions: Tensor) -> Tensor:
+        """(B, P) prompts -> (B, V) logits for the first response token.
+
+        Repeated prompts (GRPO's G samples of each) are run once and their keys and values copied."""
+        B, P = prompt_ids.shape
+        inverse, first = distinct_rows(prompt_ids, prompt_mask)
+        if len(first) == B:
+            cache, ids, pos, bias = self.cache, prompt_ids, positions, self.prefill_bias
+        else:
+            cache = KVCache(len(self.layers), len(first), self.lean.Hkv, P, self.lean.D, self.cache.k.dtype)
+            ids, pos, bias = prompt_ids[first], positions[first], self.prefill_bias[first]
+        cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
+        h = self.lean.forward(ids, cos, sin, bias, self.layers, cache)
+        logits = self.lean.logits(h[:, -1])
+        if cache is not self.cache:
+            self.cache.k[:, :, :, :P] = cache.k[:, inverse]
+            self.cache.v[:, :, :, :P] = cache.v[:, inverse]
+            logits = logits[inverse]
+        self.cache.length = P
+        return logits
+
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """(B,) tokens at (B,) positions -> (B, V) logits for the next token."""
+        cos = self.cos_table[positions].view(-1, 1, 1, self.lean.D)
+        sin = self.sin_table[positions].view(-1, 1, 1, self.lean.D)
+        end = self.cache.length + 1
+        h = self.lean.forward(tokens.unsqueeze(1), cos, sin, self.bias[..., :end], self.layers, self.cache)
+        self.cache.length = end
+        return self.lean.logits(h[:, -1])

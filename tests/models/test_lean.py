@@ -1,0 +1,126 @@
+"""The lean forward (posttrain.models.lean) against the HF forward it replaces: logits, training log-probs and
+their gradients (with and without shared prompts), generation, critic values; and the automatic fallback to the
+HF forward for models it does not cover."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from posttrain.config import ModelConfig
+from posttrain.models import build_tiny_model
+from posttrain.models.lean import lean_backbone
+from posttrain.models.logprobs import causal_lm_logits, response_logprobs
+from posttrain.models.value import build_scalar_model, response_values
+from posttrain.recipes.common import encode_prompts
+from posttrain.rollout import generate
+
+PROMPTS = ["1+2=", "37+58=", "x", "hello world"]
+
+
+def llama(tokenizer, kv_heads):
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads, intermediate_size=64)
+    return build_tiny_model(cfg, tokenizer, seed=0).eval()
+
+
+def qwen2(tokenizer):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).float().eval()  # q/k/v carry biases
+
+
+@pytest.fixture(params=["llama", "llama-gqa", "qwen2"])
+def model(request, tokenizer):
+    return {"llama": lambda: llama(tokenizer, 4), "llama-gqa": lambda: llama(tokenizer, 2),
+            "qwen2": lambda: qwen2(tokenizer)}[request.param]()
+
+
+def hf_only(monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_LEAN", "0")
+
+
+def sample(model, tokenizer, prompts, seed=0, max_new_tokens=8):
+    ids, mask = encode_prompts(tokenizer, prompts)
+    return ids, mask, generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lean_path_is_chosen_for_llama_and_qwen2(model):
+    lean = lean_backbone(model)
+    assert lean is not None and lean.head is model.lm_head
+
+
+def test_lean_hidden_states_give_the_hf_logits(model, tokenizer):
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    with torch.no_grad():
+        hf = causal_lm_logits(model, ids, mask, keep=ids.size(1))
+        lean = lean_backbone(model)
+        ours = lean.logits(lean.hidden_states(ids, mask))
+    on = mask.bool()
+    torch.testing.assert_close(ours[on], hf[on], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("repeat", [1, 3], ids=["distinct-prompts", "shared-prompts"])
+def test_training_logprobs_and_gradients_equal_the_hf_forward(model, tokenizer, monkeypatch, repeat):
+    prompts = [p for p in PROMPTS for _ in range(repeat)]
+    ids, mask, out = sample(model, tokenizer, prompts)
+    results = []
+    for lean in (True, False):
+        if not lean:
+            hf_only(monkeypatch)
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, ids, mask, out.response_ids, out.response_mask,
+                                              temperature=0.7, with_entropy=True)
+        (logprobs.sum() + 0.1 * entropy.sum()).backward()
+        results.append((logprobs.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp, ent, grads), (lp_hf, ent_hf, grads_hf) = results
+    torch.testing.assert_close(lp, lp_hf, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ent_hf, atol=1e-5, rtol=0)
+    for name, g in grads_hf.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-5 * max(1.0, g.abs().max().item()), rtol=1e-4, msg=name)
+
+
+def test_generation_matches_the_hf_decode_loop(model, tokenizer, monkeypatch):
+    prompts = [p for p in PROMPTS for _ in range(2)]  # shared prompts: the prefill runs each once
+    *_, lean = sample(model, tokenizer, prompts, seed=3)
+    hf_only(monkeypatch)
+    *_, hf = sample(model, tokenizer, prompts, seed=3)
+    assert torch.equal(lean.response_ids, hf.response_ids)
+    assert torch.equal(lean.response_mask, hf.response_mask)
+    torch.testing.assert_close(lean.logprobs, hf.logprobs, atol=1e-5, rtol=0)
+
+
+def test_critic_values_equal_the_hf_forward(tokenizer, monkeypatch):
+    critic = build_scalar_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                            intermediate_size=64), tokenizer, seed=0).eval()
+    torch.nn.init.normal_(critic.score.weight)
+    assert lean_backbone(critic) is not None and lean_backbone(critic).head is None
+    ids, mask, out = sample(llama(tokenizer, 2), tokenizer, [p for p in PROMPTS for _ in range(2)])
+    lean = response_values(critic, ids, mask, out.response_ids, out.response_mask)
+    hf_only(monkeypatch)
+    hf = response_values(critic, ids, mask, out.response_ids, out.response_mask)
+    torch.testing.assert_close(lean, hf, atol=1e-5, rtol=0)
+
+
+def test_other_models_fall_back_to_their_hf_forward(tokenizer):
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                      n_positions=64)).eval()
+    assert lean_backbone(gpt2) is None
+    ids, mask, out = sample(gpt2, tokenizer, PROMPTS)
+    logprobs, _ = response_logprobs(gpt2, ids, mask, out.response_ids, out.response_mask)
+    torch.testing.assert_close(out.logprobs, logprobs, atol=1e-5, rtol=0)
+
+
+def test_hooks_gradient_checkpointing_and_the_switch_select_the_hf_forward(tokenizer, monkeypatch):
+    model = llama(tokenizer, 2)
+    assert lean_backbone(model) is not None
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out + 1)
+    assert lean_backbone(model) is None  # a hook would be skipped: use the forward that runs it
+    handle.remove()
+    model.gradient_checkpointing_enable()
+    assert lean_backbone(model) is None
+    model.gradient_checkpointing_disable()
+    monkeypatch.setenv("POSTTRAIN_LEAN", "0")
+    assert lean_backbone(model) is None
