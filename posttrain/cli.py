@@ -76,6 +76,15 @@ def _bon_overrides(args) -> list[str]:
     return [*args.overrides, *extra]
 
 
+def _local_only(command: str, cfg) -> None:
+    """backend ray runs the RL loop only (posttrain/distributed); every other command runs in one process."""
+    if cfg.backend != "local" and command != "rl":
+        from posttrain.errors import ConfigError
+
+        raise ConfigError(f"backend {cfg.backend} runs only `posttrain rl`; `posttrain {command}` runs in one "
+                          "process (remove backend=ray)")
+
+
 def _note_run_dir(cfg) -> tuple[Path, bool]:
     out = Path(cfg.output_dir)
     return out, out.exists()
@@ -106,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
                 from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 
                 cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra])
+                _local_only(args.command, cfg)
                 run_dir[:] = _note_run_dir(cfg)
                 run_rlhf(cfg, None if args.no_ablation else ablation, resume=args.resume, overwrite=args.overwrite)
             else:
                 cfg = load_config(args.config, [*args.overrides, *extra])
+                _local_only(args.command, cfg)
                 run_dir[:] = _note_run_dir(cfg)
                 from posttrain.recipes.demo import run_demo
 
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides = _bon_overrides(args) if args.command == "bon" else args.overrides
             cfg = load_config(args.config, overrides)
+            _local_only(args.command, cfg)
             run_dir[:] = _note_run_dir(cfg)
             from posttrain.recipes import runners
 

@@ -390,11 +390,54 @@ class CheckpointConfig(_Section):
                                    "steps with a non-finite loss or gradient, each skipped.")
 
 
+class RayConfig(_Section):
+    """`backend: ray`: the RL loop's roles as Ray actors (posttrain/distributed, docs/distributed.md). Ignored by
+    the local backend."""
+
+    address: str | None = Field(None, description="Ray cluster to join ('auto', 'HOST:6379' or "
+                                "'ray://HOST:10001'); None: start a local instance for the run (its temporary "
+                                "files in OUTPUT_DIR/ray) and stop it at the end.")
+    cpus: int | None = Field(None, ge=1, description="Local instance only: logical CPUs it offers (None: the "
+                             "machine's cores).")
+    num_rollout_workers: int = Field(2, ge=1, description="Rollout workers, each holding a policy copy and "
+                                     "generating an equal share of every rollout batch.")
+    num_learners: int = Field(1, ge=1, description="Data-parallel learner ranks (torch.distributed: gloo on CPU, "
+                              "NCCL on GPU); each takes an equal share of every minibatch.")
+    num_reward_workers: int = Field(1, ge=0, description="Reward workers scoring the rollout shards (the task's "
+                                    "reward, the sandbox for mbpp, or the reward model); 0: score in the driver "
+                                    "process (cheap rewards such as arithmetic need no actor).")
+    rollout_worker_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for each rollout worker.")
+    learner_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for each learner rank.")
+    reward_worker_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves for each reward worker.")
+    rollout_worker_gpus: float = Field(0.0, ge=0, description="GPUs for each rollout worker (the vllm engine "
+                                       "needs one).")
+    learner_gpus: float = Field(0.0, ge=0, description="GPUs for each learner rank (> 0: the rank trains on "
+                                "CUDA and all-reduces with NCCL).")
+    threads_per_worker: int = Field(1, ge=1, description="torch CPU threads in each actor.")
+    engine: Literal["torch", "vllm"] = Field("torch", description="Rollout engine: 'torch' (posttrain's "
+                                             "generation with a KV cache) or 'vllm' (GPU, the vllm extra).")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm engine: share of the GPU's "
+                                               "memory it may take.")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="vllm engine: "
+                                                                           "weight and activation dtype.")
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for any one remote call (generate, score, "
+                             "update, weight sync); a worker that takes longer is reported as hung and the run "
+                             "stops.")
+    startup_timeout_s: float = Field(180.0, gt=0, description="Longest wait for the actors to start (and for a "
+                                     "restarted one).")
+    max_restarts: int = Field(3, ge=0, description="Rollout and reward workers that die are restarted and their "
+                              "share re-issued, up to this many restarts in the run; a learner rank that dies stops "
+                              "the run.")
+
+
 class RunConfig(_Section):
     seed: int = Field(0, description="Seeds every random generator; same seed and config give the same numbers.")
     output_dir: str = Field("runs/demo", description="Where config.yaml, metrics.jsonl, checkpoints go.")
     threads: int = Field(2, ge=1, description="torch CPU threads.")
     progress: bool = Field(True, description="Show a progress bar.")
+    backend: Literal["local", "ray"] = Field("local", description="'local': everything in this process. 'ray': "
+                                             "`posttrain rl` with Ray actors (rollout workers, reward workers, "
+                                             "data-parallel learner), configured in the ray section.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -405,6 +448,7 @@ class RunConfig(_Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     bon: BestOfNConfig = Field(default_factory=BestOfNConfig)
     rft: RFTConfig = Field(default_factory=RFTConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _task_size(self) -> "RunConfig":
@@ -420,6 +464,34 @@ class RunConfig(_Section):
         if self.rl.prompts_per_step > train:
             raise ValueError(f"rl.prompts_per_step ({self.rl.prompts_per_step}) exceeds the {train} "
                              f"training problems of the task")
+        return self
+
+    @model_validator(mode="after")
+    def _ray_layout(self) -> "RunConfig":
+        """backend ray: every rollout worker and learner rank gets an equal share (posttrain/distributed)."""
+        if self.backend != "ray":
+            return self
+        r, c = self.ray, self.rl
+        n = c.prompts_per_step * c.group_size
+        if n % r.num_rollout_workers:
+            raise ValueError(f"rl.prompts_per_step * rl.group_size ({n}) must be divisible by "
+                             f"ray.num_rollout_workers ({r.num_rollout_workers})")
+        minibatch = n // c.mini_batches
+        if minibatch % r.num_learners:
+            raise ValueError(f"the minibatch (rl.prompts_per_step * rl.group_size / rl.mini_batches = {minibatch} "
+                             f"sequences) must be divisible by ray.num_learners ({r.num_learners})")
+        share = minibatch // r.num_learners
+        if c.micro_batch_size is not None and c.micro_batch_size < share and share % c.micro_batch_size:
+            raise ValueError(f"rl.micro_batch_size ({c.micro_batch_size}) must divide each learner's share of a "
+                             f"minibatch ({share} sequences with ray.num_learners={r.num_learners})")
+        if r.address is not None and r.cpus is not None:
+            raise ValueError("ray.cpus applies only to a local instance (ray.address null); a cluster offers its "
+                             "own CPUs")
+        if c.ptx_coef > 0 and r.learner_gpus > 0:
+            raise ValueError("rl.ptx_coef > 0 needs CPU learner ranks (ray.learner_gpus=0): the ptx loss is computed "
+                             "on CPU tensors")
+        if r.engine == "vllm" and r.rollout_worker_gpus <= 0:
+            raise ValueError("ray.engine 'vllm' needs a GPU per rollout worker: set ray.rollout_worker_gpus=1")
         return self
 
 

@@ -21,5 +21,14 @@ class InvariantError(PosttrainError):
     """A check that must hold during training failed (e.g. the first minibatch's probability ratio is not 1)."""
 
 
+class WorkerError(PosttrainError):
+    """backend ray: a worker hung past ray.timeout_s, died more often than ray.max_restarts allows, or returned
+    weights whose checksum differs from the learner's. Names the worker."""
+
+
+class WorkerTimeout(WorkerError):
+    """backend ray: a remote call did not answer within ray.timeout_s (a hung worker). Names the worker and the call."""
+
+
 class RunInterrupted(Exception):
     """The run stopped on SIGINT/SIGTERM after saving a checkpoint (not a user error: exit code 130)."""

@@ -68,6 +68,10 @@ def run_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
 def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Online RL from `model.path` (typically an SFT checkpoint) with the configured algorithm (resume: from
     the newest valid checkpoint; the starting model, which is also the reference, must be unchanged)."""
+    if cfg.backend == "ray":  # the same loop with its roles as Ray actors (posttrain/distributed)
+        from posttrain.distributed.loop import run_rl_ray
+
+        return run_rl_ray(cfg, resume, overwrite)
     from posttrain.checkpoint import weights_sha256
     from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.rl import setup_rl, train_rl

@@ -1,0 +1,260 @@
+"""Starting Ray for a run and putting the roles on it; the same roles in one process for comparison.
+
+    with ray_session(cfg, out):                       # a local instance in OUTPUT_DIR/ray, or ray.address
+        cluster = start_ray_cluster(cfg, policy, tokenizer, task)
+        ...                                           # experience.py, loop.py
+        cluster.shutdown()
+                                                      # Ray stopped, its temporary directory deleted
+
+A local instance keeps its temporary files (sockets, logs, object spilling) in OUTPUT_DIR/ray. Ray's Unix
+sockets live about 64 characters below that directory and a socket path may not exceed 107, so when
+OUTPUT_DIR/ray is longer than 35 characters a fresh /tmp/posttrain-ray-XXXXXXXX is used instead; either way
+it is removed when the session ends, also after an error. Ray's token authentication is kept on with a random
+token passed in the environment (Ray would otherwise write ~/.ray/auth_token), and usage statistics are off.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from posttrain.config import RunConfig
+from posttrain.distributed.learner import Learner
+from posttrain.distributed.pool import InlineRole, RayRole, RestartBudget
+from posttrain.distributed.workers import RewardWorker, RolloutWorker
+from posttrain.errors import PosttrainError, WorkerError
+
+SOCKET_PATH_MAX = 107  # AF_UNIX sun_path: 108 bytes with the terminating NUL
+RAY_SOCKET_SUFFIX = 64  # len("/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
+MAX_TEMP_DIR = SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX - 8  # 35, with a margin for longer socket names
+
+_TOKEN = secrets.token_hex(32)  # this process's local instances (the token Ray caches must stay the same)
+_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
+
+
+def ray_temp_dir(out: str | Path) -> tuple[Path, bool]:
+    """Where a local instance keeps its temporary files: (OUTPUT_DIR/ray, False), or (a new directory under
+    /tmp, True) when that path is too long for Ray's Unix sockets. OUTPUT_DIR/ray is emptied first."""
+    preferred = Path(out).resolve() / "ray"
+    if len(str(preferred)) <= MAX_TEMP_DIR:
+        shutil.rmtree(preferred, ignore_errors=True)  # left by a run that was killed
+        preferred.mkdir(parents=True)
+        return preferred, False
+    return Path(tempfile.mkdtemp(prefix="posttrain-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)), True
+
+
+@contextmanager
+def _keep_signal_handlers():
+    """ray.init installs its own SIGTERM handler in the driver; keep the run's (save a checkpoint, then stop)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
+@contextmanager
+def _as_posttrain_error(what: str):
+    try:
+        yield
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise PosttrainError(f"ray: {what}: {first}") from None
+
+
+@contextmanager
+def ray_session(cfg: RunConfig, out: str | Path):
+    """Ray for one run: join ray.address, or start a local instance; shut it down and delete its temporary
+    directory at the end, also after an error. If this process has already joined Ray, that is used and left
+    running. Yields the temporary directory (None when joining a cluster or reusing a connection)."""
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        yield None
+        return
+    r = cfg.ray
+    saved = {k: os.environ.get(k) for k in _ENV}
+    temp = None
+    try:
+        if r.address is None:
+            temp, _ = ray_temp_dir(out)
+            if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
+                os.environ["RAY_AUTH_TOKEN"] = _TOKEN
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            with _keep_signal_handlers(), _as_posttrain_error("could not start a local Ray instance"):
+                ray.init(num_cpus=r.cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         configure_logging=False, _temp_dir=str(temp))
+        else:
+            joining = f"could not join the Ray cluster at ray.address={r.address}"
+            with _keep_signal_handlers(), _as_posttrain_error(joining):
+                ray.init(address=r.address, log_to_driver=False, configure_logging=False)
+        yield temp
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+class Cluster:
+    """The roles of a run and the weights the rollout workers hold.
+
+    rollout, reward, learners: InlineRole or RayRole. learner_shares[i]: the minibatch shares learner i computes
+    ([[0], [1], ...] for Ray ranks; [[0, 1, ...]] for the single-process learner)."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, rollout, reward, learners, learner_shares: list[list[int]],
+                 budget: RestartBudget | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.rollout, self.reward, self.learners = rollout, reward, learners
+        self.learner_shares = learner_shares
+        self.budget = budget or RestartBudget(0)
+        self.weights = None  # the current policy weights as the rollout workers receive them (a Ray ref or a dict)
+        self.latest: dict | None = None  # the same weights in this process
+        self.sha256: str | None = None
+        self.on_event = None  # tests: called with ("generate_submitted", step) once a step's shares are out
+        self.step = 0
+        c = cfg.rl
+        from posttrain.algos import ADVANTAGES  # noqa: PLC0415
+
+        self.needs_learner_forward = (c.kl_coef > 0 or "values" in ADVANTAGES.requires(c.advantage)
+                                      or cfg.ray.engine != "torch")
+
+    def event(self, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name, self.step)
+
+    def learners_call(self, method: str, *args) -> list:
+        """The same call on every learner (rank order); their results."""
+        return self.learners.gather([self.learners.submit(i, method, *args) for i in range(len(self.learners))])
+
+    def sync_weights(self) -> None:
+        """Send the learner's weights to every rollout worker and check the checksums: every rank must hold the
+        same weights, and every rollout worker must report the sha256 of what rank 0 sent."""
+        calls = [self.learners.submit(0, "weights")]
+        calls += [self.learners.submit(i, "checksum") for i in range(1, len(self.learners))]
+        results = self.learners.gather(calls)
+        weights, sha = results[0]
+        for rank, other in enumerate(results[1:], start=1):
+            if other != sha:
+                raise WorkerError(f"learner ranks hold different weights after the update (sha256 {sha[:12]} on "
+                                  f"rank 0, {other[:12]} on rank {rank})")
+        self.latest, self.sha256 = weights, sha
+        self.weights = self.rollout.put(weights)
+        got = self.rollout.gather([self.rollout.submit(i, "load_weights", self.weights)
+                                   for i in range(len(self.rollout))])
+        for i, worker_sha in enumerate(got):
+            self._verify(i, worker_sha)
+
+    def _verify(self, i: int, worker_sha: str) -> None:
+        if worker_sha != self.sha256:
+            raise WorkerError(f"rollout worker {i} holds weights with sha256 {worker_sha[:12]} after the sync; the "
+                              f"learner sent {self.sha256[:12]}")
+
+    def resync(self, i: int, handle) -> None:
+        """A restarted rollout worker: load the current weights (verified) before its share is re-issued."""
+        if self.weights is None:
+            return  # before the first sync it holds the initial policy, as built
+        import ray  # noqa: PLC0415
+        from ray.exceptions import GetTimeoutError  # noqa: PLC0415
+
+        try:
+            self._verify(i, ray.get(handle.load_weights.remote(self.weights), timeout=self.cfg.ray.timeout_s))
+        except GetTimeoutError:
+            from posttrain.errors import WorkerTimeout  # noqa: PLC0415
+
+            raise WorkerTimeout(f"restarted rollout worker {i} did not load the weights within "
+                                f"ray.timeout_s={self.cfg.ray.timeout_s:g} s") from None
+
+    def shutdown(self) -> None:
+        for role in (self.rollout, self.reward, self.learners):
+            role.shutdown()
+
+
+def _check_resources(cfg: RunConfig) -> None:
+    """Before any actor starts on a local instance: the roles' reservations must fit it (else they would wait)."""
+    import ray  # noqa: PLC0415
+
+    r = cfg.ray
+    if r.address is not None:
+        return  # a cluster may grow (autoscaling): a shortage shows as actors that do not start in time
+    have = ray.available_resources()  # a local instance does not grow; other actors may hold some already
+    for kind, per_role in (("CPU", (r.rollout_worker_cpus, r.learner_cpus, r.reward_worker_cpus)),
+                           ("GPU", (r.rollout_worker_gpus, r.learner_gpus, 0.0))):
+        need = r.num_rollout_workers * per_role[0] + r.num_learners * per_role[1] + r.num_reward_workers * per_role[2]
+        if need > have.get(kind, 0.0) + 1e-9:
+            raise PosttrainError(
+                f"ray: the roles reserve {need:g} {kind}s ({r.num_rollout_workers} rollout workers x "
+                f"{per_role[0]:g}, {r.num_learners} learners x {per_role[1]:g}, {r.num_reward_workers} reward workers "
+                f"x {per_role[2]:g}) but {have.get(kind, 0.0):g} are free; lower ray.*_{kind.lower()}s or the "
+                "worker counts" + (", or raise ray.cpus" if kind == "CPU" else ""))
+
+
+def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task) -> Cluster:
+    """The roles as Ray actors (inside `ray_session`): rollout workers, reward workers and the learner ranks, each
+    built from the same initial policy, joined into one process group, then the first weight sync (verified)."""
+    import ray  # noqa: PLC0415
+
+    r = cfg.ray
+    _check_resources(cfg)
+    budget = RestartBudget(r.max_restarts)
+    model, tok, task_ref = ray.put(policy), ray.put(tokenizer), ray.put(task)
+    M = r.num_learners
+    learners = RayRole("learner rank", Learner, M, lambda i: (cfg, model, tok, task_ref, [i], M),
+                       {"num_cpus": r.learner_cpus, "num_gpus": r.learner_gpus}, r, budget, restartable=False)
+    rollout = RayRole("rollout worker", RolloutWorker, r.num_rollout_workers, (cfg, model, tok),
+                      {"num_cpus": r.rollout_worker_cpus, "num_gpus": r.rollout_worker_gpus}, r, budget)
+    if r.num_reward_workers > 0:
+        reward = RayRole("reward worker", RewardWorker, r.num_reward_workers, (cfg, tok, task_ref),
+                         {"num_cpus": r.reward_worker_cpus}, r, budget)
+    else:  # scored in this process, as each share arrives
+        threads = torch.get_num_threads()
+        reward = InlineRole("reward worker", RewardWorker, 1, (cfg, tokenizer, task))
+        torch.set_num_threads(threads)
+    cluster = Cluster(cfg, tokenizer, rollout, reward, learners, [[i] for i in range(M)], budget)
+    rollout.on_restart = cluster.resync
+    try:
+        for role in (learners, rollout, reward):
+            if isinstance(role, RayRole):
+                role.wait_ready()
+        if M > 1:
+            host, port = learners.gather([learners.submit(0, "rendezvous")])[0]
+            learners.gather([learners.submit(i, "join", host, port) for i in range(M)])
+        cluster.sync_weights()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
+def start_inline_cluster(cfg: RunConfig, policy, tokenizer, task) -> Cluster:
+    """The same roles as plain objects in this process, with the same shares and seeds: the single-process run
+    a Ray run is compared with. One learner computes all ray.num_learners shares in turn (no process group).
+    Each role holds its own copy of `policy`; torch's thread count becomes ray.threads_per_worker."""
+    r = cfg.ray
+    learners = InlineRole("learner", Learner, 1, lambda i: (cfg, copy.deepcopy(policy), tokenizer, task,
+                                                            list(range(r.num_learners)), r.num_learners))
+    rollout = InlineRole("rollout worker", RolloutWorker, r.num_rollout_workers,
+                         lambda i: (cfg, copy.deepcopy(policy), tokenizer))
+    reward = InlineRole("reward worker", RewardWorker, max(1, r.num_reward_workers), (cfg, tokenizer, task))
+    cluster = Cluster(cfg, tokenizer, rollout, reward, learners, [list(range(r.num_learners))])
+    cluster.sync_weights()
+    return cluster

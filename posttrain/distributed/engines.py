@@ -1,0 +1,65 @@
+"""Rollout engines: the generator interface a rollout worker holds, and the weight checksum.
+
+    engine.generate(prompt_ids, prompt_mask, max_new_tokens=..., eos_token_id=..., pad_token_id=...,
+                    temperature=..., top_k=..., top_p=..., greedy=..., generator=...) -> RolloutBatch
+    engine.load_weights(state_dict) -> sha256 of the weights it now holds (state_dict_sha256)
+
+`TorchEngine` is posttrain's own generation (`posttrain.rollout.generate`, KV cache, on CPU);
+`posttrain.distributed.vllm_engine.VLLMEngine` is vLLM on a GPU (the `vllm` extra). Both take prompts as
+left-padded ids and return the same `RolloutBatch`, so the loop never asks which one it has.
+
+Sampling seeds: a rollout worker samples its share of step t with `torch.Generator().manual_seed(
+shard_seed(seed, t, round, shard))`, so a share does not depend on which worker, or which attempt, generates
+it: a restarted worker re-issued a share gives the same tokens, and an in-process run with the same shards
+gives the same numbers as the Ray run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from posttrain.batch import RolloutBatch
+from posttrain.rollout import generate
+
+
+def shard_seed(seed: int, step: int, round_: int, shard: int) -> int:
+    """The sampling seed of one share of a rollout batch: step `step`, dynamic-sampling round `round_`, share
+    `shard`. A 63-bit integer from SHA-256, so nearby (seed, step, shard) give unrelated streams."""
+    digest = hashlib.sha256(f"posttrain-rollout-{seed}-{step}-{round_}-{shard}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def state_dict_sha256(state_dict: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in sorted name order (device-independent)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_token_id: int,
+                 pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, generator: torch.Generator | None = None) -> RolloutBatch: ...
+
+    def load_weights(self, state_dict: dict[str, Tensor]) -> str: ...
+
+
+class TorchEngine:
+    """posttrain's generation on a model held in this process."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, **kw) -> RolloutBatch:
+        return generate(self.model, prompt_ids, prompt_mask, **kw)
+
+    def load_weights(self, state_dict: dict[str, Tensor]) -> str:
+        self.model.load_state_dict(state_dict)
+        return state_dict_sha256(self.model.state_dict())
