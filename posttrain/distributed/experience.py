@@ -8,24 +8,23 @@ reference and values phases sharded.
     reference   learner rank r: log pi_ref and V_old of share r of the batch
     advantages  here, on the whole batch, exactly as the local loop (groups may straddle shares)
 
-Everything after the shares are joined is the local loop's code and order; tests/distributed check that
-with one share generated from the same generator this gives the local loop's Experience and metrics exactly.
+Everything after the shares are joined is the local loop's code (`finish_experience`, `informative_rounds`);
+tests/distributed check that with one share generated from the same generator this gives the local loop's
+Experience and metrics exactly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from posttrain.algos import ADVANTAGES, masked_mean, masked_whiten
-from posttrain.algos.shaping import informative_groups, truncation_loss_mask
+from posttrain.algos import ADVANTAGES
 from posttrain.batch import RolloutBatch, cat_rollouts
 from posttrain.buffer import Experience
 from posttrain.config import RunConfig
 from posttrain.distributed.engines import shard_seed
 from posttrain.distributed.workers import merge_task_scores
-from posttrain.invariants import check_finite, check_mask_not_empty
 from posttrain.recipes.common import PhaseTimer
-from posttrain.recipes.experience import Scored, explained_variance, kl_penalty_rewards, outcome_token_rewards
+from posttrain.recipes.experience import Scored, finish_experience, informative_rounds
 
 
 def _split(items: list, n: int) -> list[list]:
@@ -69,26 +68,8 @@ def sample_groups(cfg: RunConfig, cluster, driver, timer: PhaseTimer, step: int,
 
 def dynamic_sampling(cfg: RunConfig, cluster, driver, timer: PhaseTimer, step: int) -> tuple[Scored, Scored, dict]:
     """DAPO's dynamic sampling (posttrain.recipes.experience.dynamic_sampling), each round sharded."""
-    c = cfg.rl
-    G, N = c.group_size, c.prompts_per_step
-    rounds: list[Scored] = []
-    kept: list[int] = []
-    dropped: list[int] = []
-    while len(kept) < N and len(rounds) < c.dynamic_sampling_max_rounds:
-        r = sample_groups(cfg, cluster, driver, timer, step, len(rounds))
-        offset = sum(len(x.batch) for x in rounds)
-        for g, informative in enumerate(informative_groups(r.scores, G).tolist()):
-            (kept if informative else dropped).append(offset + g * G)
-        rounds.append(r)
-    allgen = Scored(cat_rollouts([r.batch for r in rounds], cluster.tokenizer.pad_token_id),
-                    [p for r in rounds for p in r.problems], *(torch.cat([getattr(r, f) for r in rounds])
-                                                               for f in ("gold", "raw", "scores")),
-                    rounds[0].reward_metrics)
-    starts = kept[:N] + dropped[:max(0, N - len(kept))]
-    chosen = allgen.select([s + j for s in starts for j in range(G)])
-    metrics = {"ds_rounds": len(rounds), "ds_kept_frac": len(kept) / (len(rounds) * N),
-               "ds_filled_groups": max(0, N - len(kept))}
-    return chosen, allgen, metrics
+    return informative_rounds(cfg, lambda round_: sample_groups(cfg, cluster, driver, timer, step, round_),
+                              cluster.tokenizer.pad_token_id)
 
 
 def learner_forward(cfg: RunConfig, cluster, batch: RolloutBatch) -> dict:
@@ -111,7 +92,7 @@ def make_experience(cfg: RunConfig, cluster, driver, timer: PhaseTimer, step: in
     else:
         data = allgen = sample_groups(cfg, cluster, driver, timer, step)
         metrics = {}
-    batch, scores, mask = data.batch, data.scores, data.batch.response_mask
+    batch = data.batch
     baseline = None
     if "baseline_rewards" in needs:
         with timer("baseline"):
@@ -125,45 +106,5 @@ def make_experience(cfg: RunConfig, cluster, driver, timer: PhaseTimer, step: in
         if fwd["logprobs"] is not None:  # an external engine: pi_old from the training forward pass
             batch = RolloutBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
                                  fwd["logprobs"], batch.finished)
-    with timer("advantages"):
-        if c.kl_placement == "reward" and ref_logprobs is not None:
-            token_rewards = kl_penalty_rewards(scores, batch.logprobs, ref_logprobs, mask, driver.kl_ctl.value,
-                                               c.kl_estimator)
-        else:
-            token_rewards = outcome_token_rewards(scores, mask)
-        group_ids = torch.arange(len(batch) // c.group_size).repeat_interleave(c.group_size)
-        advantages, returns = ADVANTAGES.get(c.advantage)(token_rewards, mask, values=values, group_ids=group_ids,
-                                                          baseline_rewards=baseline, gamma=c.gamma, lam=c.lam,
-                                                          eps=c.adv_eps)
-        if c.whiten_advantages:
-            advantages = masked_whiten(advantages, mask) * mask
-        train_mask = truncation_loss_mask(mask, batch.finished) if c.mask_truncated else mask
-        if c.check_invariants:
-            check_mask_not_empty(train_mask)
-            check_finite(advantages, train_mask, "advantages")
-            check_finite(returns, train_mask, "returns")
-    exp = Experience(batch.prompt_ids, batch.prompt_mask, batch.response_ids, train_mask,
-                     batch.logprobs * train_mask, advantages * train_mask, returns * train_mask, ref_logprobs, values)
-    # What the policy does: over everything generated this step (with dynamic sampling, more than is trained on).
-    grouped = allgen.gold.view(-1, c.group_size)
-    metrics.update(allgen.reward_metrics)
-    metrics.update({"reward_mean": allgen.scores.mean().item(),
-                    "reward_std": allgen.scores.std().item() if len(allgen.scores) > 1 else 0.0,
-                    "solve_all_frac": (grouped.min(-1).values == 1).float().mean().item(),
-                    "solve_none_frac": (grouped.max(-1).values == 0).float().mean().item(),
-                    "response_length": mask.sum(-1).mean().item(),
-                    "truncated_frac": (~batch.finished).float().mean().item(), "n_tokens": int(train_mask.sum())})
-    if c.overlong_buffer_frac > 0:
-        metrics["overlong_penalty_mean"] = (data.scores - data.raw + c.missing_eos_penalty
-                                            * (~batch.finished).float()).mean().item()
-    if baseline is not None:
-        metrics["baseline_reward_mean"] = baseline.mean().item()
-    if cfg.rl.reward == "reward_model":
-        metrics.update(gold_score=allgen.gold.mean().item(), rm_score_mean=allgen.raw.mean().item(),
-                       rm_score_std=allgen.raw.std().item() if len(allgen.raw) > 1 else 0.0)
-    if ref_logprobs is not None:  # KL(pi_old || pi_ref): k1 summed over each response, batch mean
-        metrics["kl"] = ((batch.logprobs - ref_logprobs) * mask).sum(-1).mean().item()
-    if values is not None:
-        metrics["explained_variance"] = explained_variance(values, returns, mask)
-        metrics["values_mean"] = masked_mean(values, mask).item()
-    return exp, metrics
+    return finish_experience(cfg, data, allgen, batch, metrics, timer, baseline=baseline, ref_logprobs=ref_logprobs,
+                             values=values, kl_coef=driver.kl_ctl.value)

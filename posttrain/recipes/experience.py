@@ -5,6 +5,7 @@ advantages and the invariants on them. Everything here runs without gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -103,18 +104,24 @@ def dynamic_sampling(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> tuple
     """DAPO's dynamic sampling: generate rounds of prompts_per_step groups, keep the groups whose scores are
     not all equal, until prompts_per_step are kept or dynamic_sampling_max_rounds rounds are spent; a batch
     still short is filled with dropped groups. Returns (training batch, everything generated, metrics)."""
+    return informative_rounds(cfg, lambda _round: sample_groups(cfg, state, timer), state.tokenizer.pad_token_id)
+
+
+def informative_rounds(cfg: RunConfig, sample_round: Callable[[int], Scored], pad_token_id: int
+                       ) -> tuple[Scored, Scored, dict]:
+    """`dynamic_sampling` given how to sample round k (in one process, or sharded over Ray workers)."""
     c = cfg.rl
     G, N = c.group_size, c.prompts_per_step
     rounds: list[Scored] = []
     kept: list[int] = []  # first row of each group, in the concatenation of all rounds
     dropped: list[int] = []
     while len(kept) < N and len(rounds) < c.dynamic_sampling_max_rounds:
-        r = sample_groups(cfg, state, timer)
+        r = sample_round(len(rounds))
         offset = sum(len(x.batch) for x in rounds)
         for g, informative in enumerate(informative_groups(r.scores, G).tolist()):
             (kept if informative else dropped).append(offset + g * G)
         rounds.append(r)
-    allgen = Scored(cat_rollouts([r.batch for r in rounds], state.tokenizer.pad_token_id),
+    allgen = Scored(cat_rollouts([r.batch for r in rounds], pad_token_id),
                     [p for r in rounds for p in r.problems], *(torch.cat([getattr(r, f) for r in rounds])
                                                                for f in ("gold", "raw", "scores")),
                     rounds[0].reward_metrics)
@@ -150,7 +157,7 @@ def make_experience(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> tuple[
     else:
         data = allgen = sample_groups(cfg, state, timer)
         metrics = {}
-    batch, scores, mask = data.batch, data.scores, data.batch.response_mask
+    batch, mask = data.batch, data.batch.response_mask
     baseline = None
     if "baseline_rewards" in needs:
         with timer("baseline"):
@@ -163,9 +170,20 @@ def make_experience(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> tuple[
     if state.critic is not None:
         with timer("values"), torch.no_grad():
             values = response_values(state.critic, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
+    return finish_experience(cfg, data, allgen, batch, metrics, timer, baseline=baseline, ref_logprobs=ref_logprobs,
+                             values=values, kl_coef=state.kl_ctl.value)
+
+
+def finish_experience(cfg: RunConfig, data: Scored, allgen: Scored, batch: RolloutBatch, metrics: dict,
+                      timer: PhaseTimer, *, baseline, ref_logprobs, values, kl_coef: float) -> tuple[Experience, dict]:
+    """From scored responses (`data`, with `batch` its rollouts and pi_old), the optional ReMax baseline, log pi_ref
+    and V_old: token rewards, advantages (whitened, truncation-masked, checked), the Experience, and the step's
+    metrics over everything generated (`allgen`). Shared by the local loop and backend ray."""
+    c = cfg.rl
+    scores, mask = data.scores, batch.response_mask
     with timer("advantages"):
         if c.kl_placement == "reward" and ref_logprobs is not None:
-            token_rewards = kl_penalty_rewards(scores, batch.logprobs, ref_logprobs, mask, state.kl_ctl.value,
+            token_rewards = kl_penalty_rewards(scores, batch.logprobs, ref_logprobs, mask, kl_coef,
                                                c.kl_estimator)
         else:
             token_rewards = outcome_token_rewards(scores, mask)
@@ -196,7 +214,7 @@ def make_experience(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> tuple[
                                             * (~batch.finished).float()).mean().item()
     if baseline is not None:
         metrics["baseline_reward_mean"] = baseline.mean().item()
-    if state.reward_model is not None:
+    if c.reward == "reward_model":
         metrics.update(gold_score=allgen.gold.mean().item(), rm_score_mean=allgen.raw.mean().item(),
                        rm_score_std=allgen.raw.std().item() if len(allgen.raw) > 1 else 0.0)
     if ref_logprobs is not None:  # KL(pi_old || pi_ref): k1 summed over each response, batch mean
