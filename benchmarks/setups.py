@@ -25,6 +25,9 @@ KL = 0.01  # GRPO: k3 KL penalty in the loss (TRL beta)
 PPO_KL = 0.05  # PPO: k1 KL penalty in the reward (TRL 1.12's default kl_coef)
 
 DIFFERENCES = [
+    "Prompts all have two-digit operands (task.min_operand 10), so every prompt has the same length and nothing is "
+    "left-padded: TRL 1.16's GRPO training forward passes no position_ids, so a left-padded prompt would get "
+    "positions shifted from the ones generation used (its first-step KL to the reference was ~2 with padding).",
     "TRL computes the reward in its own process step from decoded text, as posttrain does; both use the same "
     "exact-match function.",
     "PPO: TRL 1.12 trains policy and value model with one optimizer on pg_loss + vf_coef * vf_loss (one backward); "
@@ -84,7 +87,7 @@ def run_config(out_dir, model_path: str | None = None, **rl) -> RunConfig:
               "kl_coef": KL, "kl_estimator": "k3", "kl_placement": "loss", "ppo_epochs": 1, "mini_batches": 1,
               "temperature": 1.0, "top_k": 0, "top_p": 1.0, "eval_every": 0, **rl}
     return build_config({"seed": 0, "output_dir": str(out_dir), "threads": THREADS, "progress": False,
-                         "model": {**MODEL, "path": model_path}, "task": {"num_eval": 200},
+                         "model": {**MODEL, "path": model_path}, "task": {"num_eval": 200, "min_operand": 10},
                          "eval": {"batch_size": 200, "max_new_tokens": 6}, "rl": rl_cfg}, [])
 
 
