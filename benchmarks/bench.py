@@ -407,8 +407,6 @@ def main() -> None:
         else:
             notes.append(f"measured fp32 GEMM throughput: {gemm:.0f} GFLOP/s on {S.THREADS} threads")
     after = machine()
-    load = max(before["load"], after["load"])
-    quiet = load < 0.5
     for r in rows:
         r.setdefault("met", r["goal"] is not None and r["ratio"] >= r["goal"])
     lines = ["| measurement | posttrain (median) | TRL (median) | ratio | goal | met? | runs |",
@@ -418,9 +416,11 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['posttrain']} | {r['trl']} | {r['ratio']:.2f}x | {goal} | "
                      f"{'yes' if r['met'] else 'no'} | {r['n']} |")
     table = "\n".join(lines)
-    state = "quiet" if quiet else "NOT quiet: other processes shared the cores"
+    # The 1-minute load average at the end includes this run's own two threads (~2): compare runs by it, and see
+    # whether anything else ran (the start counts what ran just before, e.g. make's pip step).
     header = (f"{date.today().isoformat()}, {before['cpu']}, {before['cores']} cores, {S.THREADS} threads, torch "
-              f"{before['torch']}; load average {load:.2f} ({state}); {time.perf_counter() - started:.0f} s")
+              f"{before['torch']}; load average {before['load']:.2f} at the start, {after['load']:.2f} at the end "
+              f"(this run's own threads included); {time.perf_counter() - started:.0f} s")
     print(header)
     print(table)
     for n in notes:
