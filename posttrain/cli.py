@@ -81,7 +81,7 @@ def _local_only(command: str, cfg) -> None:
     if cfg.backend != "local" and command != "rl":
         from posttrain.errors import ConfigError
 
-        raise ConfigError(f"backend {cfg.backend} runs only `posttrain rl`; `posttrain {command}` runs in one "
+        raise ConfigError(f"backend {cfg.backend} runs only posttrain rl; posttrain {command} runs in one "
                           "process (remove backend=ray)")
 
 

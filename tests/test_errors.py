@@ -95,6 +95,8 @@ CASES = [
     ("arithmetic-only-key", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=gsm8k", "task.max_operand=5"], "task.max_operand applies only to task.name arithmetic"),
     ("dpo-pairs-missing-field", lambda f, out: ["dpo", str(f["ok.yaml"]), f"dpo.data={f['missing_field.jsonl']}"], "missing_field.jsonl line 1: missing field 'rejected'"),
     ("rft-too-many-prompts", lambda f, out: ["rft", str(f["ok.yaml"]), "rft.prompts_per_round=100000"], "rft.prompts_per_round (100000) exceeds the"),
+    ("ray-unequal-shares", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "ray.num_rollout_workers=3"], "must be divisible by ray.num_rollout_workers (3)"),
+    ("ray-not-rl", lambda f, out: ["sft", str(f["ok.yaml"]), "backend=ray"], "backend ray runs only posttrain rl"),
     ("tokenizer-no-pad-no-eos", lambda f, out: ["sft", str(f["ok.yaml"]), f"model.path={f['no_pad_no_eos']}"], "has neither a pad nor an eos token"),
     ("prompt-too-long", lambda f, out: ["sft", str(f["ok.yaml"]), "model.max_position_embeddings=8"], "context"),
 ]

@@ -60,9 +60,9 @@ TINY = ["threads=1", "progress=false", "model.hidden_size=32", "model.num_layers
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["sft", "CFG", "backend=ray"], "backend ray runs only `posttrain rl`; `posttrain sft` runs in one process"),
-    (["demo", "backend=ray"], "backend ray runs only `posttrain rl`; `posttrain demo` runs in one process"),
-    (["dpo", "CFG", "backend=ray"], "`posttrain dpo` runs in one process"),
+    (["sft", "CFG", "backend=ray"], "backend ray runs only posttrain rl; posttrain sft runs in one process"),
+    (["demo", "backend=ray"], "backend ray runs only posttrain rl; posttrain demo runs in one process"),
+    (["dpo", "CFG", "backend=ray"], "posttrain dpo runs in one process"),
     (["rl", "CFG", "backend=ray", "ray.num_learners=3"], "must be divisible by ray.num_learners (3)"),
     (["rl", "CFG", "backend=ray", "ray.num_rollout_workrs=3"], "unknown config key 'ray.num_rollout_workrs'"),
 ], ids=["sft", "demo", "dpo", "learners", "unknown-key"])
