@@ -113,6 +113,16 @@ def _tiny_yaml(tmp_path, **sections):
     return path
 
 
+def sigint_after_first_checkpoint(args: list[str], run) -> tuple[int, str]:
+    """Start `posttrain ARGS`, send SIGINT once its first checkpoint exists; (exit code, stderr)."""
+    proc = subprocess.Popen([POSTTRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not checkpoints(run) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 @pytest.mark.parametrize("argv,sections,phase", [
     (["rm"], {"rm": {"steps": 3000, "num_pairs": 24, "batch_size": 8, "eval_every": 0, "calibration_size": 8}}, "rm"),
     (["dpo"], {"dpo": {"steps": 3000, "num_pairs": 24, "batch_size": 8, "eval_every": 0}}, "dpo"),
@@ -123,13 +133,8 @@ def _tiny_yaml(tmp_path, **sections):
 def test_every_training_command_saves_on_sigint_and_refuses_to_clobber(tmp_path, argv, sections, phase):
     config = _tiny_yaml(tmp_path, **sections)
     run = tmp_path / "run"
-    proc = subprocess.Popen([POSTTRAIN, *argv, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    while not checkpoints(run) and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = sigint_after_first_checkpoint([*argv, str(config)], run)
+    assert code == 130, err
     assert f"stopped after {phase} step" in err and "continue with --resume" in err and "Traceback" not in err
     assert checkpoints(run) and phase in checkpoints(run)[-1]
     if phase == "sft":  # (the pipeline; each command shares open_run, so one check covers the refusal)
@@ -142,13 +147,8 @@ def test_rm_resumes_after_sigint_and_finishes(tmp_path):
     config = _tiny_yaml(tmp_path, rm={"steps": 150, "num_pairs": 24, "batch_size": 8, "eval_every": 0,
                                       "calibration_size": 8, "log_every": 1}, checkpoint={"every": 20})
     run = tmp_path / "run"
-    proc = subprocess.Popen([POSTTRAIN, "rm", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    while not checkpoints(run) and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = sigint_after_first_checkpoint(["rm", str(config)], run)
+    assert code == 130, err
     done = subprocess.run([POSTTRAIN, "rm", str(config), "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr

@@ -120,10 +120,10 @@ def train_rl_distributed(cfg: RunConfig, cluster, driver: Driver, logger, progre
 def run_rl_ray(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """`posttrain rl` with backend ray: the run directory, checkpoints and summary of runners.run_rl, the loop on
     Ray (a local instance in OUTPUT_DIR/ray unless ray.address joins a cluster)."""
-    from posttrain.checkpoint import weights_sha256  # noqa: PLC0415
     from posttrain.distributed.cluster import ray_session, start_ray_cluster  # noqa: PLC0415
     from posttrain.recipes.control import finish_run, metrics_logger, open_run  # noqa: PLC0415
-    from posttrain.recipes.runners import _finish, _start, progress_bar  # noqa: PLC0415
+    from posttrain.recipes.runners import (_finish, _start, initial_accuracy, pin_starting_model,  # noqa: PLC0415
+                                           progress_bar)
 
     try:
         import ray  # noqa: F401, PLC0415
@@ -136,14 +136,8 @@ def run_rl_ray(cfg: RunConfig, resume: bool = False, overwrite: bool = False) ->
         print("note: model.path is not set, so RL starts from a randomly initialised tiny model")
     r = cfg.ray
     with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
-        if resumed is None:
-            initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-            logger.log({"step": 0, "phase": "rl", "accuracy": initial})
-        else:
-            initial = resumed.state["initial_accuracy"]
-        ctl.extra["initial_accuracy"] = initial
-        if cfg.model.path is not None:
-            ctl.check_frozen("reference_sha256", weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
+        initial = initial_accuracy(cfg, ctl, logger, model, tokenizer, task, "rl")
+        pin_starting_model(cfg, ctl)
         with ray_session(cfg, out) as temp:
             where = (f"joined {r.address}" if r.address else f"local Ray, temporary files in {temp}" if temp
                      else "the Ray instance this process had joined")

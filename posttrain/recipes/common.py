@@ -62,6 +62,18 @@ class PhaseTimer:
         return out
 
 
+def guarded_step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> tuple[torch.Tensor, bool]:
+    """Backward `loss`, clip the gradient norm, and step only when the loss and the norm are finite (a non-finite
+    step is skipped; the caller logs it and `RunControl.record_step` counts it). Returns (grad_norm, stepped)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    return grad_norm, finite
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> left-padded (ids, mask), BOS included as the tokenizer adds it."""
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]

@@ -33,7 +33,7 @@ from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
 from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.errors import ConfigError
 from posttrain.models.logprobs import response_logprobs
-from posttrain.recipes.common import PhaseTimer, encode_prompts, evaluate_per_problem, make_optimizer
+from posttrain.recipes.common import PhaseTimer, guarded_step, encode_prompts, evaluate_per_problem, make_optimizer
 from posttrain.recipes.control import NoControl, RunControl
 
 
@@ -216,12 +216,7 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
         with timer("policy"):
             loss, metrics = preference_loss(state.loss, model, state.tokenizer, pairs, ref)
         with timer("update"):
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-            if finite:
-                state.optimizer.step()
+            grad_norm, finite = guarded_step(model, state.optimizer, loss, c.grad_clip)
             state.scheduler.step()
         evaluate_now = (c.eval_every and step % c.eval_every == 0) or step == c.steps
         if evaluate_now:

@@ -26,7 +26,7 @@ from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
 from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import last_token_scores
-from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts, make_optimizer
+from posttrain.recipes.common import PhaseTimer, guarded_step, decode_responses, encode_prompts, make_optimizer
 from posttrain.recipes.control import NoControl, RunControl
 from posttrain.rollout import generate
 from posttrain.tasks.arithmetic import wrong_answers
@@ -168,12 +168,7 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
             chosen, rejected = pair_rewards(state.rm, next(state.batches))
             loss, metrics = bradley_terry(chosen, rejected, margin=c.margin or None)
             loss = loss.mean()
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-            if finite:
-                state.optimizer.step()
+            grad_norm, finite = guarded_step(model, state.optimizer, loss, c.grad_clip)
             state.scheduler.step()
         record = {} if finite else {"step": step, "phase": "rm", "skipped": 1, "loss": loss.item()}
         if step % c.log_every == 0 or step == c.steps:

@@ -27,7 +27,7 @@ from posttrain.config import RunConfig
 from posttrain.data.sampling import as_random_state, shuffled_batches
 from posttrain.errors import ConfigError
 from posttrain.recipes.best_of_n import Scorer, build_scorer, sample_completions, score_samples
-from posttrain.recipes.common import PhaseTimer, evaluate, make_optimizer
+from posttrain.recipes.common import PhaseTimer, guarded_step, evaluate, make_optimizer
 from posttrain.recipes.control import NoControl, RunControl
 from posttrain.recipes.sft import sft_loss
 
@@ -94,12 +94,7 @@ def fine_tune(cfg: RunConfig, state: RFTState, data: list[tuple[str, str]], logg
         with timer("update"):
             prompts, completions = zip(*next(batches))
             loss, _ = sft_loss(model, state.tokenizer, list(prompts), list(completions))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-            if finite:
-                opt.step()
+            grad_norm, finite = guarded_step(model, opt, loss, c.grad_clip)
             sched.step()
         run["step"] += 1
         if i % c.log_every == 0 or i == c.steps or not finite:

@@ -30,6 +30,26 @@ def _start(cfg: RunConfig, min_train: int = 1):
     return out, task, model, tokenizer
 
 
+def initial_accuracy(cfg: RunConfig, ctl, logger, model, tokenizer, task, phase: str, **record) -> float:
+    """Held-out accuracy before training, logged as the phase's step 0 (with `record`); a resumed run reads it
+    from its checkpoint. Kept in every checkpoint for the summary."""
+    if ctl.resumed is None:
+        initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        logger.log({"step": 0, "phase": phase, **record, "accuracy": initial})
+    else:
+        initial = ctl.resumed.state["initial_accuracy"]
+    ctl.extra["initial_accuracy"] = initial
+    return initial
+
+
+def pin_starting_model(cfg: RunConfig, ctl, key: str = "reference_sha256") -> None:
+    """Record model.path's content hash in every checkpoint; a resume refuses a changed starting model."""
+    if cfg.model.path is not None:
+        from posttrain.checkpoint import weights_sha256
+
+        ctl.check_frozen(key, weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
+
+
 def dropped_prompts(task) -> dict:
     """{"dropped_prompts": {"training": n, "held-out": m}}: problems `fit_task` dropped as too long for the context."""
     return {"dropped_prompts": dict(getattr(task, "dropped_prompts", {}))}
@@ -72,7 +92,6 @@ def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
         from posttrain.distributed.loop import run_rl_ray
 
         return run_rl_ray(cfg, resume, overwrite)
-    from posttrain.checkpoint import weights_sha256
     from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.rl import setup_rl, train_rl
 
@@ -82,15 +101,8 @@ def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
     if cfg.model.path is None:
         print("note: model.path is not set, so RL starts from a randomly initialised tiny model")
     with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
-        if resumed is None:
-            initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
-                               cfg.eval.max_new_tokens)
-            logger.log({"step": 0, "phase": "rl", "accuracy": initial})
-        else:
-            initial = resumed.state["initial_accuracy"]
-        ctl.extra["initial_accuracy"] = initial
-        if cfg.model.path is not None:
-            ctl.check_frozen("reference_sha256", weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
+        initial = initial_accuracy(cfg, ctl, logger, model, tokenizer, task, "rl")
+        pin_starting_model(cfg, ctl)
         state = setup_rl(cfg, model, tokenizer, task)
         with progress_bar(cfg.rl.steps, (cfg.rl.preset or cfg.rl.advantage).upper(), cfg.progress) as bar:
             accuracy = train_rl(cfg, state, logger, bar, ctl)
@@ -105,7 +117,6 @@ def run_rl(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
 def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Reward model (Bradley-Terry) from `model.path` (typically the SFT model) on `rm.data` pairs (resume:
     from the newest valid checkpoint; the starting model, which also samples synthetic pairs, must be unchanged)."""
-    from posttrain.checkpoint import weights_sha256
     from posttrain.models.reward import RewardModel
     from posttrain.models.value import build_scalar_model
     from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
@@ -119,8 +130,7 @@ def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
     rm = RewardModel(build_scalar_model(cfg.model, tokenizer, cfg.seed), tokenizer, cfg.rm.max_length)
     del policy
     with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
-        if cfg.model.path is not None:
-            ctl.check_frozen("start_sha256", weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
+        pin_starting_model(cfg, ctl, "start_sha256")
         state = setup_rm(cfg, rm, train_pairs, eval_pairs)
         with progress_bar(cfg.rm.steps, "RM", cfg.progress) as bar:
             result = train_rm(cfg, state, logger, bar, ctl)
@@ -141,7 +151,6 @@ def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
 def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """DPO (or IPO, SLiC-HF, SimPO: `dpo.loss`) from `model.path` (typically the SFT model) on `dpo.data` pairs
     (resume: from the newest valid checkpoint; the starting model, which is also the reference, must be unchanged)."""
-    from posttrain.checkpoint import weights_sha256
     from posttrain.recipes.common import evaluate_per_problem
     from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
     from posttrain.recipes.dpo import load_dpo_pairs, setup_dpo, train_dpo
@@ -163,8 +172,7 @@ def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
             before = list(resumed.state["initial_gold"])
         initial = sum(before) / len(before)
         ctl.extra["initial_gold"] = before
-        if cfg.model.path is not None:
-            ctl.check_frozen("reference_sha256", weights_sha256(cfg.model.path), f"the starting model {cfg.model.path}")
+        pin_starting_model(cfg, ctl)
         state = setup_dpo(cfg, model, tokenizer, task, train_pairs, eval_pairs)  # reference log-probs: before restore
         with progress_bar(cfg.dpo.steps, cfg.dpo.loss.upper(), cfg.progress) as bar:
             result = train_dpo(cfg, state, logger, bar, ctl)
@@ -236,13 +244,7 @@ def run_rft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
     c = cfg.rft
     with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         state = setup_rft(cfg, model, tokenizer, task)
-        if resumed is None:
-            initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
-                               cfg.eval.max_new_tokens)
-            logger.log({"step": 0, "phase": "rft", "round": 0, "accuracy": initial})
-        else:
-            initial = resumed.state["initial_accuracy"]
-        ctl.extra["initial_accuracy"] = initial
+        initial = initial_accuracy(cfg, ctl, logger, model, tokenizer, task, "rft", round=0)
         with progress_bar(c.rounds * c.steps, "RFT", cfg.progress) as bar:
             result = train_rft(cfg, state, logger, bar, ctl)
     summary = _finish(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rft_accuracy":

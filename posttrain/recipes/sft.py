@@ -19,7 +19,7 @@ from posttrain.config import RunConfig
 from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.models.logprobs import response_logprobs
-from posttrain.recipes.common import PhaseTimer, encode_prompts, evaluate, make_optimizer
+from posttrain.recipes.common import PhaseTimer, encode_prompts, guarded_step, evaluate, make_optimizer
 from posttrain.recipes.control import NoControl, RunControl
 
 
@@ -86,12 +86,7 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None, ctl: RunCo
             prompts, completions = zip(*next(state.batches))
             loss, n_tokens = sft_loss(model, state.tokenizer, list(prompts), list(completions))
             tokens += n_tokens
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-            if finite:
-                state.optimizer.step()
+            grad_norm, finite = guarded_step(model, state.optimizer, loss, c.grad_clip)
             state.scheduler.step()
         record = {} if finite else {"step": step, "phase": "sft", "skipped": 1, "loss": loss.item()}
         if step % c.log_every == 0 or step == c.steps:
