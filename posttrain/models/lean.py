@@ -3,7 +3,7 @@
 Why: on CPU a ~1M-parameter model spends most of a decode step in per-op overhead, not in arithmetic. The HF
 forward runs ~60 small ops per layer (three projections, a mask built on every call, rotate-half copies,
 a growing KV cache concatenated on every step); this one runs ~15: one matmul for q, k and v, one for gate
-and up, `torch.rms_norm`, attention through `scaled_dot_product_attention` against a KV cache preallocated
+and up, `torch.rms_norm`, attention (`attention`: small matmuls or SDPA) against a KV cache preallocated
 for the whole generation, and one additive mask built once per batch. Same equations, same weights (read
 from the modules at each call, so optimizer steps are seen), so it agrees with the HF forward to float
 rounding (~1e-6); generation and the training forward both use it, so the PPO ratio stays 1.
@@ -91,6 +91,28 @@ def attention_bias(key_mask: Tensor, queries: int) -> Tensor:
     return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
+# Score matrices up to this many entries per head (queries x keys) take the explicit matmul-softmax-matmul path.
+SMALL_ATTENTION = 4096
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale + bias) v. q (B, H, L, D), k and v (B, Hkv, S, D), bias (B, 1, L, S) -> (B, H, L, D).
+
+    Small problems (L * S <= SMALL_ATTENTION, e.g. a GRPO response pass of 8 queries over 15 keys) run as two
+    batched matmuls and a softmax: on this CPU 3.8x faster than `scaled_dot_product_attention` forward and 2.4x
+    forward + backward at (64, 4, 8, 32) x 15 keys, where SDPA's flash kernel is mostly fixed cost; larger ones
+    use SDPA (flash, no (L, S) matrix kept). Both compute the same equation; they differ by float rounding (~1e-6).
+    """
+    L, S = q.size(2), k.size(2)
+    if L * S > SMALL_ATTENTION:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.size(1) != k.size(1))
+    if q.size(1) != k.size(1):  # grouped-query attention: query head h reads key-value head h // group
+        group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias  # (B, H, L, S)
+    return torch.matmul(scores.softmax(-1), v)
+
+
 @dataclass
 class _Layer:
     ln1: Tensor
@@ -156,7 +178,7 @@ class LeanBackbone:
             q, k = qk[:, :H], qk[:, H:]
             if cache is not None:
                 k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=H != Hkv)
+            a = attention(q, k, v, bias, self.scale)
             x = x + F.linear(a.transpose(1, 2).reshape(B, L, H * D), w.w_o)
             h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
             gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)

@@ -28,9 +28,13 @@ def seed_everything(seed: int, threads: int) -> None:
 
 def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
                    min_ratio: float = 1.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with linear warm-up, then cosine decay to `min_ratio * lr` (min_ratio=1: constant)."""
+    """AdamW with linear warm-up, then cosine decay to `min_ratio * lr` (min_ratio=1: constant).
+
+    The fused implementation (one kernel over all parameters) where every parameter is a float tensor on one
+    device: on this CPU it steps a 1M-parameter model in ~0.7 ms against foreach's ~2.6-4.5 ms (issue 8)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    fused = len({p.device.type for p in params}) == 1 and all(p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused or None)
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -124,3 +124,34 @@ def test_hooks_gradient_checkpointing_and_the_switch_select_the_hf_forward(token
     model.gradient_checkpointing_disable()
     monkeypatch.setenv("POSTTRAIN_LEAN", "0")
     assert lean_backbone(model) is None
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_small_attention_path_equals_sdpa(kv_heads, monkeypatch):
+    """The explicit matmul path for small score matrices computes SDPA's equation: same outputs and gradients,
+    grouped-query attention and left padding included. A query that sees only padding gets some finite
+    average on either path (different ones); callers discard those positions, so they are left out."""
+    from posttrain.models import lean
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 5, 8, generator=g, requires_grad=True)
+    k = torch.randn(3, kv_heads, 9, 8, generator=g, requires_grad=True)
+    v = torch.randn(3, kv_heads, 9, 8, generator=g, requires_grad=True)
+    key_mask = torch.ones(3, 9, dtype=torch.long)
+    key_mask[1, :3] = 0  # left padding
+    key_mask[2, :6] = 0
+    bias = lean.attention_bias(key_mask, 5)
+    attends = (bias > torch.finfo(torch.float32).min).any(-1, keepdim=True)  # (B, 1, L, 1)
+    assert not attends.all()  # row 2's first queries see only padding
+    grad_out = torch.randn(3, 4, 5, 8, generator=g) * attends  # callers drop those positions
+
+    def run(threshold):
+        monkeypatch.setattr(lean, "SMALL_ATTENTION", threshold)
+        out = lean.attention(q, k, v, bias, 8 ** -0.5)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    small, sdpa = run(5 * 9), run(5 * 9 - 1)
+    assert all(torch.isfinite(t).all() for t in small)
+    torch.testing.assert_close(small[0] * attends, sdpa[0] * attends, rtol=1e-5, atol=1e-6)
+    for a, b in zip(small[1:], sdpa[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
