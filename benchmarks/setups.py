@@ -34,8 +34,8 @@ DIFFERENCES = [
     "posttrain steps the critic with its own optimizer (two backwards of the same total size).",
     "PPO: posttrain's reward model re-encodes decoded text with its own tokenizer (it need not share the policy's "
     "vocabulary); TRL feeds the policy's token ids to the reward model.",
-    "TRL's optimizer is Trainer's default AdamW (`adamw_torch_fused`), posttrain's torch.optim.AdamW "
-    "(foreach); same betas (0.9, 0.95), eps 1e-8, no weight decay, constant learning rate.",
+    "Both use fused AdamW (TRL: Trainer's default `adamw_torch_fused`; posttrain: torch.optim.AdamW(fused=True)) "
+    "with betas (0.9, 0.95), eps 1e-8, no weight decay and a constant learning rate.",
 ]
 
 
