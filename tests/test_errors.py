@@ -97,6 +97,8 @@ CASES = [
     ("rft-too-many-prompts", lambda f, out: ["rft", str(f["ok.yaml"]), "rft.prompts_per_round=100000"], "rft.prompts_per_round (100000) exceeds the"),
     ("ray-unequal-shares", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "ray.num_rollout_workers=3"], "must be divisible by ray.num_rollout_workers (3)"),
     ("ray-not-rl", lambda f, out: ["sft", str(f["ok.yaml"]), "backend=ray"], "backend ray runs only posttrain rl"),
+    ("ray-address-unreachable", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "ray.address=127.0.0.1:1"], "ray.address=127.0.0.1:1: nothing answers at 127.0.0.1:1"),
+    ("ray-address-malformed", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "ray.address=headnode"], "ray.address=headnode: expected 'auto', 'HOST:PORT' or 'ray://HOST:PORT'"),
     ("tokenizer-no-pad-no-eos", lambda f, out: ["sft", str(f["ok.yaml"]), f"model.path={f['no_pad_no_eos']}"], "has neither a pad nor an eos token"),
     ("prompt-too-long", lambda f, out: ["sft", str(f["ok.yaml"]), "model.max_position_embeddings=8"], "context"),
 ]

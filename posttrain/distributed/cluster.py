@@ -75,6 +75,38 @@ def _as_posttrain_error(what: str):
         raise PosttrainError(f"ray: {what}: {first}") from None
 
 
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when nothing answers at ray.address (Ray's own client retries for minutes,
+    printing warnings, before it gives up). 'auto' is resolved as Ray resolves it (RAY_ADDRESS, then the
+    cluster last started on this machine); 'HOST:PORT' and 'ray://HOST:PORT' get a TCP connect."""
+    import socket  # noqa: PLC0415
+
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address  # noqa: PLC0415
+        except ImportError:  # Ray moved it: ray.init reports the failure itself
+            return
+        try:
+            target = canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError):
+            target = None
+        if target is None:
+            raise PosttrainError("ray.address=auto: no running Ray cluster found on this machine (RAY_ADDRESS is "
+                                 "not set); start one with ray start --head, or leave ray.address unset for a "
+                                 "local instance")
+    hostport = target.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise PosttrainError(f"ray.address={address}: expected 'auto', 'HOST:PORT' or 'ray://HOST:PORT'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise PosttrainError(f"ray.address={address}: nothing answers at {host}:{port} "
+                             f"({err.strerror or type(err).__name__}); is the cluster running (ray start "
+                             f"--head)?") from None
+
+
 @contextmanager
 def ray_session(cfg: RunConfig, out: str | Path):
     """Ray for one run: join ray.address, or start a local instance; shut it down and delete its temporary

@@ -120,7 +120,7 @@ def train_rl_distributed(cfg: RunConfig, cluster, driver: Driver, logger, progre
 def run_rl_ray(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """`posttrain rl` with backend ray: the run directory, checkpoints and summary of runners.run_rl, the loop on
     Ray (a local instance in OUTPUT_DIR/ray unless ray.address joins a cluster)."""
-    from posttrain.distributed.cluster import ray_session, start_ray_cluster  # noqa: PLC0415
+    from posttrain.distributed.cluster import check_address, ray_session, start_ray_cluster  # noqa: PLC0415
     from posttrain.recipes.control import finish_run, metrics_logger, open_run  # noqa: PLC0415
     from posttrain.recipes.runners import (_finish, _start, initial_accuracy, pin_starting_model,  # noqa: PLC0415
                                            progress_bar)
@@ -130,6 +130,8 @@ def run_rl_ray(cfg: RunConfig, resume: bool = False, overwrite: bool = False) ->
     except ImportError:
         raise ConfigError("backend ray needs Ray: pip install 'posttrain[ray]' (or pip install 'ray>=2.40')") from None
     start = time.perf_counter()
+    if cfg.ray.address is not None:
+        check_address(cfg.ray.address)  # before the run directory is touched
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = _start(cfg, min_train=cfg.rl.prompts_per_step)
     if cfg.model.path is None:
