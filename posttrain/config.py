@@ -426,8 +426,8 @@ class RayConfig(_Section):
     startup_timeout_s: float = Field(180.0, gt=0, description="Longest wait for the actors to start (and for a "
                                      "restarted one).")
     max_restarts: int = Field(3, ge=0, description="Rollout and reward workers that die are restarted and their "
-                              "share re-issued, up to this many restarts in the run; a learner rank that dies stops "
-                              "the run.")
+                              "share re-issued, up to this many restarts in the run; a learner rank that dies counts "
+                              "too: every role is restarted and the run resumes from its newest checkpoint.")
 
 
 class RunConfig(_Section):

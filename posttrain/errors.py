@@ -30,5 +30,16 @@ class WorkerTimeout(WorkerError):
     """backend ray: a remote call did not answer within ray.timeout_s (a hung worker). Names the worker and the call."""
 
 
+class WorkerLost(WorkerError):
+    """backend ray: a worker of a role that cannot be restarted alone (a learner rank: its optimizer state and
+    process group) died during a call. `posttrain rl` restarts every role and resumes from the newest checkpoint
+    while ray.max_restarts lasts."""
+
+    def __init__(self, role: str, worker: int, label: str, method: str, reason: str):
+        self.role, self.worker, self.label, self.method, self.reason = role, worker, label, method, reason
+        super().__init__(f"{label} died during {method} ({reason}); the run stops (continue from the last "
+                         "checkpoint with --resume)")
+
+
 class RunInterrupted(Exception):
     """The run stopped on SIGINT/SIGTERM after saving a checkpoint (not a user error: exit code 130)."""

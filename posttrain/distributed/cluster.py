@@ -240,14 +240,15 @@ def _check_resources(cfg: RunConfig) -> None:
                 "worker counts" + (", or raise ray.cpus" if kind == "CPU" else ""))
 
 
-def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task) -> Cluster:
+def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task, budget: RestartBudget | None = None) -> Cluster:
     """The roles as Ray actors (inside `ray_session`): rollout workers, reward workers and the learner ranks, each
-    built from the same initial policy, joined into one process group, then the first weight sync (verified)."""
+    built from the same initial policy, joined into one process group, then the first weight sync (verified).
+    `budget`: the run's ray.max_restarts (a fresh one if None)."""
     import ray  # noqa: PLC0415
 
     r = cfg.ray
     _check_resources(cfg)
-    budget = RestartBudget(r.max_restarts)
+    budget = budget if budget is not None else RestartBudget(r.max_restarts)
     model, tok, task_ref = ray.put(policy), ray.put(tokenizer), ray.put(task)
     M = r.num_learners
     learners = RayRole("learner rank", Learner, M, lambda i: (cfg, model, tok, task_ref, [i], M),

@@ -24,7 +24,7 @@ from posttrain.algos import AdaptiveKLController, FixedKLController
 from posttrain.config import RunConfig
 from posttrain.distributed.experience import make_experience
 from posttrain.distributed.learner import combine_update
-from posttrain.errors import ConfigError, InvariantError
+from posttrain.errors import ConfigError, InvariantError, WorkerError, WorkerLost
 from posttrain.recipes.common import PhaseTimer, evaluate
 from posttrain.recipes.control import NoControl, RunControl
 
@@ -119,11 +119,14 @@ def train_rl_distributed(cfg: RunConfig, cluster, driver: Driver, logger, progre
 
 def run_rl_ray(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """`posttrain rl` with backend ray: the run directory, checkpoints and summary of runners.run_rl, the loop on
-    Ray (a local instance in OUTPUT_DIR/ray unless ray.address joins a cluster)."""
-    from posttrain.distributed.cluster import check_address, ray_session, start_ray_cluster  # noqa: PLC0415
-    from posttrain.recipes.control import finish_run, metrics_logger, open_run  # noqa: PLC0415
-    from posttrain.recipes.runners import (_finish, _start, initial_accuracy, pin_starting_model,  # noqa: PLC0415
-                                           progress_bar)
+    Ray (a local instance in OUTPUT_DIR/ray unless ray.address joins a cluster).
+
+    A learner rank that dies (WorkerLost) takes the run's process group and optimizer state with it: every role
+    is stopped and started again, and the run resumes from its newest checkpoint (from the start if it has none),
+    as `--resume` would, while ray.max_restarts lasts. Resuming is exact, so the result equals an uninterrupted
+    run's; the steps since that checkpoint are computed again."""
+    from posttrain.distributed.cluster import check_address  # noqa: PLC0415
+    from posttrain.distributed.pool import RestartBudget  # noqa: PLC0415
 
     try:
         import ray  # noqa: F401, PLC0415
@@ -132,6 +135,28 @@ def run_rl_ray(cfg: RunConfig, resume: bool = False, overwrite: bool = False) ->
     start = time.perf_counter()
     if cfg.ray.address is not None:
         check_address(cfg.ray.address)  # before the run directory is touched
+    budget = RestartBudget(cfg.ray.max_restarts)
+    while True:
+        try:
+            return _run_rl_ray_once(cfg, resume, overwrite, budget, start)
+        except WorkerLost as err:
+            if budget.left <= 0:
+                raise WorkerError(f"{err.label} died during {err.method} ({err.reason}) and the ray.max_restarts="
+                                  f"{cfg.ray.max_restarts} restarts of this run are used up; the run stops "
+                                  "(continue from the last checkpoint with --resume)") from None
+            budget.left -= 1
+            budget.log.append({"role": err.role, "worker": err.worker, "call": err.method, "resumed": True})
+            print(f"posttrain: {err.label} died during {err.method} ({err.reason}); restarting every role and "
+                  f"resuming from the newest checkpoint ({budget.left} restarts left)", file=sys.stderr)
+            resume, overwrite = True, False
+
+
+def _run_rl_ray_once(cfg: RunConfig, resume: bool, overwrite: bool, budget, start: float) -> dict:
+    from posttrain.distributed.cluster import ray_session, start_ray_cluster  # noqa: PLC0415
+    from posttrain.recipes.control import finish_run, metrics_logger, open_run  # noqa: PLC0415
+    from posttrain.recipes.runners import (_finish, _start, initial_accuracy, pin_starting_model,  # noqa: PLC0415
+                                           progress_bar)
+
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = _start(cfg, min_train=cfg.rl.prompts_per_step)
     if cfg.model.path is None:
@@ -146,7 +171,7 @@ def run_rl_ray(cfg: RunConfig, resume: bool = False, overwrite: bool = False) ->
             scoring = f"{r.num_reward_workers} reward workers" if r.num_reward_workers else "scoring in this process"
             print(f"ray: {where}; {r.num_rollout_workers} rollout workers, {scoring}, {r.num_learners} learner ranks",
                   file=sys.stderr)
-            cluster = start_ray_cluster(cfg, model, tokenizer, task)
+            cluster = start_ray_cluster(cfg, model, tokenizer, task, budget)
             try:
                 driver = Driver.create(cfg, model, tokenizer, task)
                 with progress_bar(cfg.rl.steps, (cfg.rl.preset or cfg.rl.advantage).upper() + " (ray)",

@@ -7,8 +7,9 @@
 A call that does not answer within ray.timeout_s raises WorkerTimeout naming the worker and the call (a hung
 worker). A worker that dies (its process killed, out of memory) is replaced by a fresh actor built with the
 same arguments, `on_restart` brings it up to date (the rollout workers load the current weights), and its
-call is re-issued, while ray.max_restarts (shared by all roles) lasts; a role made with restartable=False (the
-learner ranks, whose optimizer state and process group cannot be rebuilt mid-step) stops the run instead. A
+call is re-issued, while ray.max_restarts (shared by all roles) lasts; in a role made with restartable=False (the
+learner ranks, whose optimizer state and process group cannot be rebuilt mid-step) a death raises WorkerLost,
+and `posttrain rl` restarts every role from the newest checkpoint (loop.run_rl_ray). A
 `PosttrainError` raised inside a worker (an invariant, a data error) comes back as the same error, prefixed
 with the worker's name.
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import RayConfig
-from posttrain.errors import PosttrainError, WorkerError, WorkerTimeout
+from posttrain.errors import PosttrainError, WorkerError, WorkerLost, WorkerTimeout
 
 
 @dataclass
@@ -42,7 +43,8 @@ class Call:
 @dataclass
 class RestartBudget:
     """ray.max_restarts, shared by every role of a run; `log` holds each restart: role, worker, the call that
-    found it dead, and the seconds from that moment until a fresh actor was up to date."""
+    found it dead, and the seconds from that moment until a fresh actor was up to date (a learner rank's entry
+    has `resumed` instead: every role was restarted and the run resumed from its newest checkpoint)."""
 
     left: int
     log: list[dict] = field(default_factory=list)
@@ -156,6 +158,9 @@ class RayRole:
                 if getattr(err, "_actor_init_failed", False):  # its constructor raised: a restart would too
                     raise _init_error(self.label(call.worker), err) from None
                 if not (restart and self.restartable):
+                    if call.method != "pid" and not self.restartable:
+                        raise WorkerLost(self.name, call.worker, self.label(call.worker), call.method,
+                                         _reason(err)) from None
                     during = "while starting" if call.method == "pid" else f"during {call.method}"
                     raise WorkerError(f"{self.label(call.worker)} died {during} ({_reason(err)}); the run stops "
                                       "(continue from the last checkpoint with --resume)") from None
@@ -168,8 +173,28 @@ class RayRole:
                 cause = getattr(err, "cause", None)
                 if isinstance(cause, PosttrainError):
                     raise type(cause)(f"{self.label(call.worker)}: {cause}") from None
+                if not self.restartable and (dead := self._dead_worker()) is not None:
+                    # a peer in a collective died (its all-reduce broke here first): report the dead one
+                    raise WorkerLost(self.name, dead, self.label(dead), call.method,
+                                     f"{self.label(call.worker)}'s {call.method} failed with it") from None
                 raise
             yield k, result
+
+    def _dead_worker(self, timeout: float = 10.0) -> int | None:
+        """The first of this role's actors that is dead (a call to it fails), or None. An actor still busy (e.g.
+        blocked in a collective with the dead one) does not answer within `timeout` and counts as alive."""
+        import ray  # noqa: PLC0415
+        from ray.exceptions import GetTimeoutError, RayActorError  # noqa: PLC0415
+
+        probes = [h.pid.remote() for h in self.handles]
+        for i, ref in enumerate(probes):
+            try:
+                ray.get(ref, timeout=timeout)
+            except RayActorError:
+                return i
+            except GetTimeoutError:
+                continue
+        return None
 
     def _restart(self, i: int, err: Exception, method: str) -> None:
         import ray  # noqa: PLC0415

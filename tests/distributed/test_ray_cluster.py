@@ -7,7 +7,8 @@ One Ray session serves the module (its start costs seconds; every actor imports 
    single-process run of the same seed and shares exactly (the share seeds make a re-issued share identical).
 2. The 2-rank learner's all-reduced gradient equals single-process actor_backward on the same batch (1e-6).
 3. A hung worker is reported by the timeout, in one line naming it.
-4. `posttrain rl CONFIG backend=ray` end to end.
+4. `posttrain rl CONFIG backend=ray` end to end; a learner rank killed mid-run: every role restarts and the run
+   resumes from its checkpoint, ending exactly as the single-process run.
 5. Nothing is left behind: no Ray process, no temporary directory, no ~/.ray/auth_token.
 """
 
@@ -215,6 +216,50 @@ def test_cli_backend_ray_end_to_end(env, ray_run, tmp_path, capsys):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["backend"] == "ray"
     assert not (tmp_path / "run" / "ray").exists()  # this run joined the module's instance
+
+
+def test_a_dead_learner_rank_restarts_every_role_and_resumes(env, ray_run, tmp_path, capsys, monkeypatch):
+    """Learner rank 1 SIGKILLed during step 3 (its peer is blocked in the all-reduce): every role is restarted, the
+    run resumes from its step-2 checkpoint, and ends with the metrics and weights of the single-process run."""
+    from safetensors.torch import load_file
+
+    import posttrain.distributed.cluster as cluster_mod
+
+    ray_run["cluster"].shutdown()  # free the 2 CPUs
+    c = env.cfg
+    cfg = c.model_copy(update={
+        "output_dir": str(tmp_path / "run"), "rl": c.rl.model_copy(update={"steps": 3}),
+        "checkpoint": c.checkpoint.model_copy(update={"every": 1}),
+        "ray": c.ray.model_copy(update={"num_rollout_workers": 1, "num_learners": 2, "num_reward_workers": 0})})
+    dump_config(cfg, tmp_path / "ray.yaml")
+    real, killed = cluster_mod.start_ray_cluster, {}
+
+    def start_and_arm(*args):
+        cluster = real(*args)
+
+        def kill_learner_1(event, step):
+            if event == "generate_submitted" and step == KILL_AT_STEP and not killed:
+                killed["pid"] = cluster.learners.pids[1]
+                os.kill(killed["pid"], signal.SIGKILL)
+
+        cluster.on_event = kill_learner_1
+        return cluster
+
+    monkeypatch.setattr(cluster_mod, "start_ray_cluster", start_and_arm)
+    code = main(["rl", str(tmp_path / "ray.yaml")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"learner rank 1 (pid {killed['pid']}) died during" in err, err
+    assert f"(rl step {KILL_AT_STEP - 1})" in err, err  # resumed from the newest checkpoint, not from the start
+    run = tmp_path / "run"
+    (restart,) = json.loads((run / "summary.json").read_text())["ray"]["restarts"]
+    assert (restart["role"], restart["worker"], restart["resumed"]) == ("learner rank", 1, True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # steps after the checkpoint were cut and run again
+    expected_rows, accuracy, weights = inline_run(cfg)
+    assert steady(rows[1:]) == steady(expected_rows) and rows[-1]["accuracy"] == accuracy
+    saved = load_file(str(run / "final" / "model.safetensors"))
+    assert saved and all(torch.equal(saved[k], weights[k]) for k in saved)
 
 
 def test_nothing_is_left_behind(env, ray_run):
