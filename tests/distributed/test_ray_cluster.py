@@ -202,6 +202,29 @@ def test_a_hung_worker_is_reported_by_the_timeout(ray_run, env):
                               "ray.timeout_s=2 s"), message
 
 
+def test_a_failed_collective_is_traced_to_the_dead_learner_rank(ray_run):
+    """When the surviving rank's call fails first (its all-reduce broke when the peer died), the error names the
+    dead rank (WorkerLost, which `posttrain rl` answers by restarting every role); with no rank dead, the
+    remote error itself is raised."""
+    from ray.exceptions import RayTaskError
+
+    from posttrain.distributed.pool import Call
+    from posttrain.errors import WorkerLost
+
+    role = ray_run["cluster"].learners
+
+    def failing_call():  # rank 0's call fails with an error that is not posttrain's (as a broken gloo collective)
+        return Call(0, "update", (), role.handles[0].__ray_call__.remote(lambda self: 1 / 0), time.monotonic())
+
+    with pytest.raises(RayTaskError):
+        list(role._results([failing_call()], 30.0, "ray.timeout_s", restart=True))
+    os.kill(role.pids[1], signal.SIGKILL)
+    with pytest.raises(WorkerLost) as err:
+        list(role._results([failing_call()], 30.0, "ray.timeout_s", restart=True))
+    assert (err.value.role, err.value.worker) == ("learner rank", 1)
+    assert str(err.value).startswith(f"learner rank 1 (pid {role.pids[1]}) died during update")
+
+
 def test_cli_backend_ray_end_to_end(env, ray_run, tmp_path, capsys):
     ray_run["cluster"].shutdown()  # done with it: its actors free the 2 CPUs for this run's
     cfg = env.cfg.model_copy(update={"output_dir": str(tmp_path / "run")})
