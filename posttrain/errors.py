@@ -40,6 +40,9 @@ class WorkerLost(WorkerError):
         super().__init__(f"{label} died during {method} ({reason}); the run stops (continue from the last "
                          "checkpoint with --resume)")
 
+    def __reduce__(self):  # pickled with its fields (the default would call __init__ with the message alone)
+        return type(self), (self.role, self.worker, self.label, self.method, self.reason)
+
 
 class RunInterrupted(Exception):
     """The run stopped on SIGINT/SIGTERM after saving a checkpoint (not a user error: exit code 130)."""

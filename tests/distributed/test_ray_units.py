@@ -229,3 +229,15 @@ def test_an_actor_whose_constructor_raised_reports_the_posttrain_error():
                        "'posttrain[vllm]'"
     other = _init_error("reward worker 0", Exception("...\nKeyError: 'x'"))
     assert isinstance(other, WorkerError) and str(other) == "reward worker 0 could not start: KeyError: 'x'"
+
+
+def test_worker_lost_keeps_its_fields_through_pickle():
+    """WorkerLost carries the dead worker's role and index (the restart log uses them); Ray pickles exceptions."""
+    import pickle
+
+    from posttrain.errors import WorkerError, WorkerLost
+
+    err = pickle.loads(pickle.dumps(WorkerLost("learner rank", 1, "learner rank 1 (pid 5)", "update", "killed")))
+    assert isinstance(err, WorkerError) and (err.role, err.worker, err.method) == ("learner rank", 1, "update")
+    assert str(err) == ("learner rank 1 (pid 5) died during update (killed); the run stops (continue from the last "
+                        "checkpoint with --resume)")
