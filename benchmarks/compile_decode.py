@@ -3,17 +3,17 @@ against `torch.compile` (inductor, static shapes), in one process (issue 8: "tor
 
     python benchmarks/compile_decode.py [--threads 2] [--new 64] [--repeats 5]
 
-The step is the lean forward (posttrain.models.lean) written for static shapes so that one compilation serves
-every step: the KV cache is attended over its full capacity with the unfilled positions masked, and this
-step's keys and values are written with `index_copy_` at a position given as a tensor. Prints the time to the
-first three steps (the compilation), and the median milliseconds per step of `--repeats` generations of
-`--new` tokens, for each.
+The step is the lean forward (LeanBackbone.forward, the code generation runs) over a cache made for static
+shapes, so that one compilation serves every step: the KV cache is attended over its full capacity with the
+unfilled positions masked, and this step's keys and values are written with `index_copy_` at a position given
+as a tensor. Prints the time to the first three steps (the compilation), and the median milliseconds per step
+of `--repeats` generations of `--new` tokens, for each.
 
 Measured (2026-11-23, this 2-core AMD EPYC VM, torch 2.13.0+cpu, gcc present): eager 7.7-9.8 ms per step;
-compiled 22-38 ms per step, after 28 s of compilation (2-2.4 s when inductor's on-disk cache is warm).
-The profile of the compiled step shows its generated kernels taking ~7.5 ms per step beside the same MKL
-GEMMs and SDPA calls eager makes: the in-place cache write into a graph input is functionalized into a copy of
-the whole cache buffer, so compiling costs more than the ~15 small ops per layer it fuses save. Not used.
+compiled 21-38 ms per step, after 15-28 s of compilation (2-2.4 s when inductor's on-disk cache is warm).
+The profile of the compiled step shows its generated kernels taking 7.5-15 ms per step beside the same MKL
+GEMMs eager makes: the in-place cache write into a graph input is functionalized into a copy of the whole
+cache buffer, so compiling costs more than the ~15 small ops per layer it fuses save. Not used.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from posttrain.models import build_char_tokenizer, build_tiny_model
 from posttrain.models.lean import LeanDecoder, lean_backbone
@@ -32,32 +31,28 @@ from posttrain.recipes.common import encode_prompts
 from rollout_throughput import MODEL, prompts
 
 
+class StaticCache:
+    """The decoder's KV cache written at a position given as a 0-dim tensor, attended over its whole capacity
+    (unfilled positions are masked by the bias), so every step has the same shapes."""
+
+    def __init__(self, cache, index: torch.Tensor) -> None:
+        self.k, self.v, self.index = cache.k, cache.v, index.view(1)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.index, k)
+        self.v[layer].index_copy_(2, self.index, v)
+        return self.k[layer], self.v[layer]
+
+
 def static_step(lean, decoder: LeanDecoder):
-    """(tokens (B,), positions (B,), write index 0-dim, bias (B, 1, 1, capacity)) -> (B, V) logits."""
-    H, Hkv, D, C, eps = lean.H, lean.Hkv, lean.D, lean.C, lean.eps
-    layers, K, V = decoder.layers, decoder.cache.k, decoder.cache.v
-    embed, norm, head = lean.backbone.embed_tokens.weight, lean.backbone.norm.weight, lean.head.weight
+    """(tokens (B,), positions (B,), write index 0-dim, bias (B, 1, 1, capacity)) -> (B, V) logits: the lean
+    forward (LeanBackbone.forward, the same code generation runs) over a StaticCache."""
 
     def step(tokens, positions, index, bias):
-        B, half = tokens.size(0), D // 2
-        cos = decoder.cos_table[positions].view(B, 1, 1, D)
-        sin = decoder.sin_table[positions].view(B, 1, 1, D)
-        x = F.embedding(tokens.unsqueeze(1), embed)
-        for i, w in enumerate(layers):
-            h = F.rms_norm(x, (C,), w.ln1, eps)
-            qkv = F.linear(h, w.w_qkv, w.b_qkv).view(B, 1, H + 2 * Hkv, D).transpose(1, 2)
-            qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
-            q, k = qk[:, :H], qk[:, H:]
-            K[i].index_copy_(2, index.view(1), k)
-            V[i].index_copy_(2, index.view(1), v)
-            a = F.scaled_dot_product_attention(q, K[i], V[i], attn_mask=bias, scale=D ** -0.5,
-                                               enable_gqa=H != Hkv)
-            x = x + F.linear(a.transpose(1, 2).reshape(B, 1, H * D), w.w_o)
-            h = F.rms_norm(x, (C,), w.ln2, eps)
-            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.w_down)
-        return F.linear(F.rms_norm(x[:, 0], (C,), norm, eps), head)
+        cos = decoder.cos_table[positions].view(-1, 1, 1, lean.D)
+        sin = decoder.sin_table[positions].view(-1, 1, 1, lean.D)
+        h = lean.forward(tokens.unsqueeze(1), cos, sin, bias, decoder.layers, StaticCache(decoder.cache, index))
+        return lean.logits(h[:, -1])
 
     return step
 
