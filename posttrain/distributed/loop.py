@@ -27,6 +27,7 @@ from posttrain.distributed.learner import combine_update
 from posttrain.errors import ConfigError, InvariantError, WorkerError, WorkerLost
 from posttrain.recipes.common import PhaseTimer, evaluate
 from posttrain.recipes.control import NoControl, RunControl
+from posttrain.recipes.rl import end_rl_step
 
 
 @dataclass
@@ -75,7 +76,7 @@ def train_rl_distributed(cfg: RunConfig, cluster, driver: Driver, logger, progre
         if progress is not None:
             progress.update(resumed.step)
 
-    def snapshot() -> tuple[dict, dict]:  # rank 0's state; the prompt order and KL controller live here
+    def snapshot(accuracy: float) -> tuple[dict, dict]:  # rank 0's state; prompt order and KL controller live here
         weights, snap = cluster.learners.gather([cluster.learners.submit(0, "snapshot", accuracy)])[0]
         return weights, {**snap, "rng": driver.rng.getstate(), "kl_ctl": driver.kl_ctl.state_dict()}
 
@@ -99,17 +100,8 @@ def train_rl_distributed(cfg: RunConfig, cluster, driver: Driver, logger, progre
         n_tokens = metrics.pop("n_tokens")
         record = {"step": step, "phase": "rl", **metrics, "tokens_per_s": n_tokens / (time.perf_counter() - start),
                   "ray/restarts": len(cluster.budget.log)}
-        if (cfg.rl.eval_every and step % cfg.rl.eval_every == 0) or step == cfg.rl.steps:
-            with timer("eval"):
-                accuracy = _evaluate(cfg, cluster, driver)
-            record["accuracy"] = accuracy
-        logger.log({**record, **timer.pop()})
-        ctl.record_step(metrics["skipped_steps"] == 0, "rl", step, snapshot)
-        ctl.step_done("rl", step, snapshot)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{accuracy:.3f}",
-                                 kl=f"{metrics.get('kl', 0.0):.3f}", refresh=False)
+        accuracy = end_rl_step(cfg, step, record, accuracy, timer, logger, ctl, progress,
+                               lambda: _evaluate(cfg, cluster, driver), snapshot)
     if cfg.rl.steps == 0:
         accuracy = _evaluate(cfg, cluster, driver)
         logger.log({"step": 0, "phase": "rl", "accuracy": accuracy})

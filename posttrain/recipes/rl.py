@@ -40,6 +40,7 @@ import copy
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +260,26 @@ def rl_restore(state: RLState, weights: dict, snap: dict) -> float:
     return snap["accuracy"]
 
 
+def end_rl_step(cfg: RunConfig, step: int, record: dict, accuracy: float, timer: PhaseTimer, logger, ctl: RunControl,
+                progress, evaluate_now: Callable[[], float],
+                snapshot: Callable[[float], tuple[dict, dict]]) -> float:
+    """The end of an RL step, the same in the local and the Ray loop: held-out accuracy on its cadence (and at
+    the last step), the metrics line with the phase timings, the non-finite guard and checkpoint (`snapshot` of
+    the state with the current accuracy), the progress bar. Returns the current accuracy."""
+    if (cfg.rl.eval_every and step % cfg.rl.eval_every == 0) or step == cfg.rl.steps:
+        with timer("eval"):
+            accuracy = evaluate_now()
+        record["accuracy"] = accuracy
+    logger.log({**record, **timer.pop()})
+    ctl.record_step(record["skipped_steps"] == 0, "rl", step, lambda: snapshot(accuracy))
+    ctl.step_done("rl", step, lambda: snapshot(accuracy))
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{accuracy:.3f}",
+                             kl=f"{record.get('kl', 0.0):.3f}", refresh=False)
+    return accuracy
+
+
 def train_rl(cfg: RunConfig, state: RLState, logger, progress=None, ctl: RunControl | None = None) -> float:
     """Run `cfg.rl.steps` rollout steps (from a checkpoint's step when `ctl` resumes); return the final
     held-out accuracy. `ctl` saves checkpoints and handles signals and non-finite steps."""
@@ -281,19 +302,10 @@ def train_rl(cfg: RunConfig, state: RLState, logger, progress=None, ctl: RunCont
         n_tokens = metrics.pop("n_tokens")
         record = {"step": step, "phase": "rl", **metrics,
                   "tokens_per_s": n_tokens / (time.perf_counter() - start)}
-        if (cfg.rl.eval_every and step % cfg.rl.eval_every == 0) or step == cfg.rl.steps:
-            with timer("eval"):
-                accuracy = evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
-                                    cfg.eval.batch_size, cfg.eval.max_new_tokens)
-            record["accuracy"] = accuracy
-        logger.log({**record, **timer.pop()})
-        snapshot = lambda: rl_snapshot(state, accuracy)  # noqa: E731
-        ctl.record_step(metrics["skipped_steps"] == 0, "rl", step, snapshot)
-        ctl.step_done("rl", step, snapshot)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{accuracy:.3f}",
-                                 kl=f"{metrics.get('kl', 0.0):.3f}", refresh=False)
+        accuracy = end_rl_step(cfg, step, record, accuracy, timer, logger, ctl, progress,
+                               lambda: evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
+                                                cfg.eval.batch_size, cfg.eval.max_new_tokens),
+                               lambda acc: rl_snapshot(state, acc))
     if cfg.rl.steps == 0:
         accuracy = evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
                             cfg.eval.batch_size, cfg.eval.max_new_tokens)
