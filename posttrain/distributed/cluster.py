@@ -217,27 +217,89 @@ class Cluster:
                                 f"ray.timeout_s={self.cfg.ray.timeout_s:g} s") from None
 
     def shutdown(self) -> None:
-        for role in (self.rollout, self.reward, self.learners):
+        """Stop every role and return once Ray reports their reservations free again: Ray releases a killed
+        actor's CPUs asynchronously, so a run started right after (the restart after a dead rank, or the next
+        run in this process) would otherwise find them still held."""
+        roles = (self.rollout, self.reward, self.learners)
+        held: dict[str, float] = {}
+        for role in roles:
+            if isinstance(role, RayRole):
+                for kind, amount in role.held().items():
+                    held[kind] = held.get(kind, 0.0) + amount
+        local = any(held.values()) and self.cfg.ray.address is None and _ray_running()
+        before = _available() if local else {}
+        for role in roles:
             role.shutdown()
+        if local:
+            total = _total()
+            _wait_for_resources({k: min(before.get(k, 0.0) + v, total.get(k, 0.0)) for k, v in held.items()},
+                                RELEASE_WAIT_S)
+
+
+RELEASE_WAIT_S = 30.0  # how long shutdown waits for Ray to report the roles' reservations free
+
+
+def _reserved(cfg: RunConfig) -> dict[str, float]:
+    """What the roles of `cfg` reserve on Ray, by resource kind ({"CPU": 1.5, "GPU": 0.0})."""
+    r = cfg.ray
+    return {"CPU": r.num_rollout_workers * r.rollout_worker_cpus + r.num_learners * r.learner_cpus
+            + r.num_reward_workers * r.reward_worker_cpus,
+            "GPU": r.num_rollout_workers * r.rollout_worker_gpus + r.num_learners * r.learner_gpus}
+
+
+def _ray_running() -> bool:
+    import ray  # noqa: PLC0415
+
+    return ray.is_initialized()
+
+
+def _available() -> dict[str, float]:
+    import ray  # noqa: PLC0415
+
+    return ray.available_resources()
+
+
+def _total() -> dict[str, float]:
+    import ray  # noqa: PLC0415
+
+    return ray.cluster_resources()
+
+
+def _wait_for_resources(want: dict[str, float], timeout_s: float) -> dict[str, float]:
+    """Poll Ray's view of the free resources until every kind in `want` is free or `timeout_s` passes; the last
+    view. Ray reports released reservations (and a new instance its resources) asynchronously."""
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = _available()
+        if all(have.get(k, 0.0) + 1e-9 >= v for k, v in want.items()) or time.monotonic() >= deadline:
+            return have
+        time.sleep(0.05)
 
 
 def _check_resources(cfg: RunConfig) -> None:
-    """Before any actor starts on a local instance: the roles' reservations must fit it (else they would wait)."""
-    import ray  # noqa: PLC0415
-
+    """Before any actor starts on a local instance: the roles' reservations must fit it (else they would wait).
+    More than the instance has fails at once; less waits (up to ray.startup_timeout_s) for what other actors
+    hold to be released, as happens right after a previous run's shutdown, before it fails."""
     r = cfg.ray
     if r.address is not None:
         return  # a cluster may grow (autoscaling): a shortage shows as actors that do not start in time
-    have = ray.available_resources()  # a local instance does not grow; other actors may hold some already
+    need = {k: v for k, v in _reserved(cfg).items() if v > 0}
+    total = _total()  # a local instance does not grow
+    fits = all(total.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
+    have = _wait_for_resources(need, r.startup_timeout_s) if fits else _available()
     for kind, per_role in (("CPU", (r.rollout_worker_cpus, r.learner_cpus, r.reward_worker_cpus)),
                            ("GPU", (r.rollout_worker_gpus, r.learner_gpus, 0.0))):
-        need = r.num_rollout_workers * per_role[0] + r.num_learners * per_role[1] + r.num_reward_workers * per_role[2]
-        if need > have.get(kind, 0.0) + 1e-9:
+        if need.get(kind, 0.0) > have.get(kind, 0.0) + 1e-9:
+            where = "are free" if fits else "exist on this instance"
+            free = have.get(kind, 0.0) if fits else total.get(kind, 0.0)
             raise PosttrainError(
-                f"ray: the roles reserve {need:g} {kind}s ({r.num_rollout_workers} rollout workers x "
+                f"ray: the roles reserve {need[kind]:g} {kind}s ({r.num_rollout_workers} rollout workers x "
                 f"{per_role[0]:g}, {r.num_learners} learners x {per_role[1]:g}, {r.num_reward_workers} reward workers "
-                f"x {per_role[2]:g}) but {have.get(kind, 0.0):g} are free; lower ray.*_{kind.lower()}s or the "
-                "worker counts" + (", or raise ray.cpus" if kind == "CPU" else ""))
+                f"x {per_role[2]:g}) but {free:g} {where}"
+                + (f" after waiting {r.startup_timeout_s:g} s (ray.startup_timeout_s)" if fits else "")
+                + f"; lower ray.*_{kind.lower()}s or the worker counts" + (", or raise ray.cpus" if kind == "CPU" else ""))
 
 
 def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task, budget: RestartBudget | None = None) -> Cluster:

@@ -89,6 +89,7 @@ class RayRole:
 
         self.name, self.args, self.ray_cfg, self.budget = name, args, ray_cfg, budget
         self.on_restart, self.restartable = on_restart, restartable
+        self.options = {"CPU": options.get("num_cpus", 0.0) or 0.0, "GPU": options.get("num_gpus", 0.0) or 0.0}
         self._actor_cls = ray.remote(cls).options(max_restarts=0, max_task_retries=0, **options)
         self.handles = [self._create(i) for i in range(n)]
         self.pids: list[int | None] = [None] * n
@@ -220,6 +221,11 @@ class RayRole:
         self.budget.log.append({"role": self.name, "worker": i, "call": method, "seconds": seconds})
         print(f"posttrain: {label} died ({_reason(err)}); restarted as pid {self.pids[i]} in {seconds:.1f} s, its "
               f"work re-issued ({self.budget.left} restarts left)", file=sys.stderr)
+
+    def held(self) -> dict[str, float]:
+        """What the actors known to have started reserve ({"CPU": ..., "GPU": ...})."""
+        started = sum(pid is not None for pid in self.pids)
+        return {k: v * started for k, v in self.options.items()}
 
     def shutdown(self) -> None:
         import ray  # noqa: PLC0415

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -25,10 +26,11 @@ def load_policy(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTr
         tokenizer = build_char_tokenizer()
         return build_tiny_model(cfg, tokenizer, seed=seed), tokenizer
     path = Path(cfg.path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model.path: directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model.path: {path} has no config.json (not a Hugging Face model directory)")
+    check_model_dir(path, "model.path")
+    arch = architectures(path)
+    if arch and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in arch):
+        raise ModelLoadError(f"model.path: {path} holds a {', '.join(arch)} (a reward model or critic), not a causal "
+                             "LM with its language-model head; give the policy's directory (e.g. runs/sft_*/final)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -41,10 +43,35 @@ def load_policy(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTr
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model.path: cannot load a causal LM from {path}: {err}") from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(f"model.path: {path} lacks {len(missing)} weights a causal LM needs ({missing[0]}"
+                             f"{', ...' if len(missing) > 1 else ''}); it is not a policy checkpoint")
     return model, tokenizer
+
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_model_dir(path: Path, key: str) -> None:
+    """`path` must be a Hugging Face model directory; a run directory gets a hint at its final/ model."""
+    if not path.is_dir():
+        raise ModelLoadError(f"{key}: directory not found: {path}")
+    if not (path / "config.json").is_file():
+        hint = (f"; did you mean {path / 'final'}? (a run directory keeps its model in final/)"
+                if (path / "final" / "config.json").is_file() else " (not a Hugging Face model directory)")
+        raise ModelLoadError(f"{key}: {path} has no config.json{hint}")
+
+
+def architectures(path: Path) -> list[str]:
+    """The model classes a Hugging Face directory's config.json names ([] when it names none)."""
+    try:
+        return list(json.loads((path / "config.json").read_text()).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from posttrain.batch import left_pad
 from posttrain.errors import ModelLoadError
+from posttrain.models.loading import architectures, check_model_dir
 from posttrain.models.value import last_token_scores, scalar_model_from_pretrained
 
 
@@ -33,8 +34,12 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | Path) -> "RewardModel":
         path = Path(path)
-        if not path.is_dir():
-            raise ModelLoadError(f"reward model: directory not found: {path}")
+        check_model_dir(path, "reward model")
+        arch = architectures(path)
+        if not any("ForSequenceClassification" in a for a in arch):
+            raise ModelLoadError(f"reward model: {path} holds a {', '.join(arch) or 'model with no architectures'}, "
+                                 "not a reward model (a scalar-head ForSequenceClassification model); train one "
+                                 "with posttrain rm")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as err:

@@ -17,6 +17,8 @@ differ slightly from the one being optimised).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,19 +43,26 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` (transformers 5.2x, which deprecates the
+    old name with a FutureWarning) or `past_key_values` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _HFStepper:
     """Decoding through the model's own forward and a transformers DynamicCache (any causal LM)."""
 
     def __init__(self, model, prompt_ids: Tensor, attn: Tensor) -> None:
         self.model, self.attn, self.cache = model, attn, DynamicCache()
+        self.cache_arg = cache_argument(model)
         out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions_from_mask(attn),
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                    **{self.cache_arg: self.cache}, use_cache=True, logits_to_keep=1)
         self.first = out.logits[:, -1]
 
     def step(self, tokens: Tensor, positions: Tensor, alive: Tensor) -> Tensor:
         self.attn = torch.cat([self.attn, alive.long().unsqueeze(1)], dim=1)
         out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=self.attn, position_ids=positions.unsqueeze(1),
-                         past_key_values=self.cache, use_cache=True)
+                         **{self.cache_arg: self.cache}, use_cache=True)
         return out.logits[:, -1]
 
 
