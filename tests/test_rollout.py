@@ -2,6 +2,7 @@
 greedy decoding, seeding, and the top-k / top-p filters."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -188,3 +189,34 @@ def test_top_k_keeps_exactly_the_k_largest():
     assert torch.equal(out[kept], logits[kept])
     assert torch.equal(filter_logits(logits, top_k=0), logits)
     assert torch.equal(filter_logits(logits, top_k=20), logits)
+
+
+@pytest.mark.parametrize("lean", ["1", "0"])
+def test_finished_rows_leave_the_decode_batch_with_the_same_samples(model, tokenizer, prompts, lean, monkeypatch):
+    """Rows that ended stop being computed (the stepper sees fewer rows), and the samples, masks and log-probs
+    are those of decoding every row to the end: the random stream does not depend on when rows finish."""
+    gen = sys.modules[generate.__module__]  # the module (posttrain.rollout exports the function under its name)
+    monkeypatch.setenv("POSTTRAIN_LEAN", lean)
+    sizes = []
+    for cls in (gen._LeanStepper, gen._HFStepper):
+        step = cls.step
+        monkeypatch.setattr(cls, "step", lambda self, tok, *a, _step=step: sizes.append(len(tok)) or _step(self, tok, *a))
+    ids, mask = prompts
+    runs = []
+    for below in (0.0, gen.COMPACT_BELOW):  # 0: never compacts
+        monkeypatch.setattr(gen, "COMPACT_BELOW", below)
+        sizes.clear()
+        out = generate(model, ids, mask, max_new_tokens=16, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(3))
+        runs.append((out, list(sizes)))
+    (full, full_sizes), (compact, compact_sizes) = runs
+    lengths = full.response_mask.sum(1)
+    assert lengths.min() < lengths.max() - 2  # rows do end at different steps
+    assert set(full_sizes) == {len(PROMPTS)} and min(compact_sizes) < len(PROMPTS)
+    assert sum(compact_sizes) < sum(full_sizes)
+    # a step computes at most the live rows / COMPACT_BELOW
+    live = [int(full.response_mask[:, t + 1].sum()) for t in range(len(full_sizes))]
+    assert all(n <= max(1, math.ceil(a / gen.COMPACT_BELOW)) + 1 or n == len(PROMPTS) for n, a in zip(compact_sizes, live))
+    assert torch.equal(compact.response_ids, full.response_ids)
+    assert torch.equal(compact.response_mask, full.response_mask)
+    torch.testing.assert_close(compact.logprobs, full.logprobs, atol=1e-5, rtol=0)

@@ -258,6 +258,10 @@ class KVCache:
         self.v = torch.empty(n_layers, B, Hkv, capacity, D, dtype=dtype)
         self.length = 0  # positions filled before the current call
 
+    def keep(self, rows: Tensor) -> None:
+        """Keep only `rows` (indices into the batch) of every layer's keys and values, up to `length`."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length:end] = k
@@ -307,6 +311,12 @@ class LeanDecoder:
             logits = logits[inverse]
         self.cache.length = P
         return logits
+
+    def keep(self, rows: Tensor) -> None:
+        """Continue with only `rows` (indices into the current batch): finished rows leave the batch, and later
+        steps cost what the rows still decoding cost."""
+        self.cache.keep(rows)
+        self.bias = self.bias[rows]
 
     def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """(B,) tokens at (B,) positions -> (B, V) logits for the next token."""

@@ -2,7 +2,7 @@
 
 Prompts are left-padded; position ids count real tokens only, exactly as the training forward pass
 (`posttrain.models.logprobs.response_logprobs`) does, so the log-probabilities agree. A row stops at
-EOS; the loop stops when every row has stopped or `max_new_tokens` is reached.
+EOS (or any of the stop ids given: a chat model's end-of-turn token too); the loop stops when every row has stopped or `max_new_tokens` is reached.
 
 Llama and Qwen2 models decode through the lean forward (`posttrain.models.lean`): a KV cache preallocated for
 the whole generation, fused projections, one attention mask built per batch, and repeated prompts (GRPO's G
@@ -18,6 +18,7 @@ differ slightly from the one being optimised).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,10 @@ class _HFStepper:
                     **{self.cache_arg: self.cache}, use_cache=True, logits_to_keep=1)
         self.first = out.logits[:, -1]
 
+    def keep(self, rows: Tensor) -> None:
+        self.cache.reorder_cache(rows)  # index_select on the batch dimension of every layer
+        self.attn = self.attn[rows]
+
     def step(self, tokens: Tensor, positions: Tensor, alive: Tensor) -> Tensor:
         self.attn = torch.cat([self.attn, alive.long().unsqueeze(1)], dim=1)
         out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=self.attn, position_ids=positions.unsqueeze(1),
@@ -73,34 +78,46 @@ class _LeanStepper:
         self.decoder = LeanDecoder(lean, attn, max_new_tokens)
         self.first = self.decoder.prefill(prompt_ids, attn, positions_from_mask(attn))
 
+    def keep(self, rows: Tensor) -> None:
+        self.decoder.keep(rows)
+
     def step(self, tokens: Tensor, positions: Tensor, alive: Tensor) -> Tensor:
         return self.decoder.step(tokens, positions)
 
 
+COMPACT_BELOW = 0.75  # finished rows leave the decode batch once the rows decoding are fewer than this share
+
+
 @torch.no_grad()
-def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_token_id: int,
-             pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+             eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None) -> RolloutBatch:
     """Sample (or decode greedily) up to `max_new_tokens` tokens for each left-padded prompt (B, P).
+
+    A row stops at the first token in `eos_token_id` (one id, or several: a chat model's EOS and end-of-turn
+    token, posttrain.models.chat.stop_token_ids); that token is part of the response (response_mask 1) and
+    every position after it is padding (pad_token_id, mask 0), also where the pad id is the stop id.
 
     Llama and Qwen2 models decode through the lean forward (posttrain.models.lean), anything else through
     its HF forward; both give the same tokens and log-probs up to float rounding.
     """
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     B = prompt_ids.size(0)
     attn = prompt_mask.long()
     lean = lean_backbone(model)
     lean = lean if lean is not None and lean.head is not None else None
     stepper = (_LeanStepper(lean, prompt_ids, attn, max_new_tokens) if lean is not None
                else _HFStepper(model, prompt_ids, attn))
-    logits = stepper.first
+    raw = stepper.first  # (B, V); a finished row keeps its last logits (sampled from, then discarded)
     next_pos = attn.sum(-1)  # (B,): position of the first response token
     tokens, logps, masks = [], [], []
     alive = torch.ones(B, dtype=torch.bool)
+    rows = torch.arange(B)  # the batch rows the stepper still decodes, in its order
     for t in range(max_new_tokens):
-        logits = logits.float() / temperature  # (B, V)
+        logits = raw.float() / temperature  # (B, V)
         if greedy:
             tok = logits.argmax(-1)
-        else:
+        else:  # every row draws, finished or not, so the random stream does not depend on when rows finish
             probs = filter_logits(logits, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         logp = F.log_softmax(logits, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
@@ -108,10 +125,14 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
         masks.append(alive)
         tokens.append(tok)
         logps.append(logp.masked_fill(~alive, 0.0))
-        alive = alive & (tok != eos_token_id)
+        alive = alive & ~torch.isin(tok, stops)
         if t == max_new_tokens - 1 or not alive.any():
             break
-        logits = stepper.step(tok, next_pos + t, masks[-1])
+        if int(alive[rows].sum()) < COMPACT_BELOW * len(rows):
+            keep = alive[rows].nonzero().squeeze(1)
+            stepper.keep(keep)
+            rows = rows[keep]
+        raw = raw.index_copy(0, rows, stepper.step(tok[rows], (next_pos + t)[rows], masks[-1][rows]))
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=torch.stack(tokens, 1),
                         response_mask=torch.stack(masks, 1).float(), logprobs=torch.stack(logps, 1),
                         finished=~alive)
