@@ -1,14 +1,19 @@
 """Command line: `posttrain demo|sft|rm|rl|dpo|rft|bon|convert ...`, each subcommand a plain function.
 
-Every user error (bad argument, config, path, data) prints one line and exits with code 2.
+Every user error (bad argument, config, path, data) prints one line and exits with code 2. Dotted overrides
+may come before or after the flags (`posttrain rl CONFIG --resume rl.lr=1e-4`). Each command writes to
+`runs/<command>_<config name>` unless output_dir is set (see `default_output_dir`), and holds that directory's
+lock for the whole run (posttrain/recipes/control.py: `lock_run_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 USAGE_ERROR = 2
@@ -23,14 +28,25 @@ RESUMABLE = ("sft", "rm", "rl", "dpo", "rft")  # and `demo` (both pipelines); `b
 
 
 def _resume_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true", help="continue the run in the output directory from its "
-                   "newest valid checkpoint (same config)")
-    p.add_argument("--overwrite", action="store_true", help="start again even if the output directory holds an "
-                   "unfinished run (its checkpoints are deleted)")
+    flags = p.add_mutually_exclusive_group()
+    flags.add_argument("--resume", action="store_true", help="continue the run in the output directory from its "
+                       "newest valid checkpoint (same config); a finished run has nothing to resume (exit code 2)")
+    flags.add_argument("--overwrite", action="store_true", help="start again even if the output directory holds "
+                       "an unfinished run (its checkpoints are deleted)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("posttrain")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="posttrain", description="Post-train language models with RL.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="build a tiny model, SFT it, then GRPO it on built-in arithmetic")
     demo.add_argument("--output-dir", default=None, help="run directory (default runs/demo)")
@@ -42,23 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-ablation", action="store_true",
                       help="rlhf: skip the second PPO run (beta = 0, lambda_ptx = 0)")
     _resume_flags(demo)
-    demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.steps=100")
+    demo.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. rl.steps=100")
     for name, text in (("sft", "supervised fine-tuning"), ("rm", "reward model from preference pairs"),
                        ("rl", "online RL: GRPO and family, or PPO with a critic and a reward model"),
                        ("dpo", "a policy from preference pairs: DPO, IPO, SLiC-HF or SimPO (dpo.loss)"),
                        ("rft", "rejection-sampling fine-tuning: sample n, keep the best, SFT on it, repeat")):
         sp = sub.add_parser(name, help=text)
-        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("config", help=f"YAML config file (output in runs/{name}_<its name> unless output_dir is set)")
         if name in RESUMABLE:
             _resume_flags(sp)
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.lr=1e-4")
+        sp.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. rl.lr=1e-4 (before or "
+                        "after the flags)")
     bon = sub.add_parser("bon", help="best-of-n sampling on the held-out problems: accuracy and pass@k against n")
     bon.add_argument("--model", default=None, help="model directory (model.path), e.g. runs/sft_arithmetic/final")
     bon.add_argument("--n", type=int, default=None, help="samples per prompt (bon.n, default 16)")
     bon.add_argument("--scorer", default=None, help="'task' (the verifier, default) or a reward-model directory")
     bon.add_argument("--config", default=None, help="YAML config to start from (default: embedded)")
-    bon.add_argument("--output-dir", default=None, help="run directory (default runs/bon)")
-    bon.add_argument("overrides", nargs="*", help="dotted overrides, e.g. bon.temperature=0.7")
+    bon.add_argument("--output-dir", default=None, help="run directory (default runs/bon, or runs/bon_<config "
+                     "name> with --config)")
+    bon.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. bon.temperature=0.7")
     conv = sub.add_parser("convert", help="a GGUF file to a Hugging Face model directory (needs the extra 'real')")
     conv.add_argument("gguf_file", help="GGUF file, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
     conv.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
@@ -86,17 +104,45 @@ def _convert(args) -> int:
     return 0
 
 
-def _bon_overrides(args) -> list[str]:
-    """`posttrain bon` flags as dotted overrides (after the positional ones, so the flags win)."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Overrides are accepted before and after the flags: the words argparse leaves over after the first run of
+    positionals are overrides too (in order), unless one of them is a flag it does not know."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if any(word.startswith("-") for word in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def default_output_dir(command: str, config: str | None) -> str:
+    """runs/<command>_<config file's name>, so that no two commands share a directory by default (`posttrain rm
+    configs/sft_arithmetic.yaml` must not replace the SFT model in runs/sft_arithmetic). A name that already
+    starts with the command is not repeated: sft with configs/sft_arithmetic.yaml writes runs/sft_arithmetic.
+    Without a config file: runs/<command>."""
+    if config is None:
+        return f"runs/{command}"
+    stem = Path(config).name.removesuffix(".yaml").removesuffix(".yml")
+    return f"runs/{stem}" if stem == command or stem.startswith(f"{command}_") else f"runs/{command}_{stem}"
+
+
+def _output_dir_override(command: str, config: str | None, overrides: list[str], data: dict | None = None) -> list[str]:
+    """[output_dir=runs/...] when neither the config file nor the command line sets output_dir, else []: an
+    output_dir you write always wins."""
     from posttrain.config import parse_overrides, read_yaml
 
+    data = read_yaml(config) if data is None else data
+    if "output_dir" in data or "output_dir" in parse_overrides(overrides):
+        return []
+    return [f"output_dir={json.dumps(default_output_dir(command, config))}"]  # a path, not YAML
+
+
+def _bon_overrides(args) -> list[str]:
+    """`posttrain bon` flags as dotted overrides (after the positional ones, so the flags win)."""
     extra = [f"model.path={json.dumps(args.model)}"] if args.model else []  # a path, not YAML
     extra += [f"bon.n={args.n}"] if args.n is not None else []
     extra += [f"bon.scorer={json.dumps(args.scorer)}"] if args.scorer else []
-    if args.output_dir:
-        extra.append(f"output_dir={json.dumps(args.output_dir)}")
-    elif "output_dir" not in {**read_yaml(args.config), **parse_overrides(args.overrides)}:
-        extra.append("output_dir=runs/bon")
+    extra += [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []
     return [*args.overrides, *extra]
 
 
@@ -109,60 +155,69 @@ def _local_only(command: str, cfg) -> None:
                           "process (remove backend=ray)")
 
 
-def _note_run_dir(cfg) -> tuple[Path, bool]:
-    out = Path(cfg.output_dir)
-    return out, out.exists()
-
-
-def _remove_partial_output(out: Path | None = None, existed: bool = True) -> None:
+def _remove_partial_output(out: Path, existed: bool) -> None:
     """A user error leaves nothing behind: delete the output directory this command created, unless it holds
     a checkpoint (a run stopped mid-way keeps its state)."""
-    if out is None or existed or not out.is_dir():
+    if existed or not out.is_dir():
         return
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         return
     shutil.rmtree(out, ignore_errors=True)
 
 
+def _command(args) -> tuple[object, Callable[[], object]]:
+    """The command's validated config and the call that runs it (nothing is written yet)."""
+    from posttrain.config import load_config, read_yaml
+
+    if args.command == "demo":  # its own defaults: runs/demo, runs/rlhf (the pipeline's)
+        extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
+        extra += [f"seed={args.seed}"] if args.seed is not None else []
+        flags = {"resume": args.resume, "overwrite": args.overwrite}
+        if args.pipeline == "rlhf":
+            from posttrain.recipes.pipeline import rlhf_config, run_rlhf
+
+            cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
+            return cfg, lambda: run_rlhf(cfg, None if args.no_ablation else ablation, **flags)
+        cfg = load_config(args.config, [*args.overrides, *extra])
+
+        def run():
+            from posttrain.recipes.demo import run_demo
+
+            return run_demo(cfg, **flags)
+        return cfg, run
+    overrides = _bon_overrides(args) if args.command == "bon" else args.overrides
+    cfg = load_config(args.config, [*_output_dir_override(args.command, args.config, overrides), *overrides])
+    flags = {"resume": args.resume, "overwrite": args.overwrite} if args.command in RESUMABLE else {}
+
+    def run():
+        from posttrain.recipes import runners
+
+        return getattr(runners, f"run_{args.command}")(cfg, **flags)
+    return cfg, run
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "convert":
         return _convert(args)
-    from posttrain.config import load_config
     from posttrain.errors import PosttrainError, RunInterrupted
 
-    run_dir: list = []  # the output directory once known, and whether it existed before this command
     try:
-        if args.command == "demo":
-            extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
-            extra += [f"seed={args.seed}"] if args.seed is not None else []
-            if args.pipeline == "rlhf":
-                from posttrain.config import read_yaml
-                from posttrain.recipes.pipeline import rlhf_config, run_rlhf
+        cfg, run = _command(args)
+        _local_only(args.command, cfg)
+        out = Path(cfg.output_dir)
+        existed = out.exists()
+        words = sys.argv[1:] if argv is None else argv
+        from posttrain.recipes.control import lock_run_dir
 
-                cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra])
-                _local_only(args.command, cfg)
-                run_dir[:] = _note_run_dir(cfg)
-                run_rlhf(cfg, None if args.no_ablation else ablation, resume=args.resume, overwrite=args.overwrite)
-            else:
-                cfg = load_config(args.config, [*args.overrides, *extra])
-                _local_only(args.command, cfg)
-                run_dir[:] = _note_run_dir(cfg)
-                from posttrain.recipes.demo import run_demo
-
-                run_demo(cfg, resume=args.resume, overwrite=args.overwrite)
-        else:
-            overrides = _bon_overrides(args) if args.command == "bon" else args.overrides
-            cfg = load_config(args.config, overrides)
-            _local_only(args.command, cfg)
-            run_dir[:] = _note_run_dir(cfg)
-            from posttrain.recipes import runners
-
-            flags = {"resume": args.resume, "overwrite": args.overwrite} if args.command in RESUMABLE else {}
-            getattr(runners, f"run_{args.command}")(cfg, **flags)
+        with lock_run_dir(out, shlex.join(["posttrain", *map(str, words)])):  # before anything is touched
+            try:
+                run()
+            except (PosttrainError, FileNotFoundError):
+                _remove_partial_output(out, existed)  # while the lock is held: no other run is in there
+                raise
     except (PosttrainError, FileNotFoundError) as err:
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
-        _remove_partial_output(*run_dir)
         return USAGE_ERROR
     except RunInterrupted as stop:
         print(f"posttrain {args.command}: {stop}", file=sys.stderr)

@@ -6,12 +6,14 @@ defaults are the demo's settings, so `RunConfig()` is the embedded default run.
     cfg = load_config("configs/grpo_arithmetic.yaml", ["rl.lr=1e-4", "seed=3"])
 
 Errors are `ConfigError` with a one-line message that names the bad key (and the closest valid key for
-a misspelling) or the allowed values.
+a misspelling) or the allowed values, after where that key was set: the YAML file or the command line
+(`configs/x.yaml: unknown config key 'rl.lrr' ...`, `command line: unknown config key 'rl.lrr' ...`).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -432,7 +434,9 @@ class RayConfig(_Section):
 
 class RunConfig(_Section):
     seed: int = Field(0, description="Seeds every random generator; same seed and config give the same numbers.")
-    output_dir: str = Field("runs/demo", description="Where config.yaml, metrics.jsonl, checkpoints go.")
+    output_dir: str = Field("runs/demo", description="Where config.yaml, metrics.jsonl, checkpoints go. Unset, "
+                            "the CLI picks runs/<command>_<config name> (posttrain/cli.py: default_output_dir; the "
+                            "demo: runs/demo, its rlhf pipeline: runs/rlhf).")
     threads: int = Field(2, ge=1, description="torch CPU threads.")
     progress: bool = Field(True, description="Show a progress bar.")
     backend: Literal["local", "ray"] = Field("local", description="'local': everything in this process. 'ray': "
@@ -511,21 +515,52 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: ValidationError) -> str:
-    parts = []
+COMMAND_LINE = "command line"
+
+
+def _key_paths(tree: dict, prefix: tuple = ()) -> set[tuple]:
+    """Every key path a nested dict sets, sections included: {"rl": {"lr": 1}} -> {("rl",), ("rl", "lr")}."""
+    paths = set()
+    for key, value in tree.items():
+        paths.add((*prefix, str(key)))
+        if isinstance(value, dict):
+            paths |= _key_paths(value, (*prefix, str(key)))
+    return paths
+
+
+def _origin(keys: list[tuple], cli: set[tuple], file: set[tuple], source: str | None) -> str | None:
+    """Where the keys an error is about were set: the command line if any of them was set there (it wins over
+    the file), else `source` (the YAML file); a key set in neither is placed by its nearest section."""
+    origins = set()
+    for key in keys:
+        for n in range(len(key), 0, -1):
+            if key[:n] in cli or key[:n] in file:
+                origins.add(COMMAND_LINE if key[:n] in cli else source)
+                break
+    return COMMAND_LINE if COMMAND_LINE in origins else source if source in origins else None
+
+
+def _describe(err: ValidationError, cli: set[tuple] = frozenset(), file: set[tuple] = frozenset(),
+              source: str | None = None) -> str:
+    """One line for every problem, each after where its key was set (`source: ...; command line: ...`)."""
+    parts: dict[str | None, list[str]] = {}
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc)
+        keys = [tuple(str(p) for p in loc)]
         if e["type"] == "extra_forbidden":
             prefix = ".".join(str(p) for p in loc[:-1])
             valid = [f"{prefix}.{f}" if prefix else f for f in _fields_at(loc)]
-            parts.append(f"unknown config key '{key}'{_suggest(key, valid)}")
+            text = f"unknown config key '{key}'{_suggest(key, valid)}"
         elif e["type"] in ("value_error", "assertion_error"):
             msg = str(e["msg"]).removeprefix("Value error, ")
-            parts.append(msg if not key or msg.startswith(key) else f"{key}: {msg}")
+            text = msg if not key or msg.startswith(key) else f"{key}: {msg}"
+            named = [tuple(k.split(".")) for k in re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+", msg)]
+            keys = [k for k in named if k in cli or k in file] or keys  # a check across keys names them
         else:
-            parts.append(f"{key or 'config'}: {e['msg']} (got {e.get('input')!r})")
-    return "; ".join(parts)
+            text = f"{key or 'config'}: {e['msg']} (got {e.get('input')!r})"
+        parts.setdefault(_origin(keys, cli, file, source), []).append(text)
+    return "; ".join(f"{where}: {'; '.join(texts)}" if where else "; ".join(texts) for where, texts in parts.items())
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -559,13 +594,18 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Validate a config dict plus overrides into a frozen RunConfig; raise ConfigError on any problem."""
-    merged = _merge(data or {}, parse_overrides(overrides or []))
+def build_config(data: dict | None = None, overrides: list[str] | None = None, source: str | None = None,
+                 defaults: dict | None = None) -> RunConfig:
+    """Validate `defaults` < `data` < overrides into a frozen RunConfig; raise ConfigError on any problem, its
+    message attributed to `source` (the file `data` was read from) or to the command line (the overrides)."""
     try:
-        return RunConfig.model_validate(merged)
+        tree = parse_overrides(overrides or [])
+    except ConfigError as err:
+        raise ConfigError(f"{COMMAND_LINE}: {err}") from None
+    try:
+        return RunConfig.model_validate(_merge(_merge(defaults or {}, data or {}), tree))
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(_describe(err, _key_paths(tree), _key_paths(data or {}), source)) from None
 
 
 def read_yaml(path: str | Path | None) -> dict:
@@ -588,12 +628,7 @@ def read_yaml(path: str | Path | None) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (None: the embedded defaults), apply dotted overrides, validate once."""
-    data = read_yaml(path)
-    try:
-        return build_config(data, overrides)
-    except ConfigError as err:
-        prefix = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{prefix}{err}") from None
+    return build_config(read_yaml(path), overrides, source=None if path is None else str(path))
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

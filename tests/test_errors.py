@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import main
+from posttrain.recipes.control import lock_run_dir
 
 TINY = ["threads=1", "progress=false", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.intermediate_size=64", "task.num_eval=20", "task.max_operand=20",
@@ -37,7 +38,28 @@ def files(d: Path) -> dict[str, Path]:
     (d / "no_config_model").mkdir(exist_ok=True)
     (d / "gsm8k_bad.jsonl").write_text('{"question": "How many?"}\n')
     no_special_tokens_model(d / "no_pad_no_eos")
+    (d / "bad_key.yaml").write_text("rl:\n  lrr: 1.0e-4\n")
+    (d / "a_run" / "final").mkdir(parents=True, exist_ok=True)  # a run directory: its model is in final/
+    (d / "a_run" / "final" / "config.json").write_text("{}\n")
+    (d / "a_file").write_text("")
+    (d / "finished").mkdir(exist_ok=True)  # a run that completed: config.yaml, summary.json, no checkpoints
+    (d / "finished" / "config.yaml").write_text("seed: 0\n")
+    (d / "finished" / "summary.json").write_text("{}\n")
+    (d / "busy").mkdir(exist_ok=True)  # a run directory another command holds (here: this process, another fd)
+    hold = lock_run_dir(d / "busy", "posttrain sft ok.yaml output_dir=busy")
+    hold.__enter__()
+    HELD.append(hold)
     return {p.name: p for p in d.iterdir()}
+
+
+HELD: list = []  # the run-directory locks `files` holds; released after each test
+
+
+@pytest.fixture(autouse=True)
+def _release_locks():
+    yield
+    while HELD:
+        HELD.pop().__exit__(None, None, None)
 
 
 def no_special_tokens_model(path: Path, keep_eos: bool = False) -> Path:
@@ -56,7 +78,8 @@ def no_special_tokens_model(path: Path, keep_eos: bool = False) -> Path:
 
 # (id, argv built from the files dict `f` and the run dir `out`, text the one-line message must contain)
 CASES = [
-    ("unknown-key", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.lrr=1e-4"], "unknown config key 'rl.lrr' (did you mean 'rl.lr'?)"),
+    ("unknown-key", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.lrr=1e-4"], "command line: unknown config key 'rl.lrr' (did you mean 'rl.lr'?)"),
+    ("unknown-key-in-yaml", lambda f, out: ["rl", str(f["bad_key.yaml"]), "rl.lr=1e-4"], "bad_key.yaml: unknown config key 'rl.lrr' (did you mean 'rl.lr'?)"),
     ("unknown-section", lambda f, out: ["demo", "rll.steps=1"], "unknown config key 'rll'"),
     ("wrong-type", lambda f, out: ["demo", "rl.lr=fast"], "rl.lr: Input should be a valid number"),
     ("out-of-range", lambda f, out: ["demo", "rl.clip_eps_low=1.5"], "rl.clip_eps_low: Input should be less than 1"),
@@ -76,7 +99,15 @@ CASES = [
     ("config-bad-yaml", lambda f, out: ["rl", str(f["bad.yaml"])], "bad.yaml line 3: not valid YAML"),
     ("config-not-mapping", lambda f, out: ["rl", str(f["list.yaml"])], "the top level must be a mapping"),
     ("bad-flag", lambda f, out: ["demo", "--sed", "1"], "unrecognized arguments: --sed"),
+    ("no-config", lambda f, out: ["sft"], "the following arguments are required: config (see"),
+    ("resume-and-overwrite", lambda f, out: ["rl", str(f["ok.yaml"]), "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    ("resume-finished-run", lambda f, out: ["demo", "--resume", f"output_dir={f['finished']}"], "finished holds a finished run (summary.json, no checkpoint left); nothing to resume"),
+    ("output-dir-is-a-file", lambda f, out: ["sft", str(f["ok.yaml"]), f"output_dir={f['a_file']}"], "a_file is a file, not a directory"),
+    ("output-dir-under-a-file", lambda f, out: ["sft", str(f["ok.yaml"]), f"output_dir={f['a_file']}/run"], "a_file is a file, not a directory"),
+    ("output-dir-not-writable", lambda f, out: ["sft", str(f["ok.yaml"]), "output_dir=/sys/posttrain_run"], "output_dir /sys/posttrain_run: cannot create the directory"),
+    ("output-dir-in-use", lambda f, out: ["sft", str(f["ok.yaml"]), "--overwrite", f"output_dir={f['busy']}"], "busy is in use by another posttrain process (pid "),
     ("model-dir-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "model.path=nowhere"], "model.path: directory not found: nowhere"),
+    ("model-dir-is-a-run", lambda f, out: ["rl", str(f["ok.yaml"]), f"model.path={f['a_run']}"], "a_run has no config.json; did you mean "),
     ("model-dir-not-hf", lambda f, out: ["rl", str(f["ok.yaml"]), f"model.path={f['no_config_model']}"], "has no config.json"),
     ("rm-path-missing", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.reward=reward_model", "rl.reward_model_path=nowhere"], "nowhere"),
     ("pairs-missing", lambda f, out: ["rm", str(f["ok.yaml"]), "rm.data=nowhere.jsonl"], "nowhere.jsonl"),
@@ -109,24 +140,26 @@ def run_case(argv_fn, tmp_path, capsys):
     out = tmp_path / "run"
     argv = argv_fn(f, out)
     argv = with_tiny(argv, out)
-    code = main(argv) if "--sed" not in argv else _argparse_exit(argv, capsys)
+    code = exit_code(argv)
     err = capsys.readouterr().err.strip()
     return code, err, out
 
 
 def with_tiny(argv: list[str], out: Path) -> list[str]:
     """Insert the tiny-model settings before the case's own overrides (which must win), and the run dir."""
-    if argv[0] not in ("sft", "rl", "rm", "dpo", "rft", "demo"):
+    if argv[0] not in ("sft", "rl", "rm", "dpo", "rft", "demo") or (argv[0] != "demo" and len(argv) < 2):
         return argv
     at = 1 if argv[0] == "demo" else 2
     tiny = [t for t in TINY if not t.startswith("task.")] if any("task.name" in a for a in argv) else TINY
     return [*argv[:at], *tiny, f"output_dir={out}", *argv[at:]]
 
 
-def _argparse_exit(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return exit_info.value.code
+def exit_code(argv) -> int:
+    """main's return value, or the code argparse exits with (a bad flag)."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
 
 
 @pytest.mark.parametrize("case_id,argv_fn,expected", CASES, ids=[c[0] for c in CASES])
@@ -163,7 +196,7 @@ if __name__ == "__main__":  # print docs/errors.md's table
 
             os.chdir(d)
             buf = io.StringIO()
-            with contextlib.redirect_stderr(buf):
+            with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()):  # notes aside
                 try:
                     argv = argv_fn(files(Path(d)), Path(d) / "run")
                     shown = " ".join(a.replace(d + "/", "") for a in argv)
@@ -171,6 +204,10 @@ if __name__ == "__main__":  # print docs/errors.md's table
                     main(full)
                 except SystemExit:
                     pass
-            msg = buf.getvalue().strip().replace(d + "/", "").replace("|", "\\|")
+                finally:
+                    while HELD:
+                        HELD.pop().__exit__(None, None, None)
+            msg = buf.getvalue().strip().replace(d + "/", "").replace(f"pid {os.getpid()}", "pid 4242")
+            msg = msg.replace("|", "\\|")
             print(f"| {case_id} | `posttrain {shown}` | `{msg}` |")
         sys.stdout.flush()

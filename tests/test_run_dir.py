@@ -78,9 +78,15 @@ def test_overwrite_starts_again(tmp_path):
     config = write_config(tmp_path)
     run = tmp_path / "run"
     (run / "checkpoints" / "000003-sft-000003").mkdir(parents=True)
+    (run / "ppo").mkdir()  # the interrupted run's outputs (here: of another pipeline) and a file of the user's
+    for name, text in (("config.yaml", "seed: 5\n"), ("bon.png", "old"), ("ppo/metrics.jsonl", "old"),
+                       ("notes.txt", "mine")):
+        (run / name).write_text(text)
     out = demo(config, "--overwrite")
     assert out.returncode == 0, out.stderr
     assert json.loads((run / "summary.json").read_text())["seed"] == 0
+    assert not (run / "bon.png").exists() and not (run / "ppo").exists()  # nothing stale beside the new run
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):

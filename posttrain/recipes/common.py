@@ -15,6 +15,7 @@ import torch
 
 from posttrain.batch import left_pad
 from posttrain.config import RunConfig, dump_config
+from posttrain.recipes.control import clear_previous_outputs
 from posttrain.rollout import generate
 
 
@@ -122,9 +123,11 @@ def evaluate(model, tokenizer, task, problems, batch_size: int, max_new_tokens: 
 
 
 def prepare_output_dir(cfg: RunConfig) -> Path:
-    """Create the output directory and write the fully resolved config into it."""
+    """Create the output directory and write the fully resolved config into it; a run that starts from the
+    beginning first removes the previous run's outputs (recipes/control.py: `clear_previous_outputs`)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clear_previous_outputs(cfg)
     dump_config(cfg, out / "config.yaml")
     return out
 

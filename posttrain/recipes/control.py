@@ -5,6 +5,9 @@
                                                               # on SIGINT/SIGTERM saves and stops the run
 A loop that resumes reads `ctl.resumed` (the checkpoint's phase, step, weights and state) once at its start.
 
+One process at a time: the CLI holds `lock_run_dir(out)` (an advisory lock on OUTPUT_DIR/.lock) for a run's
+whole life, so a second command into the same directory stops before touching anything.
+
 Signals: the first SIGINT or SIGTERM asks the loop to stop after the current step; the loop saves a
 checkpoint and `RunInterrupted` ends the run (exit code 130). A second SIGINT exits at once
 (KeyboardInterrupt); what was written before stays valid, because checkpoints are renamed into place whole.
@@ -12,9 +15,11 @@ checkpoint and `RunInterrupted` ends the run (exit code 130). A second SIGINT ex
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,66 @@ from posttrain.errors import PosttrainError, RunInterrupted  # noqa: F401 (re-ex
 
 class RunDiverged(PosttrainError):
     """Too many consecutive steps with a non-finite loss or gradient; the state was saved."""
+
+
+class RunDirBusy(PosttrainError):
+    """Another live process holds the run directory's lock (its files are its own: nothing was touched)."""
+
+
+LOCK_FILE = ".lock"
+
+
+def _writable_dir(out: Path) -> None:
+    """Create `out` (and its parents); a path that is or runs through a file, or that cannot be written, is one
+    line naming it."""
+    for p in (out, *out.parents):  # the nearest part of the path that exists must be a directory
+        if p.exists():
+            if p == out and not p.is_dir():
+                raise PosttrainError(f"output_dir {out} is a file, not a directory (choose another output_dir)")
+            if not p.is_dir():
+                raise PosttrainError(f"output_dir {out}: {p} is a file, not a directory")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PosttrainError(f"output_dir {out}: cannot create the directory ({err.strerror})") from None
+
+
+@contextmanager
+def lock_run_dir(out: str | Path, command: str = "") -> Iterator[Path]:
+    """Hold OUTPUT_DIR/.lock, an advisory `flock`, while the block runs: a second command into the same directory
+    (also with --overwrite) stops at once with one line naming the directory and the process holding it.
+
+    The kernel drops a flock when its process dies, so a lock left by a killed run is simply taken over; the
+    file's contents (pid and command of the holder) only serve the message. The directory is created here,
+    which is also where an output_dir that is a file or is not writable is reported."""
+    import fcntl  # noqa: PLC0415 (POSIX)
+
+    out = Path(out)
+    _writable_dir(out)
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise PosttrainError(f"output_dir {out}: cannot write there ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        os.close(fd)
+        pid, _, cmd = holder.partition(" ")
+        who = f"pid {pid}: {cmd[:120]}" if cmd else f"pid {pid}" if pid else "pid unknown"
+        raise RunDirBusy(f"{out} is in use by another posttrain process ({who}); wait for it to finish or choose "
+                         "another output_dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        yield out
+    finally:
+        try:
+            os.ftruncate(fd, 0)  # a finished run leaves an empty lock file
+        finally:
+            os.close(fd)  # releases the lock
 
 
 @dataclass
@@ -178,8 +243,11 @@ def open_run(cfg, resume: bool = False, overwrite: bool = False) -> tuple[Path, 
 
     - resume: continue from the newest valid checkpoint (none: start from the beginning); the config must
       equal the one the run was started with (config.yaml in the directory).
+      A run that finished (summary.json, no checkpoint left) has nothing to resume: refused.
     - a directory holding an unfinished run (checkpoints) without resume: refused unless overwrite, which
-      deletes its checkpoints and metrics first. A finished run (no checkpoints left) is simply replaced.
+      deletes its checkpoints first. A finished run (no checkpoints left) is simply replaced.
+    Whenever the run starts from the beginning, the old run's outputs go once the new one starts writing
+    (`clear_previous_outputs`, from prepare_output_dir).
     """
     import shutil  # noqa: PLC0415
 
@@ -189,6 +257,12 @@ def open_run(cfg, resume: bool = False, overwrite: bool = False) -> tuple[Path, 
 
     out = Path(cfg.output_dir)
     has_checkpoints = checkpoint_root(out).is_dir() and any(checkpoint_root(out).iterdir())
+    if resume and overwrite:
+        raise PosttrainError("--resume and --overwrite exclude each other: --resume continues the run in "
+                             f"{out}, --overwrite starts it again")
+    if resume and not has_checkpoints and (out / "summary.json").is_file():
+        raise PosttrainError(f"--resume: {out} holds a finished run (summary.json, no checkpoint left); nothing to "
+                             "resume (pass --overwrite to run it again)")
     if resume:
         saved_path = out / "config.yaml"
         if saved_path.is_file():
@@ -211,6 +285,38 @@ def open_run(cfg, resume: bool = False, overwrite: bool = False) -> tuple[Path, 
                                  "to start again")
         shutil.rmtree(checkpoint_root(out))
     return out, None
+
+
+# What a run writes into its directory besides config.yaml and checkpoints/ (recipes/*.py, report*.py).
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "report.png", "rlhf.png", "bon.png", "best.jsonl", "final", "sft",
+               "rm", "ppo", "ablation")
+
+
+def clear_previous_outputs(cfg) -> None:
+    """Before a run that starts from the beginning (no checkpoint to resume) writes its first file: delete the
+    outputs of the run that was in the directory before (its summary.json, report.png, final/, ...), so that
+    nothing stale sits beside the new metrics.jsonl. Only a posttrain run directory (config.yaml) is cleared,
+    only the names in RUN_OUTPUTS, and never a path this run reads (model.path, a reward model, a scorer)."""
+    import shutil  # noqa: PLC0415
+
+    from posttrain.checkpoint import checkpoint_root  # noqa: PLC0415
+
+    out = Path(cfg.output_dir)
+    root = checkpoint_root(out)
+    if not (out / "config.yaml").is_file() or (root.is_dir() and any(root.iterdir())):
+        return
+    reads = [Path(p).resolve() for p in (cfg.model.path, cfg.rl.reward_model_path, cfg.rft.scorer, cfg.bon.scorer)
+             if p and p != "task"]
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if any(r == path.resolve() or path.resolve() in r.parents for r in reads):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def finish_run(out: Path) -> None:

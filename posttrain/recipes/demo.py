@@ -51,7 +51,6 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
         with progress_bar(cfg.rl.steps, "GRPO", cfg.progress) as bar:
             rl_accuracy = train_rl(cfg, rl_state, logger, bar, ctl)
         save_pretrained(model, tokenizer, out / "final")
-    finish_run(out)
     plot_report(out / "metrics.jsonl", out / "report.png", title=f"posttrain demo (seed {cfg.seed})")
     summary = {"sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
                "improvement": round(rl_accuracy - sft_accuracy, 6), "eval_problems": len(task.eval_problems),
@@ -59,6 +58,7 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
                "sft_seconds": round(sft_seconds, 1),
                "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
+    finish_run(out)  # after summary.json: a crash before this point resumes at the last step
     print(summarize_table(read_metrics(out / "metrics.jsonl")))
     print(f"held-out accuracy: SFT {sft_accuracy:.3f} -> GRPO {rl_accuracy:.3f} "
           f"({rl_accuracy - sft_accuracy:+.3f}) on {len(task.eval_problems)} problems, "

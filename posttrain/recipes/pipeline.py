@@ -19,6 +19,7 @@ interval over the held-out problems) or was gamed (reward-model score up, gold s
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -57,16 +58,21 @@ RLHF_DEFAULTS: dict = {
 ABLATION = ["rl.kl_coef=0", "rl.ptx_coef=0"]
 
 
-def rlhf_config(data: dict | None, overrides: list[str]) -> tuple[RunConfig, RunConfig]:
-    """(main, ablation) configs: RLHF_DEFAULTS < `data` (a YAML file's contents) < overrides, with the
-    reward model read from <output_dir>/rm unless set; the ablation differs only in beta and lambda_ptx."""
-    from posttrain.config import _merge, parse_overrides
+def rlhf_config(data: dict | None, overrides: list[str], source: str | None = None) -> tuple[RunConfig, RunConfig]:
+    """(main, ablation) configs: RLHF_DEFAULTS < `data` (a YAML file's contents, read from `source`) <
+    overrides, with the reward model read from <output_dir>/rm unless set; the ablation differs only in beta
+    and lambda_ptx."""
+    from posttrain.config import COMMAND_LINE, _merge, parse_overrides
+    from posttrain.errors import ConfigError
 
-    merged = _merge(_merge(RLHF_DEFAULTS, data or {}), parse_overrides(overrides))
+    try:
+        merged = _merge(_merge(RLHF_DEFAULTS, data or {}), parse_overrides(overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{COMMAND_LINE}: {err}") from None
     if not merged.get("rl", {}).get("reward_model_path"):
         out = merged.get("output_dir", RLHF_DEFAULTS["output_dir"])
-        merged = _merge(merged, {"rl": {"reward_model_path": str(Path(out) / "rm")}})
-    cfg = build_config(merged)
+        overrides = [*overrides, f"rl.reward_model_path={json.dumps(str(Path(out) / 'rm'))}"]  # a path, not YAML
+    cfg = build_config(data, overrides, source=source, defaults=RLHF_DEFAULTS)
     return cfg, build_config(cfg.model_dump(mode="json"), ABLATION)
 
 
