@@ -1,16 +1,14 @@
 """A one-page PNG report of a run, drawn from its metrics.jsonl.
 
-Records carry ``step`` (counted per phase) and ``phase`` ("sft", "rl", ...),
-plus any of ``loss``, ``reward_mean``, ``accuracy`` (held-out exact match, on
-evaluation records only), ``kl``. Four panels:
-
-    (a) accuracy   vs global step   (b) RL reward_mean vs step
-    (c) KL         vs step          (d) loss (every phase) vs global step
-
-The global step lays phases end to end in the order they first appear in the
-file: phase k's step s is drawn at ``end of phase k-1 + 1 + (s - first step
-of phase k)``. Records with no numeric ``step`` (e.g. a config header) are
-ignored; a missing ``phase`` counts as "unknown"; ``null`` values are skipped.
+Records carry ``step`` (counted per phase) and ``phase`` ("sft", "rl", "rm", "dpo", "rft", ...) plus the
+metrics of docs/metrics.md. The page holds only panels with data: for each phase, in the order the phases
+first appear, each entry of ``PANELS`` of which that phase logged at least one series, drawn against the
+phase's own step (so 150 RL steps after 2000 SFT steps get an axis of their own). The held-out accuracy
+panels come first, one per phase, on a shared y-axis, each after the first with a dotted line at the
+accuracy the phase before ended on, so a jump between phases reads across them. Records
+with no numeric ``step`` (e.g. a config header) are ignored; a missing ``phase`` counts as "unknown";
+``null`` values are skipped. A series equal to one drawn before it in the same panel is not drawn again;
+its name joins the first one's legend entry (rft with the verifier: "pass@n = kept").
 
 Drawing uses a bare ``matplotlib.figure.Figure`` with the Agg canvas, so it
 never needs a display and never touches pyplot's global state.
@@ -21,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from .logging import read_metrics
 
 PHASE_COLORS = {"sft": "tab:blue", "rl": "tab:orange"}
 _EXTRA_COLORS = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+SERIES_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 SMOOTH_ABOVE = 20  # draw a moving average when a series has more points than this
 
 
@@ -51,19 +51,6 @@ def _color(phase: str, phases: list[str]) -> str:
         return PHASE_COLORS[phase]
     others = [p for p in phases if p not in PHASE_COLORS]
     return _EXTRA_COLORS[others.index(phase) % len(_EXTRA_COLORS)]
-
-
-def _offsets(records: list[dict], phases: list[str]) -> dict[str, tuple[float, float, float]]:
-    """Per phase: (offset, global start, global end) so that global = offset + step."""
-    spans = {}
-    end = None
-    for phase in phases:
-        steps = [r["step"] for r in records if r.get("phase", "unknown") == phase]
-        first, last = min(steps), max(steps)
-        offset = 0.0 if end is None else end + 1 - first
-        spans[phase] = (offset, offset + first, offset + last)
-        end = offset + last
-    return spans
 
 
 def _series(records: list[dict], phase: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,102 +87,118 @@ def _legend(ax: Axes, handles: list | None = None) -> None:
               ncol=len(handles), frameon=False, borderaxespad=0.1, handlelength=1.5)
 
 
-def _no_data(ax: Axes, what: str) -> None:
-    ax.text(0.5, 0.5, f"no {what} data", transform=ax.transAxes, ha="center", va="center", color="0.5")
-    ax.set_xticks([])
-    ax.set_yticks([])
+@dataclass(frozen=True)
+class Panel:
+    """A kind of panel: its title, y label and the (metrics key, legend label) series it can draw."""
+
+    title: str
+    ylabel: str
+    series: tuple[tuple[str, str], ...]
 
 
-def _fmt_step(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+ACCURACY = Panel("held-out accuracy (greedy)", "accuracy", (("accuracy", "accuracy"),))
+PANELS = (  # the order on the page, after the accuracy panels; keys as in docs/metrics.md
+    Panel("pair accuracy, r(chosen) > r(rejected)", "fraction of pairs",
+          (("accuracy_train", "batch"), ("eval_accuracy", "held-out pairs"))),
+    Panel("margin r(chosen) - r(rejected)", "margin", (("margin", "batch"), ("eval_margin", "held-out pairs"))),
+    Panel("implicit reward r of chosen and rejected", "r",
+          (("chosen_reward", "chosen"), ("rejected_reward", "rejected"),
+           ("eval_chosen_reward", "chosen, held-out"), ("eval_rejected_reward", "rejected, held-out"))),
+    Panel("log pi(y|x) of chosen and rejected", "summed log-prob",
+          (("logp_chosen", "chosen"), ("logp_rejected", "rejected"))),
+    Panel("the round's samples (training problems)", "fraction",
+          (("pass_at_n", "pass@n"), ("kept_frac", "kept"), ("sample_accuracy", "sample accuracy"),
+           ("score_mean", "mean score"))),
+    Panel("reward (mean per batch)", "reward", (("reward_mean", "reward"), ("gold_score", "gold score"))),
+    Panel("KL to reference", "KL", (("kl", "kl"),)),
+    Panel("loss", "loss", (("loss", "training"), ("eval_loss", "held-out pairs"), ("sft_loss", "SFT NLL of chosen"))),
+)
 
 
-def _shade_phases(ax: Axes, spans: dict, phases: list[str]) -> None:
-    """Tint each phase's span of the global axis, dash each boundary, and name the
-    spans in the x label (text inside the axes would collide with the data)."""
-    for i, phase in enumerate(phases):
-        _, start, end = spans[phase]
-        ax.axvspan(start - 0.5, end + 0.5, color=_color(phase, phases), alpha=0.07, lw=0)
-        if i > 0:
-            ax.axvline(start - 0.5, color="0.4", ls="--", lw=1)
-    ranges = ", ".join(f"{p} {_fmt_step(spans[p][1])}\u2013{_fmt_step(spans[p][2])}" for p in phases)
-    ax.set_xlabel(f"global step ({ranges})")
-
-
-def _accuracy_panel(ax: Axes, records: list[dict], phases: list[str], spans: dict) -> None:
-    drawn = False
-    for phase in phases:
-        x, y = _series(records, phase, "accuracy")
-        if len(x):
-            ax.plot(x + spans[phase][0], y, color=_color(phase, phases), marker="o", ms=4, lw=1.2, label=phase)
-            ax.annotate(f"{y[-1]:.3f}", (x[-1] + spans[phase][0], y[-1]), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=8)
-            drawn = True
-    ax.set_title("(a) held-out accuracy", loc="left", fontsize=10)
-    if not drawn:
-        return _no_data(ax, "accuracy")
-    _shade_phases(ax, spans, phases)
-    ax.margins(y=0.12)  # room for the value labels
-    ax.set_ylabel("accuracy")
-    _legend(ax)
-
-
-def _per_phase_panel(ax: Axes, records, phases, key: str, title: str, smooth: bool, skip=("sft",)) -> None:
-    """``key`` against each phase's own step, for phases not in ``skip``."""
-    drawn = False
-    for phase in phases:
+def _panel_series(records: list[dict], phase: str, panel: Panel) -> list[list]:
+    """[key, label, x, y] of each of `panel`'s series with data in `phase`; a series equal to an earlier one
+    is dropped and its label appended to the earlier one's (so no line hides another)."""
+    drawn: list[list] = []
+    for key, label in panel.series:
         x, y = _series(records, phase, key)
-        if phase not in skip and len(x):
-            _plot_line(ax, x, y, _color(phase, phases), f"{phase} {key}", smooth)
-            drawn = True
-    ax.set_title(title, loc="left", fontsize=10)
-    if not drawn:
-        return _no_data(ax, key)
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    _legend(ax)
+        if not len(x):
+            continue
+        same = [d for d in drawn if np.array_equal(d[2], x) and np.allclose(d[3], y, rtol=0, atol=1e-9)]
+        if same:
+            same[0][1] += f" = {label}"
+        else:
+            drawn.append([key, label, x, y])
+    return drawn
 
 
-def _loss_panel(ax: Axes, records, phases, spans) -> None:
-    """Loss of every phase on the global axis; later phases on a right-hand axis
-    (an RL surrogate loss lives on a very different scale from SFT cross-entropy)."""
-    with_loss = [p for p in phases if len(_series(records, p, "loss")[0])]
-    ax.set_title("(d) loss", loc="left", fontsize=10)
-    if not with_loss:
-        return _no_data(ax, "loss")
-    _shade_phases(ax, spans, phases)
-    twin = ax.twinx() if len(with_loss) > 1 else None
-    handles = []
-    for i, phase in enumerate(with_loss):
-        target = ax if i == 0 else twin
-        x, y = _series(records, phase, "loss")
-        _plot_line(target, x + spans[phase][0], y, _color(phase, phases), f"{phase} loss", smooth=True)
-        handles += target.get_legend_handles_labels()[0][-1:]
-    ax.set_ylabel(f"{with_loss[0]} loss", color=_color(with_loss[0], phases))
-    if twin is not None:
-        later = with_loss[1:]
-        twin.set_ylabel(" / ".join(f"{p} loss" for p in later),
-                        color=_color(later[0], phases) if len(later) == 1 else "0.2")
-    _legend(ax, handles)
+def choose_panels(records: list[dict]) -> list[tuple[str, Panel, list[list]]]:
+    """(phase, panel, series) for every panel with data: each phase's accuracy, then each phase's others."""
+    phases = _phases(records)
+    order = [(p, ACCURACY) for p in phases] + [(p, panel) for p in phases for panel in PANELS]
+    found = [(p, panel, _panel_series(records, p, panel)) for p, panel in order]
+    return [(p, panel, series) for p, panel, series in found if series]
+
+
+def _draw_panel(ax: Axes, series: list[list], panel: Panel, color: str) -> None:
+    """Training series smoothed when long; evaluation series (accuracy, eval_*) as points, held-out dashed;
+    a held-out series takes the colour of its batch twin (eval_margin that of margin)."""
+    base = lambda key: key.removeprefix("eval_").removesuffix("_train")  # noqa: E731
+    bases = list(dict.fromkeys(base(key) for key, *_ in series))
+    for key, label, x, y in series:
+        c = color if len(bases) == 1 else SERIES_COLORS[bases.index(base(key)) % len(SERIES_COLORS)]
+        if panel is ACCURACY or key.startswith("eval_"):
+            ax.plot(x, y, color=c, ls="--" if key.startswith("eval_") else "-", marker="o", ms=3.5, lw=1.2,
+                    label=label)
+        else:
+            _plot_line(ax, x, y, c, label, smooth=True)
+    if panel is ACCURACY:  # the first and last value, so a phase's change reads without the grid
+        x, y = series[0][2], series[0][3]
+        for i, ha in (((0, "center"),) if len(x) == 1 else ((0, "left"), (len(x) - 1, "right"))):
+            ax.annotate(f"{y[i]:.3f}", (x[i], y[i]), textcoords="offset points", xytext=(0, 6), ha=ha, fontsize=8)
+        ax.margins(y=0.15)
+    if len(series) > 1:
+        ax.legend(fontsize=7, loc="best", framealpha=0.85)
 
 
 def draw_report(records: list[dict], title: str | None = None) -> Figure:
-    """Draw the four-panel report for ``records``; returns the (unsaved) figure."""
+    """Draw the panels `choose_panels` picks for `records` (up to three side by side, more in two columns);
+    returns the (unsaved) figure. With no data at all, one panel says so."""
     records = [r for r in records if _number(r.get("step")) is not None]
-    phases = _phases(records)
-    spans = _offsets(records, phases)
-    fig = Figure(figsize=(10, 7), layout="constrained")
-    (a, b), (c, d) = fig.subplots(2, 2)
-    _accuracy_panel(a, records, phases, spans)
-    _per_phase_panel(b, records, phases, "reward_mean", "(b) RL reward (mean per batch)", smooth=True)
-    _per_phase_panel(c, records, phases, "kl", "(c) KL to reference", smooth=False)
-    _loss_panel(d, records, phases, spans)
+    phases, chosen = _phases(records), choose_panels(records)
+    n = max(1, len(chosen))
+    ncols = n if n <= 3 else 2
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=({1: 6, 2: 10, 3: 13}[ncols], 3.4 * nrows + 0.6), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:  # an odd count leaves one grid cell: no axes there rather than an empty one
+        fig.delaxes(ax)
+    if not chosen:
+        axes[0].text(0.5, 0.5, "no metrics with a step", transform=axes[0].transAxes, ha="center", va="center",
+                     color="0.5")
+        axes[0].set_xticks([])
+        axes[0].set_yticks([])
+    accuracy_axes = [ax for ax, (_, panel, _) in zip(axes, chosen) if panel is ACCURACY]
+    for ax in accuracy_axes[1:]:
+        ax.sharey(accuracy_axes[0])
+    previous = None  # (phase, last held-out accuracy) of the accuracy panel before
+    for i, (ax, (phase, panel, series)) in enumerate(zip(axes, chosen)):
+        _draw_panel(ax, series, panel, _color(phase, phases))
+        if panel is ACCURACY:  # where the phase before ended, so the change across phases reads in one panel
+            if previous is not None:
+                ax.axhline(previous[1], color=_color(previous[0], phases), ls=":", lw=1.2,
+                           label=f"end of {previous[0]} ({previous[1]:.3f})")
+                ax.legend(fontsize=7, loc="best", framealpha=0.85)
+            previous = phase, series[0][3][-1]
+        steps = [r["step"] for r in records if r.get("phase", "unknown") == phase]
+        pad = max(0.5, 0.04 * (max(steps) - min(steps)))  # every panel of a phase spans all its steps
+        ax.set_xlim(min(steps) - pad, max(steps) + pad)
+        ax.set_title(f"({chr(ord('a') + i)}) {phase}: {panel.title}", loc="left", fontsize=10)
+        ax.set_xlabel(f"{phase} step")
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
     if title:
         fig.suptitle(title)
-    for ax in (a, b, c, d):
-        ax.grid(alpha=0.3)
-    for ax in fig.axes:  # includes the loss panel's right-hand axis
-        ax.tick_params(labelsize=8)
     return fig
 
 

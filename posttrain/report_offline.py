@@ -14,22 +14,33 @@ from .report import save_figure
 
 def plot_best_of_n(table: list[dict], out_png: str | Path, title: str | None = None, scorer: str = "task",
                    greedy: float | None = None) -> Path:
+    """Write `draw_best_of_n`'s figure to `out_png` (atomically); returns its path."""
+    return save_figure(draw_best_of_n(table, title, scorer, greedy), out_png)
+
+
+def draw_best_of_n(table: list[dict], title: str | None = None, scorer: str = "task",
+                   greedy: float | None = None) -> Figure:
     """Two panels against n (log2 axis): (a) gold accuracy of the best-of-n completion and pass@n (and the
-    greedy accuracy as a dotted line), (b) the scorer's mean score of the best-of-n completion.
+    greedy accuracy as a dotted line; when the two coincide, as with the verifier as scorer, pass@n is drawn
+    wide beneath best-of-n and its legend entry says so), (b) the scorer's mean score of the best-of-n completion.
     `table` rows: n, accuracy, score_mean, pass_at_k."""
     ns = [r["n"] for r in table]
     fig = Figure(figsize=(10, 4), layout="constrained")
     a, b = fig.subplots(1, 2)
-    a.plot(ns, [r["accuracy"] for r in table], marker="o", color="tab:blue", label="best-of-n accuracy (gold)")
-    a.plot(ns, [r["pass_at_k"] for r in table], marker="s", ls="--", color="tab:orange", label="pass@n")
-    for n, acc in zip(ns, (r["accuracy"] for r in table), strict=True):
-        a.annotate(f"{acc:.3f}", (n, acc), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
+    acc, passed = [r["accuracy"] for r in table], [r["pass_at_k"] for r in table]
+    same = all(abs(x - y) < 1e-9 for x, y in zip(acc, passed, strict=True))
+    # pass@n first, wide and hollow, so best-of-n drawn on top stays visible and pass@n shows around it
+    a.plot(ns, passed, marker="s", ms=10, mfc="none", mew=1.5, ls="-", lw=5, alpha=0.45, color="tab:orange",
+           label="pass@n" + (" (equal to best-of-n at every n)" if same else ""))
+    a.plot(ns, acc, marker="o", ms=5, ls="--", lw=1.4, color="tab:blue", label="best-of-n accuracy (gold)")
+    for n, value in zip(ns, acc, strict=True):
+        a.annotate(f"{value:.3f}", (n, value), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
     if greedy is not None:
         a.axhline(greedy, color="0.4", ls=":", lw=1.2, label=f"greedy ({greedy:.3f})")
     a.margins(y=0.1)
     a.set_title("(a) held-out accuracy", loc="left", fontsize=10)
     a.set_ylabel("accuracy")
-    a.legend(fontsize=8, loc="lower right")
+    a.legend(fontsize=8, loc="best")
     b.plot(ns, [r["score_mean"] for r in table], marker="o", color="tab:green")
     b.set_title(f"(b) mean score of the kept completion (scorer: {scorer})", loc="left", fontsize=10)
     b.set_ylabel("score")
@@ -41,4 +52,4 @@ def plot_best_of_n(table: list[dict], out_png: str | Path, title: str | None = N
         ax.tick_params(labelsize=8)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, out_png)
+    return fig

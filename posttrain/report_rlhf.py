@@ -13,12 +13,18 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from posttrain.logging import read_metrics
-from posttrain.report import _plot_line, _series, save_figure
+from posttrain.report import _legend, _plot_line, _series, save_figure
 
 RUNS = (("ppo", "PPO (beta, ptx)", "tab:orange"), ("ablation", "PPO beta=0, ptx=0", "tab:red"))
 
 
 def plot_rlhf(run_dir: str | Path, summary: dict, out_png: str | Path) -> Path:
+    """Write `draw_rlhf`'s figure to `out_png` (atomically); returns its path."""
+    return save_figure(draw_rlhf(run_dir, summary), out_png)
+
+
+def draw_rlhf(run_dir: str | Path, summary: dict) -> Figure:
+    """The four panels above from `run_dir`/{ppo,ablation}/metrics.jsonl and the pipeline's `summary`."""
     run_dir = Path(run_dir)
     fig = Figure(figsize=(10, 7), layout="constrained")
     (a, b), (c, d) = fig.subplots(2, 2)
@@ -31,16 +37,15 @@ def plot_rlhf(run_dir: str | Path, summary: dict, out_png: str | Path) -> Path:
             x, y = _series(records, "rl", key)
             if len(y):
                 _plot_line(ax, x, y, color, label, smooth=True)
+    if "ablation" in summary:  # beta = 0 loads no reference, so the ablation logs no KL: its legend entry says so
+        c.plot([], [], color="tab:red", label=f"{RUNS[1][1]}: no reference, no KL logged;\n"
+               f"held-out KL {summary['ablation']['kl']:.1f} (PPO {summary['ppo_kl']:.2f})")
     for ax, title in ((a, "(a) reward-model score of samples (normalised)"), (b, "(b) gold score of samples"),
                       (c, "(c) KL to reference (per response)")):
         ax.set_title(title, loc="left", fontsize=10)
         ax.set_xlabel("PPO step")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
-    if "ablation" in summary:
-        c.text(0.02, 0.95, f"beta=0, ptx=0: no reference during training; held-out KL "
-               f"{summary['ablation']['kl']:.1f} (PPO: {summary['ppo_kl']:.2f})", transform=c.transAxes,
-               fontsize=8, va="top", color="tab:red")
     names = ["SFT", "PPO"]
     gold = [summary["sft_accuracy"], summary["ppo_accuracy"]]
     rm = [summary["sft_rm_score"], summary["ppo_rm_score"]]
@@ -57,11 +62,10 @@ def plot_rlhf(run_dir: str | Path, summary: dict, out_png: str | Path) -> Path:
     d.set_ylabel("gold accuracy", fontsize=8)
     twin.set_ylabel("reward-model score", fontsize=8)
     d.set_title("(d) held-out, greedy", loc="left", fontsize=10)
-    d.legend(handles=d.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0], fontsize=8,
-             loc="upper left")
+    _legend(d, d.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0])  # above the bars
     lo, hi = summary["improvement_ci95"]
     fig.suptitle(f"RLHF on {summary['eval_problems']} held-out problems: gold accuracy SFT -> PPO "
                  f"{summary['improvement']:+.3f} (95% CI {lo:+.3f}..{hi:+.3f})", fontsize=11)
     for ax in fig.axes:
         ax.tick_params(labelsize=8)
-    return save_figure(fig, out_png)
+    return fig
