@@ -106,11 +106,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Te
     L, S = q.size(2), k.size(2)
     if L * S > SMALL_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.size(1) != k.size(1))
-    if q.size(1) != k.size(1):  # grouped-query attention: query head h reads key-value head h // group
-        group = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias  # (B, H, L, S)
-    return torch.matmul(scores.softmax(-1), v)
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    group = H // Hkv  # grouped-query attention: query head h reads key-value head h // group
+    # the group's query heads as extra rows of one matmul per key-value head: no copy of the keys and values
+    scores = torch.matmul(q.reshape(B, Hkv, group * L, D), k.transpose(-1, -2)) * scale  # (B, Hkv, group*L, S)
+    scores = scores.view(B, Hkv, group, L, S) + bias.unsqueeze(2)  # bias (B, 1, 1, L, S)
+    out = torch.matmul(scores.softmax(-1).view(B, Hkv, group * L, S), v)  # (B, Hkv, group*L, D)
+    return out.view(B, H, L, D)
 
 
 @dataclass
