@@ -96,6 +96,14 @@ class TaskConfig(_Section):
     sandbox_timeout_s: float = Field(5.0, gt=0, description="mbpp: wall-clock limit per program run in the "
                                      "sandbox (interpreter start-up included).")
     workers: int = Field(2, ge=1, description="mbpp: sandboxed programs run at the same time.")
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="'auto': when the model's tokenizer has a chat template, every prompt is rendered "
+        "through it as the user's turn with the generation prompt (add_generation_prompt=True), and SFT "
+        "demonstrations and preference pairs are trained as the assistant's turn (loss on the answer and its "
+        "end-of-turn token only); the tiny character tokenizer has none, so nothing changes there. 'none': "
+        "prompts as written. Generation stops at EOS and at the template's end-of-turn token either way.")
+    system_prompt: str | None = Field(None, description="With a chat template: a system message put before "
+                                      "every prompt. None: none (the template may add its own default).")
 
     @model_validator(mode="after")
     def _applies(self) -> "TaskConfig":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.models.chat import stop_token_ids
 from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts
 from posttrain.rollout import generate
 
@@ -90,7 +91,7 @@ def sample_completions(model, tokenizer, prompts: list[str], n: int, *, batch_si
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids, mask = encode_prompts(tokenizer, [p for p in chunk for _ in range(n)])
-        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
                        pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
                        generator=generator)
         texts = decode_responses(tokenizer, out.response_ids, out.response_mask)

@@ -15,6 +15,7 @@ import torch
 
 from posttrain.batch import left_pad
 from posttrain.config import RunConfig, dump_config
+from posttrain.models.chat import encode_texts, stop_token_ids
 from posttrain.recipes.control import clear_previous_outputs
 from posttrain.rollout import generate
 
@@ -80,9 +81,9 @@ def guarded_step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> tupl
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> left-padded (ids, mask), BOS included as the tokenizer adds it."""
-    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    return left_pad(ids, tokenizer.pad_token_id)
+    """Prompts -> left-padded (ids, mask), BOS included as the tokenizer adds it (not twice where a rendered
+    chat prompt starts with it: posttrain.models.chat.encode_texts)."""
+    return left_pad(encode_texts(tokenizer, prompts), tokenizer.pad_token_id)
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
@@ -101,7 +102,7 @@ def greedy_completions(model, tokenizer, prompts: list[str], batch_size: int,
     completions, finished = [], []
     for i in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size])
-        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
                        pad_token_id=tokenizer.pad_token_id, greedy=True)
         completions += decode_responses(tokenizer, out.response_ids, out.response_mask)
         finished += out.finished.tolist()

@@ -32,6 +32,7 @@ from posttrain.config import DPOConfig, RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
 from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.errors import ConfigError
+from posttrain.models.chat import chat_pairs, end_of_turn_id
 from posttrain.models.logprobs import response_logprobs
 from posttrain.recipes.common import PhaseTimer, guarded_step, encode_prompts, evaluate_per_problem, make_optimizer
 from posttrain.recipes.control import NoControl, RunControl
@@ -70,8 +71,10 @@ def load_dpo_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tu
         return ArithmeticPreferenceTask(task).train_eval_pairs(c.num_pairs, policy, tokenizer, cfg.seed)
     pairs = load_preference_pairs(c.data, split=c.split, format=c.format, limit=c.limit)
     if c.eval_data is not None:
-        return pairs, load_preference_pairs(c.eval_data, format=c.format)
-    return split_pairs(pairs, c.eval_fraction, cfg.seed)
+        train, held_out = pairs, load_preference_pairs(c.eval_data, format=c.format)
+    else:
+        train, held_out = split_pairs(pairs, c.eval_fraction, cfg.seed)
+    return chat_pairs(train, tokenizer, cfg.task), chat_pairs(held_out, tokenizer, cfg.task)  # a chat model's template
 
 
 def pair_logprobs(model, tokenizer, pairs: list[PreferencePair]) -> tuple[Tensor, Tensor]:
@@ -80,7 +83,7 @@ def pair_logprobs(model, tokenizer, pairs: list[PreferencePair]) -> tuple[Tensor
     prompts = [p.prompt for p in pairs] * 2
     completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
-    targets = [ids + [tokenizer.eos_token_id]
+    targets = [ids + [end_of_turn_id(tokenizer)]  # EOS, or a chat template's end-of-turn token
                for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
     response_ids, response_mask = right_pad(targets, tokenizer.pad_token_id)
     logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)

@@ -17,6 +17,7 @@ from posttrain.batch import RolloutBatch, cat_rollouts
 from posttrain.buffer import Experience
 from posttrain.config import RunConfig
 from posttrain.invariants import check_finite, check_mask_not_empty
+from posttrain.models.chat import stop_token_ids
 from posttrain.models.logprobs import response_logprobs
 from posttrain.models.value import response_values
 from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts
@@ -49,7 +50,7 @@ def rollout(cfg: RunConfig, state: RLState, problems, greedy: bool = False) -> R
     their greedy decodings."""
     ids, mask = encode_prompts(state.tokenizer, [p.prompt for p in problems])
     return generate(state.policy, ids, mask, max_new_tokens=cfg.rl.max_new_tokens,
-                    eos_token_id=state.tokenizer.eos_token_id, pad_token_id=state.tokenizer.pad_token_id,
+                    eos_token_id=stop_token_ids(state.tokenizer), pad_token_id=state.tokenizer.pad_token_id,
                     temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p, greedy=greedy,
                     generator=None if greedy else state.sampler)
 

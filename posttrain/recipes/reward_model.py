@@ -24,6 +24,7 @@ from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
 from posttrain.data.sampling import ShuffledBatches, shuffled_batches
+from posttrain.models.chat import chat_pairs, stop_token_ids
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import last_token_scores
 from posttrain.recipes.common import PhaseTimer, guarded_step, decode_responses, encode_prompts, make_optimizer
@@ -45,7 +46,7 @@ def synthetic_pairs(task, policy, tokenizer, problems, seed: int, samples: int =
         chunk = problems[i:i + batch_size]
         prompts = [p.prompt for p in chunk for _ in range(samples)]
         ids, mask = encode_prompts(tokenizer, prompts)
-        out = generate(policy, ids, mask, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+        out = generate(policy, ids, mask, max_new_tokens=8, eos_token_id=stop_token_ids(tokenizer),
                        pad_token_id=tokenizer.pad_token_id, generator=gen)
         sampled = decode_responses(tokenizer, out.response_ids, out.response_mask)
         for j, p in enumerate(chunk):
@@ -74,8 +75,10 @@ def load_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tuple[
         return train, synthetic_pairs(task, policy, tokenizer, task.eval_problems, cfg.seed + 1)
     pairs = load_preference_pairs(c.data, split=c.split, format=c.format, limit=c.limit)
     if c.eval_data is not None:
-        return pairs, load_preference_pairs(c.eval_data, format=c.format)
-    return split_pairs(pairs, c.eval_fraction, cfg.seed)
+        train, held_out = pairs, load_preference_pairs(c.eval_data, format=c.format)
+    else:
+        train, held_out = split_pairs(pairs, c.eval_fraction, cfg.seed)
+    return chat_pairs(train, tokenizer, cfg.task), chat_pairs(held_out, tokenizer, cfg.task)  # a chat model's template
 
 
 @dataclass

@@ -18,6 +18,7 @@ from posttrain.batch import right_pad
 from posttrain.config import RunConfig
 from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.data.sampling import ShuffledBatches, shuffled_batches
+from posttrain.models.chat import end_of_turn_id
 from posttrain.models.logprobs import response_logprobs
 from posttrain.recipes.common import PhaseTimer, encode_prompts, guarded_step, evaluate, make_optimizer
 from posttrain.recipes.control import NoControl, RunControl
@@ -26,7 +27,7 @@ from posttrain.recipes.control import NoControl, RunControl
 def sft_loss(model, tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, int]:
     """Token-mean negative log-likelihood of `completions` (+ EOS) given `prompts`; and the token count."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
-    targets = [ids + [tokenizer.eos_token_id]
+    targets = [ids + [end_of_turn_id(tokenizer)]  # EOS, or a chat template's end-of-turn token
                for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
     response_ids, response_mask = right_pad(targets, tokenizer.pad_token_id)
     logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)

@@ -2,7 +2,8 @@
 
 Prompts are left-padded; position ids count real tokens only, exactly as the training forward pass
 (`posttrain.models.logprobs.response_logprobs`) does, so the log-probabilities agree. A row stops at
-EOS (or any of the stop ids given: a chat model's end-of-turn token too); the loop stops when every row has stopped or `max_new_tokens` is reached.
+EOS (or at any of the stop ids given: a chat model's end-of-turn token too); the loop stops when every row
+has stopped or `max_new_tokens` is reached.
 
 Llama and Qwen2 models decode through the lean forward (`posttrain.models.lean`): a KV cache preallocated for
 the whole generation, fused projections, one attention mask built per batch, and repeated prompts (GRPO's G
@@ -90,8 +91,8 @@ COMPACT_BELOW = 0.75  # finished rows leave the decode batch once the rows decod
 
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
-             eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             greedy: bool = False, generator: torch.Generator | None = None) -> RolloutBatch:
+             eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None) -> RolloutBatch:
     """Sample (or decode greedily) up to `max_new_tokens` tokens for each left-padded prompt (B, P).
 
     A row stops at the first token in `eos_token_id` (one id, or several: a chat model's EOS and end-of-turn

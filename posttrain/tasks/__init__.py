@@ -1,7 +1,8 @@
 """Built-in tasks: prompts, a verifiable reward, demonstrations for SFT and a held-out evaluation split.
 
     task = build_task(cfg.task, seed)                  # arithmetic, gsm8k, math or mbpp, as the config says
-    fit_task(task, cfg, model, tokenizer, min_train)   # before a run: the tokenizer covers the prompts, and
+    fit_task(task, cfg, model, tokenizer, min_train)   # before a run: prompts rendered with the chat template
+                                                       # (a chat model), the tokenizer covers them, and
                                                        # prompts the model's context cannot hold are dropped
 
 The data tasks (gsm8k, math, mbpp) are imported only when asked for: they pull in math-verify and the sandbox.
@@ -10,10 +11,12 @@ The data tasks (gsm8k, math, mbpp) are imported only when asked for: they pull i
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from posttrain.config import RunConfig, TaskConfig
 from posttrain.errors import ConfigError, DataError, ModelLoadError
+from posttrain.models.chat import encode_texts, render_prompt, uses_chat_template
 from posttrain.tasks.arithmetic import ArithmeticTask, Problem, exact_match_reward
 
 __all__ = ["ArithmeticTask", "Problem", "build_task", "context_length", "exact_match_reward", "fit_task"]
@@ -71,6 +74,10 @@ def context_length(model) -> int | None:
 def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
     """Check, before a run, that the task can be fed to this model; drop the problems it cannot hold.
 
+    0. With a chat model (task.chat_template 'auto' and a tokenizer with a template), every problem's prompt is
+       replaced by its rendering through the template (`posttrain.models.chat.render_prompt`: task.system_prompt,
+       the prompt as the user's turn, the generation prompt); every recipe reads `problem.prompt`, so RL, SFT,
+       evaluation, best-of-n and RFT all see the rendered text. Without a template nothing changes.
     1. A data task needs a real tokenizer. model.path unset (the tiny model's character tokenizer) is a one-line
        ConfigError; a tokenizer that fails on a prompt, or maps any prompt text to its unknown token, a one-line
        ModelLoadError.
@@ -87,6 +94,10 @@ def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
              f"directory")
     if name != "arithmetic" and cfg.model.path is None:
         raise ConfigError(needs)
+    if uses_chat_template(tokenizer, cfg.task.chat_template):
+        chat = lambda p: replace(p, prompt=render_prompt(tokenizer, p.prompt, cfg.task.system_prompt))  # noqa: E731
+        task.train_problems = [chat(p) for p in task.train_problems]
+        task.eval_problems = [chat(p) for p in task.eval_problems]
     splits = {"training": list(task.train_problems), "held-out": list(task.eval_problems)}
     everything = _encoded_lengths(tokenizer, splits["training"] + splits["held-out"], needs)
     n_train = len(splits["training"])
@@ -113,11 +124,11 @@ def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
 
 
 def _encoded_lengths(tokenizer, problems, needs: str) -> list[int]:
-    """Token count of each problem's prompt as the recipes encode it (special tokens added);
+    """Token count of each problem's prompt as the recipes encode it (`encode_texts`: special tokens added);
     ModelLoadError `needs` if the tokenizer fails on a prompt or maps any of its text to the unknown token."""
     prompts = [p.prompt for p in problems]
     try:
-        encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+        encoded = encode_texts(tokenizer, prompts)
         unk = tokenizer.unk_token_id
         baseline = tokenizer("", add_special_tokens=True)["input_ids"].count(unk) if unk is not None else 0
     except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the same thing to the user
