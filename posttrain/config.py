@@ -445,7 +445,10 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/demo", description="Where config.yaml, metrics.jsonl, checkpoints go. Unset, "
                             "the CLI picks runs/<command>_<config name> (posttrain/cli.py: default_output_dir; the "
                             "demo: runs/demo, its rlhf pipeline: runs/rlhf).")
-    threads: int = Field(2, ge=1, description="torch CPU threads.")
+    threads: int | Literal["auto"] = Field("auto", description="torch CPU threads, or 'auto': the cores free "
+                                           "when the run starts (measured over 0.2 s; at least 1). Float results "
+                                           "can depend on the thread count: for bit-identical repeats on a machine "
+                                           "whose load varies, set a number.")
     progress: bool = Field(True, description="Show a progress bar.")
     backend: Literal["local", "ray"] = Field("local", description="'local': everything in this process. 'ray': "
                                              "`posttrain rl` with Ray actors (rollout workers, reward workers, "

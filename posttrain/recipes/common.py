@@ -20,12 +20,38 @@ from posttrain.recipes.control import clear_previous_outputs
 from posttrain.rollout import generate
 
 
-def seed_everything(seed: int, threads: int) -> None:
-    """Seed Python, NumPy and torch, and fix the thread count (CPU results depend on it)."""
+def seed_everything(seed: int, threads: int | str) -> None:
+    """Seed Python, NumPy and torch, and fix the thread count (CPU results depend on it; see `free_cores`)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(free_cores() if threads == "auto" else int(threads))
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies over all cores from /proc/stat, or None where there is none (not Linux)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def free_cores(window_s: float = 0.2) -> int:
+    """The cores this process may use that nothing else keeps busy: its CPU affinity times the idle share of
+    all cores over `window_s` seconds, rounded, at least 1 (threads=auto). A second job on a 2-core laptop
+    then gives 1 thread instead of 2 threads that wait for each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    first = _cpu_times()
+    if first is None:
+        return cores
+    time.sleep(window_s)
+    second = _cpu_times()
+    total = second[1] - first[1]
+    if total <= 0:
+        return cores
+    idle = (second[0] - first[0]) / total
+    return max(1, min(cores, round(idle * (os.cpu_count() or cores))))
 
 
 def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,

@@ -85,3 +85,27 @@ def test_evaluate_counts_exact_matches(tiny_model, tokenizer, make_config, tmp_p
     half = evaluate(tiny_model, tokenizer, EveryOther(cfg.task, 0), problems, batch_size=2, max_new_tokens=4)
     assert half == 0.5
     assert tiny_model.training  # the train/eval mode is restored
+
+
+def test_threads_auto_uses_the_cores_nothing_else_keeps_busy(monkeypatch):
+    """threads=auto: the CPU affinity times the idle share of all cores over the window (issue 16, item 10)."""
+    import posttrain.recipes.common as common
+
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    for idle_share, want in ((1.0, 2), (0.5, 1), (0.1, 1), (0.8, 2)):
+        readings = iter([(0, 0), (int(1000 * idle_share), 1000)])  # (idle, total) jiffies before and after
+        monkeypatch.setattr(common, "_cpu_times", lambda: next(readings))
+        assert common.free_cores() == want, idle_share
+    monkeypatch.setattr(common, "_cpu_times", lambda: None)  # no /proc/stat: every core
+    assert common.free_cores() == 2
+
+
+def test_threads_setting_accepts_auto_or_a_count():
+    from posttrain.config import ConfigError, build_config
+
+    assert build_config({}, ["threads=3"]).threads == 3
+    assert build_config({}, []).threads == "auto"
+    with pytest.raises(ConfigError, match="threads"):
+        build_config({}, ["threads=many"])
