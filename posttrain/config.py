@@ -37,6 +37,11 @@ class ModelConfig(_Section):
     num_kv_heads: int = Field(2, ge=1, description="Tiny model: key/value heads (grouped-query attention).")
     intermediate_size: int = Field(512, ge=8, description="Tiny model: SwiGLU hidden width.")
     max_position_embeddings: int = Field(64, ge=8, description="Tiny model: context window in tokens.")
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="Compute precision. 'bfloat16': mixed precision (matmuls in bf16 through "
+        "torch.autocast, float32 weights, gradients and optimizer state; log pi_old recomputed by the training "
+        "forward); 'auto': bfloat16 where the CPU (AMX, AVX512-BF16) or GPU computes it natively, else float32. "
+        "posttrain/models/precision.py.")
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -58,15 +63,19 @@ class TaskConfig(_Section):
     and need a model with a subword tokenizer (model.path). A field that does not apply to the chosen task must
     keep its default (see _FIELD_TASKS). docs/rewards.md describes each task."""
 
-    name: Literal["arithmetic", "gsm8k", "math", "mbpp"] = Field(
+    name: Literal["arithmetic", "gsm8k", "math", "mbpp", "ifeval"] = Field(
         "arithmetic", description="Built-in task: 'arithmetic' (generated problems, exact-match reward), 'gsm8k' "
         "(word problems, final-number reward), 'math' (competition problems, symbolic answer check), 'mbpp' "
-        "(Python functions, tests run in the sandbox).")
+        "(Python functions, tests run in the sandbox), 'ifeval' (generated requests with one IFEval-style "
+        "verifiable constraint each; RL only, needs the if-verifiable package).")
+    instructions: tuple[str, ...] | None = Field(None, description="ifeval: the IFEval instruction ids to draw "
+                                                 "constraints from (None: all eight of posttrain/tasks/"
+                                                 "instructions.py).")
     min_operand: int = Field(0, ge=0, description="arithmetic: smallest operand.")
     max_operand: int = Field(99, ge=0, description="arithmetic: largest operand.")
     operators: tuple[Literal["+", "-", "*"], ...] = Field(("+",), min_length=1,
                                                           description="arithmetic: operators to draw from.")
-    num_eval: int = Field(500, ge=1, description="arithmetic, gsm8k, math: held-out evaluation problems, disjoint "
+    num_eval: int = Field(500, ge=1, description="arithmetic, gsm8k, math, ifeval: held-out evaluation problems, disjoint "
                           "from training prompts (gsm8k, math: drawn from the training data by a seeded shuffle "
                           "unless task.eval_path or task.hf_eval_split is set).")
     demo_error: Literal["none", "drop_carry", "trailing_period"] = Field(
@@ -132,7 +141,7 @@ class TaskConfig(_Section):
 _FIELD_TASKS = {
     "min_operand": ("arithmetic",), "max_operand": ("arithmetic",), "operators": ("arithmetic",),
     "demo_error": ("arithmetic",), "demo_error_rate": ("arithmetic",),
-    "num_eval": ("arithmetic", "gsm8k", "math"),
+    "num_eval": ("arithmetic", "gsm8k", "math", "ifeval"), "instructions": ("ifeval",),
     "path": DATA_TASKS, "hf_dataset": DATA_TASKS, "hf_config": DATA_TASKS, "hf_split": DATA_TASKS,
     "hf_eval_split": DATA_TASKS, "eval_path": ("gsm8k", "math"),
     "sandbox_timeout_s": ("mbpp",), "workers": ("mbpp",),
@@ -486,6 +495,9 @@ class RunConfig(_Section):
         """backend ray: every rollout worker and learner rank gets an equal share (posttrain/distributed)."""
         if self.backend != "ray":
             return self
+        if self.model.dtype != "float32":
+            raise ValueError(f"model.dtype={self.model.dtype} is not available with backend=ray yet (its actors "
+                             "compute in float32); set model.dtype=float32 or backend=local")
         r, c = self.ray, self.rl
         n = c.prompts_per_step * c.group_size
         if n % r.num_rollout_workers:

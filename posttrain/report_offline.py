@@ -53,3 +53,35 @@ def draw_best_of_n(table: list[dict], title: str | None = None, scorer: str = "t
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_examples(rows: list[dict], out_png: str | Path, title: str | None = None) -> Path:
+    """Held-out prompts with the responses before and after training, side by side (`demo --pipeline real`).
+    rows: {"request", "instruction", "before", "after", "before_ok", "after_ok"}."""
+    return save_figure(draw_examples(rows, title), out_png)
+
+
+def draw_examples(rows: list[dict], title: str | None = None, width: int = 52, lines: int = 9) -> Figure:
+    """One row of two text panels per example: the response before (left) and after (right), each headed by
+    the request, the constraint and whether the checker accepted it (green) or not (red)."""
+    import textwrap
+
+    fig = Figure(figsize=(12, 2.6 * max(1, len(rows))), layout="constrained")
+    axes = fig.subplots(max(1, len(rows)), 2, squeeze=False)
+    for (left, right), row in zip(axes, rows):
+        for ax, key in ((left, "before"), (right, "after")):
+            ok = row[f"{key}_ok"]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("tab:green" if ok else "tab:red")
+                spine.set_linewidth(2)
+            wrapped = textwrap.wrap(row[key].replace("\n", " / ") or "(empty)", width)
+            text = "\n".join(wrapped[:lines]) + ("\n..." if len(wrapped) > lines else "")
+            head = f"{key}: {'follows' if ok else 'does not follow'} {row['instruction']}"
+            ax.set_title(head, loc="left", fontsize=8, color="tab:green" if ok else "tab:red")
+            ax.text(0.01, 0.97, text, va="top", ha="left", fontsize=7.5, family="monospace", transform=ax.transAxes)
+        left.set_ylabel(textwrap.fill(row["request"], 24), fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig

@@ -92,7 +92,7 @@ def attention_bias(key_mask: Tensor, queries: int) -> Tensor:
 
 
 # Score matrices up to this many entries per head (queries x keys) take the explicit matmul-softmax-matmul path.
-SMALL_ATTENTION = 4096
+SMALL_ATTENTION = 1 << 14
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -272,6 +272,13 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device`'s type right now, or None when autocast is off there."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 class LeanDecoder:
     """Incremental decoding with a preallocated KV cache: `prefill` the prompts, then `step` one token at a time.
 
@@ -283,12 +290,19 @@ class LeanDecoder:
     def __init__(self, lean: LeanBackbone, prompt_mask: Tensor, max_new_tokens: int) -> None:
         self.lean = lean
         self.layers = lean.layers()
+        self.head_weight, self.head_bias = lean.head.weight, lean.head.bias
+        low = _autocast_dtype(lean.head.weight.device)  # bf16 under model.dtype=bfloat16 (models/precision.py)
+        if low is not None and low != self.head_weight.dtype:  # cast the matmul weights once, not every step
+            self.layers = [_Layer(w.ln1, w.w_qkv.to(low), None if w.b_qkv is None else w.b_qkv.to(low),
+                                  w.w_o.to(low), w.ln2, w.w_gate_up.to(low), w.w_down.to(low)) for w in self.layers]
+            self.head_weight = self.head_weight.to(low)
+            self.head_bias = None if self.head_bias is None else self.head_bias.to(low)
         B, P = prompt_mask.shape
         capacity = P + max_new_tokens
         key_mask = torch.cat([prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool)], dim=1)
         self.bias = attention_bias(key_mask, 1)  # (B, 1, 1, capacity) for the decode steps
         self.prefill_bias = attention_bias(prompt_mask, P)
-        dtype = lean.head.weight.dtype
+        dtype = low or lean.head.weight.dtype
         self.cache = KVCache(len(self.layers), B, lean.Hkv, capacity, lean.D, dtype)
         # cos/sin for every position a row can reach, indexed per step (static RoPE only: see lean_backbone)
         cos, sin = lean.rope(torch.arange(capacity).unsqueeze(0))
@@ -307,7 +321,7 @@ class LeanDecoder:
             ids, pos, bias = prompt_ids[first], positions[first], self.prefill_bias[first]
         cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
         h = self.lean.forward(ids, cos, sin, bias, self.layers, cache)
-        logits = self.lean.logits(h[:, -1])
+        logits = F.linear(h[:, -1], self.head_weight, self.head_bias)
         if cache is not self.cache:
             self.cache.k[:, :, :, :P] = cache.k[:, inverse]
             self.cache.v[:, :, :, :P] = cache.v[:, inverse]
@@ -328,4 +342,4 @@ class LeanDecoder:
         end = self.cache.length + 1
         h = self.lean.forward(tokens.unsqueeze(1), cos, sin, self.bias[..., :end], self.layers, self.cache)
         self.cache.length = end
-        return self.lean.logits(h[:, -1])
+        return F.linear(h[:, -1], self.head_weight, self.head_bias)

@@ -54,6 +54,7 @@ from posttrain.data.text import PtxSampler, load_ptx_texts
 from posttrain.errors import InvariantError, ModelLoadError
 from posttrain.invariants import check_ratio_is_one
 from posttrain.models.logprobs import response_logprobs
+from posttrain.models.precision import recompute_old_logprobs
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import critic_from_policy, response_values, scalar_model_from_pretrained
 from posttrain.recipes.common import PhaseTimer, evaluate, make_optimizer
@@ -78,6 +79,7 @@ class RLState:
     buffer: ExperienceBuffer
     rng: random.Random  # prompt order
     sampler: torch.Generator  # token sampling and minibatch shuffling
+    recompute_old_logprobs: bool = False  # model.dtype bf16: log pi_old from the trainer (trainer_old_logprobs)
 
 
 def _same_vocab(a, b) -> bool:
@@ -111,7 +113,7 @@ def setup_rl(cfg: RunConfig, policy, tokenizer, task) -> RLState:
         ptx = PtxSampler(data, cfg.seed)
     return RLState(policy, reference, critic, reward_model, tokenizer, task, opt, sched, critic_opt, critic_sched,
                    kl_ctl, ptx, ExperienceBuffer(tokenizer.pad_token_id), random.Random(f"rl-{cfg.seed}"),
-                   torch.Generator().manual_seed(cfg.seed))
+                   torch.Generator().manual_seed(cfg.seed), recompute_old_logprobs(cfg.model))
 
 
 def actor_backward(cfg: RunConfig, state: RLState, mb: Experience,
@@ -183,6 +185,21 @@ def _step(model, optimizer, grad_clip: float, loss: float) -> tuple[float, bool]
     return grad_norm, ok
 
 
+@torch.no_grad()
+def trainer_old_logprobs(cfg: RunConfig, state: RLState, minibatches: list[Experience]) -> list[Experience]:
+    """log pi_old by the training forward, in exactly the micro-batches the first epoch's update will run (so every
+    row is computed with the same batch-mates and the first minibatch's ratio is 1 to the bit). For reduced
+    precision (model.dtype=bfloat16), where the sampler's log-probs differ from the trainer's by rounding, and the
+    rounding depends on what else is in the batch (shared-prompt prefill, attention kernel by problem size)."""
+    c = cfg.rl
+    for mb in minibatches:
+        parts = [response_logprobs(state.policy, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask,
+                                   temperature=c.temperature)[0] for m in mb.split(c.micro_batch_size)]
+        mb.old_logprobs = torch.cat(parts) * mb.response_mask
+    state.buffer.replace(minibatches)  # later epochs draw from the same rows, now with these log-probs
+    return minibatches
+
+
 def update(cfg: RunConfig, state: RLState) -> dict[str, float]:
     """ppo_epochs passes over the buffer's shuffled minibatches; metrics averaged over all optimizer steps."""
     c = cfg.rl
@@ -191,8 +208,12 @@ def update(cfg: RunConfig, state: RLState) -> dict[str, float]:
     for opt in (state.optimizer, state.critic_optimizer):
         if opt is not None:  # gradients left over from elsewhere (an SFT loop) must not leak in
             opt.zero_grad(set_to_none=True)
+    first_epoch = state.buffer.minibatches(c.mini_batches, state.sampler)
+    if state.recompute_old_logprobs:
+        first_epoch = trainer_old_logprobs(cfg, state, first_epoch)
     for epoch in range(c.ppo_epochs):
-        for k, mb in enumerate(state.buffer.minibatches(c.mini_batches, state.sampler)):
+        minibatches = first_epoch if epoch == 0 else state.buffer.minibatches(c.mini_batches, state.sampler)
+        for k, mb in enumerate(minibatches):
             ptx_batch = state.ptx.next_batch(c.ptx_batch_size) if state.ptx is not None else None
             stats = actor_backward(cfg, state, mb, ptx_batch, check_ratio=c.check_invariants and epoch == k == 0)
             stats["grad_norm"], ok = _step(state.policy, state.optimizer, c.grad_clip,
@@ -280,10 +301,14 @@ def end_rl_step(cfg: RunConfig, step: int, record: dict, accuracy: float, timer:
     return accuracy
 
 
-def train_rl(cfg: RunConfig, state: RLState, logger, progress=None, ctl: RunControl | None = None) -> float:
+def train_rl(cfg: RunConfig, state: RLState, logger, progress=None, ctl: RunControl | None = None,
+             evaluator: Callable[[], float] | None = None) -> float:
     """Run `cfg.rl.steps` rollout steps (from a checkpoint's step when `ctl` resumes); return the final
-    held-out accuracy. `ctl` saves checkpoints and handles signals and non-finite steps."""
+    held-out accuracy. `ctl` saves checkpoints and handles signals and non-finite steps. `evaluator`: the held-out
+    evaluation (default: greedy accuracy on the task's eval problems), e.g. one that keeps per-prompt scores."""
     ctl = ctl or NoControl()
+    evaluate_now = evaluator or (lambda: evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
+                                                  cfg.eval.batch_size, cfg.eval.max_new_tokens))
     timer = PhaseTimer()
     # Eval mode all along: no dropout, so the training forward pass gives generation's log-probs (the ratio
     # invariant), as TRL's disable_dropout does. Nothing else in a causal LM depends on the mode.
@@ -302,12 +327,9 @@ def train_rl(cfg: RunConfig, state: RLState, logger, progress=None, ctl: RunCont
         n_tokens = metrics.pop("n_tokens")
         record = {"step": step, "phase": "rl", **metrics,
                   "tokens_per_s": n_tokens / (time.perf_counter() - start)}
-        accuracy = end_rl_step(cfg, step, record, accuracy, timer, logger, ctl, progress,
-                               lambda: evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
-                                                cfg.eval.batch_size, cfg.eval.max_new_tokens),
+        accuracy = end_rl_step(cfg, step, record, accuracy, timer, logger, ctl, progress, evaluate_now,
                                lambda acc: rl_snapshot(state, acc))
     if cfg.rl.steps == 0:
-        accuracy = evaluate(state.policy, state.tokenizer, state.task, state.task.eval_problems,
-                            cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        accuracy = evaluate_now()
         logger.log({"step": 0, "phase": "rl", "accuracy": accuracy})
     return accuracy

@@ -37,6 +37,10 @@ def build_task(cfg: TaskConfig, seed: int):
     one-line DataError naming the file and line (or the dataset and row)."""
     if cfg.name == "arithmetic":
         return ArithmeticTask(cfg, seed)
+    if cfg.name == "ifeval":
+        from posttrain.tasks.instructions import InstructionsTask
+
+        return InstructionsTask(seed, cfg.num_eval, list(cfg.instructions) if cfg.instructions else None)
     if cfg.path is None and cfg.hf_dataset is None:
         file, hub = _SOURCES[cfg.name]
         raise DataError(f"task {cfg.name} has no data: set task.path to a JSON Lines file (e.g. {file}) or "

@@ -1,0 +1,70 @@
+"""model.dtype=bfloat16: mixed precision (bf16 matmuls, float32 master weights), the decoder's one-time cast,
+and the RL step's recomputed log pi_old that keeps the first-minibatch ratio check exact."""
+
+import sys
+
+import pytest
+import torch
+
+from posttrain.config import ModelConfig
+from posttrain.models.lean import LeanDecoder
+from posttrain.models.precision import compute_dtype, cpu_has_native_bf16, precision, recompute_old_logprobs
+from posttrain.recipes.common import PhaseTimer, encode_prompts
+from posttrain.recipes.rl import rl_step, setup_rl
+from posttrain.rollout import generate
+from posttrain.tasks import ArithmeticTask
+
+PROMPTS = ["1+2=", "37+58=", "5+5=", "12+30="]
+
+
+def test_dtype_names_resolve():
+    assert compute_dtype(ModelConfig(dtype="float32")) == torch.float32
+    assert compute_dtype(ModelConfig(dtype="bfloat16")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        assert compute_dtype(ModelConfig(dtype="auto")) == want
+    assert not recompute_old_logprobs(ModelConfig()) and recompute_old_logprobs(ModelConfig(dtype="bfloat16"))
+
+
+def test_decoder_casts_its_weights_once_and_samples_close_to_float32(tiny_model, tokenizer, monkeypatch):
+    gen = sys.modules[generate.__module__]
+    seen = []
+    init = LeanDecoder.__init__
+    monkeypatch.setattr(LeanDecoder, "__init__", lambda self, *a: (init(self, *a), seen.append(self))[0])
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    kw = dict(max_new_tokens=6, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, greedy=True)
+    full = generate(tiny_model, ids, mask, **kw)
+    with precision(ModelConfig(dtype="bfloat16")):
+        low = generate(tiny_model, ids, mask, **kw)
+    assert seen[0].layers[0].w_qkv.dtype == torch.float32 and seen[1].layers[0].w_qkv.dtype == torch.bfloat16
+    assert seen[1].head_weight.dtype == torch.bfloat16 and seen[1].cache.k.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())  # the model itself is not cast
+    first = low.response_mask[:, 0] > 0
+    assert (low.logprobs[:, 0] - full.logprobs[:, 0]).abs()[first].max() < 0.1  # bf16 rounding, not a bug
+    assert gen.COMPACT_BELOW > 0
+
+
+class EvenFirstChar(ArithmeticTask):
+    def reward(self, prompts, completions, problems):
+        return [float(bool(c) and ord(c[0]) % 2 == 0) for c in completions]
+
+
+def test_a_bf16_rl_step_recomputes_old_logprobs_and_updates_float32_weights(tmp_path, make_config, tiny_model,
+                                                                             tokenizer):
+    cfg = make_config(tmp_path, "model.dtype=bfloat16", "rl.check_invariants=true", "rl.mini_batches=2",
+                      "rl.micro_batch_size=4", "rl.ppo_epochs=2")
+    state = setup_rl(cfg, tiny_model, tokenizer, EvenFirstChar(cfg.task, cfg.seed))
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    timer = PhaseTimer()
+    with precision(cfg.model):
+        metrics = rl_step(cfg, state, timer)  # the first-minibatch ratio check raises if log pi_old is off
+    assert metrics["first_log_ratio_max"] == 0.0  # log pi_old by the trainer, in the update's own micro-batches
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+
+
+def test_backend_ray_refuses_bf16():
+    from posttrain.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16 is not available with backend=ray"):
+        build_config({}, ["model.dtype=bfloat16", "backend=ray"])
