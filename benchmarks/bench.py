@@ -1,6 +1,6 @@
-"""`make bench`: posttrain against TRL on identical work (issue 8), one table of ratios, written to RESULTS.md.
+"""`make bench`: posttrain against TRL on identical work (issue 8), one table of ratios (--write: into RESULTS.md).
 
-    python benchmarks/bench.py [--runs 5] [--only grpo,ppo,rollout,tta,rss,cli,flops] [--no-write]
+    python benchmarks/bench.py [--runs 5] [--only grpo,ppo,rollout,tta,rss,cli,flops] [--write]
 
 Rows (each the median of --runs measurements, posttrain and TRL interleaved A B A B ... in one process where
 both can live in it, so machine load hits both alike):
@@ -37,6 +37,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TRL112 = HERE / ".trl112"
 sys.path.insert(0, str(HERE))
+
+import warnings  # noqa: E402
+
+# TRL's and transformers' own deprecation notices (not posttrain's to fix), here and in the worker processes
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 import torch  # noqa: E402
 
@@ -353,7 +359,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--only", default="grpo,ppo,rollout,tta,rss,cli,flops")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--no-write", action="store_true", help="print the table only, leave RESULTS.md alone")
+    p.add_argument("--write", action="store_true", help="also replace the table in the tracked RESULTS.md (by "
+                   "default the table is printed and written to benchmarks/.last-results.md, git-ignored)")
     args = p.parse_args()
     if args.worker:
         torch.set_num_threads(S.THREADS)
@@ -426,8 +433,11 @@ def main() -> None:
     for n in notes:
         print("- " + n)
     (S.CACHE / "last_raw.json").write_text(json.dumps(raw, indent=1, default=str))
-    if not args.no_write:
+    if args.write:
         write_results(header, table, notes)
+    else:
+        (HERE / ".last-results.md").write_text(f"{header}\n\n{table}\n\n" + "\n".join(notes) + "\n")
+        print("table written to benchmarks/.last-results.md (python benchmarks/bench.py --write updates RESULTS.md)")
 
 
 def write_results(header: str, table: str, notes: list[str]) -> None:

@@ -165,7 +165,8 @@ def trl_grpo(cfg: RunConfig, model_path: Path, out_dir, steps: int, clock: StepC
         max_grad_norm=c.grad_clip, beta=c.kl_coef, epsilon=c.clip_eps_low, loss_type="dapo", scale_rewards="group",
         temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, num_iterations=1, max_steps=steps, seed=seed,
         use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no", report_to=[],
-        logging_steps=10, disable_tqdm=True, dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32})
+        logging_strategy="no", log_level="error", disable_tqdm=True, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": torch.float32})  # no per-step log dicts printed (issue 16, item 9)
     return GRPOTrainer(model=str(model_path), reward_funcs=exact_match, args=args, train_dataset=grpo_dataset(cfg),
                        processing_class=tokenizer(), callbacks=[clock.callback])
 
