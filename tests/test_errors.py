@@ -42,6 +42,10 @@ def files(d: Path) -> dict[str, Path]:
     (d / "a_run" / "final").mkdir(parents=True, exist_ok=True)  # a run directory: its model is in final/
     (d / "a_run" / "final" / "config.json").write_text("{}\n")
     (d / "a_file").write_text("")
+    (d / "a_reward_model").mkdir(exist_ok=True)  # what posttrain rm writes: a scalar-head model, no LM head
+    (d / "a_reward_model" / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}\n')
+    (d / "a_policy").mkdir(exist_ok=True)
+    (d / "a_policy" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}\n')
     (d / "finished").mkdir(exist_ok=True)  # a run that completed: config.yaml, summary.json, no checkpoints
     (d / "finished" / "config.yaml").write_text("seed: 0\n")
     (d / "finished" / "summary.json").write_text("{}\n")
@@ -131,6 +135,10 @@ CASES = [
     ("ray-address-unreachable", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "ray.address=127.0.0.1:1"], "ray.address=127.0.0.1:1: nothing answers at 127.0.0.1:1"),
     ("ray-address-malformed", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "ray.address=headnode"], "ray.address=headnode: expected 'auto', 'HOST:PORT' or 'ray://HOST:PORT'"),
     ("tokenizer-no-pad-no-eos", lambda f, out: ["sft", str(f["ok.yaml"]), f"model.path={f['no_pad_no_eos']}"], "has neither a pad nor an eos token"),
+    ("policy-is-a-reward-model", lambda f, out: ["rl", str(f["ok.yaml"]), f"model.path={f['a_reward_model']}"], "holds a LlamaForSequenceClassification (a reward model or critic), not a causal LM"),
+    ("rm-path-is-a-policy", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.reward=reward_model", f"rl.reward_model_path={f['a_policy']}"], "holds a LlamaForCausalLM, not a reward model"),
+    ("ray-bf16", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "model.dtype=bfloat16"], "model.dtype=bfloat16 is not available with backend=ray"),
+    ("ifeval-without-a-model", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=ifeval", "task.num_eval=8"], "task ifeval needs a tokenizer that covers its text"),
     ("prompt-too-long", lambda f, out: ["sft", str(f["ok.yaml"]), "model.max_position_embeddings=8"], "context"),
 ]
 
