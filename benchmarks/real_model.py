@@ -1,0 +1,261 @@
+"""SmolLM2-135M-Instruct on this CPU (issue 17): posttrain against transformers' `model.generate` and TRL 1.16,
+on identical work, interleaved A B A B in one process so machine load hits both alike.
+
+    python benchmarks/real_model.py [--model models/smollm2-135m-instruct] [--runs 3] [--only decode,grpo,rss]
+
+Rows:
+  decode   rollout tokens/s, batch 16 and 64 GSM8K questions rendered with the chat template, sampling at
+           temperature 1, up to 128 new tokens, stopping at <|im_end|>: posttrain `generate` vs `model.generate`.
+           Tokens are the generated ones up to and including each row's end-of-turn (padding after it is not
+           counted on either side). float32 on both sides, then both inside bf16 autocast.
+  grpo     one GRPO step, 8 prompts x 4 samples, <= 128 new tokens, task ifeval, k3 KL (beta 0.04) to a
+           reference, one optimizer step: posttrain `rl_step` vs TRL's GRPOTrainer step, float32 on both sides
+           (TRL's CPU path has no bf16 autocast for generation); posttrain's per-phase times; and posttrain's
+           step with model.dtype=bfloat16 on its own.
+  rss      peak RSS (VmHWM) of a process running 2 such steps, posttrain and TRL each in its own process.
+Prints a table; `make real-model` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+THREADS = 2
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok
+
+
+def chat_batch(tok, n: int):
+    rows = [json.loads(line) for line in GSM8K.open()][:n]
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                     add_generation_prompt=True) for r in rows]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask
+
+
+def bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------- decode
+def decode_row(model, tok, batch: int, new: int, runs: int, low: bool) -> dict:
+    from posttrain.rollout import generate
+
+    ids, mask = chat_batch(tok, batch)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ctx = bf16 if low else nullcontext
+
+    def ours(seed):
+        with ctx(), torch.no_grad():
+            start = time.perf_counter()
+            out = generate(model, ids, mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                           generator=torch.Generator().manual_seed(seed))
+            return int(out.response_mask.sum()), time.perf_counter() - start
+
+    def theirs(seed):
+        torch.manual_seed(seed)
+        with ctx(), torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=new, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+            elapsed = time.perf_counter() - start
+        resp = out[:, ids.size(1):]
+        done = (resp == eos).int().cumsum(1)
+        tokens = int(((done == 0) | ((done == 1) & (resp == eos))).sum())  # up to and including the first eos
+        return tokens, elapsed
+
+    ours(0), theirs(0)  # warm-up
+    a, b = [], []
+    for r in range(runs):
+        a.append(ours(r + 1))
+        b.append(theirs(r + 1))
+    rate = lambda xs: statistics.median(t / s for t, s in xs)  # noqa: E731
+    return {"batch": batch, "dtype": "bf16" if low else "fp32", "posttrain_tok_s": rate(a), "hf_tok_s": rate(b),
+            "ratio": rate(a) / rate(b), "posttrain_tokens": statistics.mean(t for t, _ in a),
+            "hf_tokens": statistics.mean(t for t, _ in b)}
+
+
+# ---------------------------------------------------------------- GRPO step
+def run_config(model_path, out, dtype="float32"):
+    from posttrain.config import build_config
+
+    return build_config({"output_dir": str(out), "threads": THREADS, "progress": False,
+                         "model": {"path": str(model_path), "dtype": dtype},
+                         "task": {"name": "ifeval", "num_eval": 8},
+                         "rl": {"preset": "grpo", "steps": 100, "prompts_per_step": 8, "group_size": 4, "lr": 1e-6,
+                                "warmup_steps": 0, "kl_coef": 0.04, "kl_estimator": "k3", "max_new_tokens": 128,
+                                "temperature": 1.0, "mini_batches": 1, "micro_batch_size": 32}}, [])
+
+
+def posttrain_step(cfg, model, tok):
+    from posttrain.recipes.common import PhaseTimer
+    from posttrain.recipes.rl import rl_step, setup_rl
+    from posttrain.tasks import build_task, fit_task
+
+    task = build_task(cfg.task, cfg.seed)
+    fit_task(task, cfg, model, tok, cfg.rl.prompts_per_step)
+    state = setup_rl(cfg, model, tok, task)
+    state.policy.eval()
+    timer = PhaseTimer()
+
+    def step() -> dict:
+        from posttrain.models.precision import precision
+
+        with precision(cfg.model):
+            metrics = rl_step(cfg, state, timer)
+        metrics.update(timer.pop())
+        return metrics
+
+    return step, task
+
+
+def trl_trainer(cfg, model_path, task, out, steps, clock):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.tasks.instructions import instruction_reward
+
+    c = cfg.rl
+    probs = task.train_problems  # prompts already rendered with the chat template by fit_task
+    data = Dataset.from_dict({"prompt": [p.prompt for p in probs], "instruction_id": [p.instruction_id for p in probs],
+                              "instruction_kwargs": [json.dumps(p.kwargs) for p in probs]})
+
+    def reward(prompts, completions, instruction_id, instruction_kwargs, **_):
+        return instruction_reward(prompts, completions, instruction_id, [json.loads(k) for k in instruction_kwargs])
+
+    args = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=c.prompts_per_step * c.group_size,
+        num_generations=c.group_size, max_completion_length=c.max_new_tokens, learning_rate=c.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+        max_grad_norm=c.grad_clip, beta=c.kl_coef, epsilon=c.clip_eps_low, loss_type="dapo", scale_rewards="group",
+        temperature=1.0, top_k=0, top_p=1.0, num_iterations=1, max_steps=steps, seed=0, use_cpu=True, bf16=False,
+        gradient_checkpointing=False, save_strategy="no", report_to=[], logging_strategy="no", log_level="error",
+        disable_tqdm=True, dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    return GRPOTrainer(model=str(model_path), reward_funcs=reward, args=args, train_dataset=data,
+                       processing_class=tok, callbacks=[clock.callback])
+
+
+def grpo_row(model_path, runs: int, warmup: int = 1) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from setups import StepClock
+
+    tmp = Path(tempfile.mkdtemp())
+    cfg = run_config(model_path, tmp)
+    model, tok = load(model_path)
+    step, task = posttrain_step(cfg, model, tok)
+    ours, phases = [], []
+
+    def between(_model, _k):
+        start = time.perf_counter()
+        phases.append(step())
+        ours.append(time.perf_counter() - start)
+        return False
+
+    clock = StepClock(between)
+    trl_trainer(cfg, model_path, task, tmp / "trl", warmup + runs, clock).train()
+    low_model, _ = load(model_path)
+    low_step, _ = posttrain_step(run_config(model_path, tmp / "bf16", "bfloat16"), low_model, tok)
+    low, low_phases = [], []
+    for _ in range(warmup + runs):
+        start = time.perf_counter()
+        low_phases.append(low_step())
+        low.append(time.perf_counter() - start)
+    phase = lambda ps: {k[5:]: round(statistics.mean(p[k] for p in ps[warmup:]), 2)  # noqa: E731
+                        for k in ps[-1] if k.startswith("time/")}
+    return {"posttrain_s": statistics.median(ours[warmup:]), "trl_s": statistics.median(clock.steps[warmup:]),
+            "posttrain_bf16_s": statistics.median(low[warmup:]), "phases_fp32": phase(phases),
+            "phases_bf16": phase(low_phases),
+            "response_length": statistics.mean(p["response_length"] for p in phases[warmup:])}
+
+
+def rss_worker(kind: str, model_path) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from setups import StepClock
+
+    tmp = Path(tempfile.mkdtemp())
+    cfg = run_config(model_path, tmp, "bfloat16" if kind == "posttrain-bf16" else "float32")
+    model, tok = load(model_path)
+    if kind.startswith("posttrain"):
+        step, _ = posttrain_step(cfg, model, tok)
+        step(), step()
+    else:
+        from posttrain.tasks import build_task, fit_task
+
+        task = build_task(cfg.task, cfg.seed)
+        fit_task(task, cfg, model, tok, cfg.rl.prompts_per_step)
+        del model
+        trl_trainer(cfg, model_path, task, tmp / "trl", 2, StepClock()).train()
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return {"kind": kind, "peak_rss_mib": int(hwm.split()[1]) / 1024}
+
+
+def rss_row(model_path) -> list[dict]:
+    out = []
+    for kind in ("posttrain", "posttrain-bf16", "trl"):
+        proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", str(model_path)],
+                              capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--only", default="decode,grpo,rss")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.worker:
+        print(json.dumps(rss_worker(args.worker, args.model)))
+        return
+    parts = args.only.split(",")
+    results = {}
+    if "decode" in parts:
+        model, tok = load(args.model)
+        results["decode"] = [decode_row(model, tok, b, 128, args.runs, low) for low in (False, True) for b in (16, 64)]
+        for r in results["decode"]:
+            print(f"decode batch {r['batch']:2d} {r['dtype']}: posttrain {r['posttrain_tok_s']:6.1f} tok/s, "
+                  f"model.generate {r['hf_tok_s']:6.1f} tok/s, {r['ratio']:.2f}x "
+                  f"(tokens per run {r['posttrain_tokens']:.0f} vs {r['hf_tokens']:.0f})", flush=True)
+    if "grpo" in parts:
+        g = results["grpo"] = grpo_row(args.model, args.runs)
+        print(f"GRPO step fp32: posttrain {g['posttrain_s']:.1f} s, TRL {g['trl_s']:.1f} s, "
+              f"{g['trl_s'] / g['posttrain_s']:.2f}x; posttrain bf16 {g['posttrain_bf16_s']:.1f} s "
+              f"({g['trl_s'] / g['posttrain_bf16_s']:.2f}x TRL fp32)\n  phases fp32 {g['phases_fp32']}\n  phases bf16 "
+              f"{g['phases_bf16']}", flush=True)
+    if "rss" in parts:
+        results["rss"] = rss_row(args.model)
+        print("peak RSS: " + ", ".join(f"{r['kind']} {r['peak_rss_mib']:.0f} MiB" for r in results["rss"]))
+    (REPO / "benchmarks" / ".last-real-model.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
