@@ -128,7 +128,8 @@ def test_overlong_penalty_is_added_to_the_score(tmp_path, make_config, tiny_mode
 
 
 def test_mask_truncated_with_every_response_cut_stops_on_the_empty_mask(tmp_path, make_config, tiny_model, tokenizer):
-    cfg = make_config(tmp_path, "rl.max_new_tokens=2", "rl.mask_truncated=true")  # an untrained model never ends
+    favour_eos(tiny_model, tokenizer, bias=-1e4)  # no response can end: every one is cut at 2 tokens
+    cfg = make_config(tmp_path, "rl.max_new_tokens=2", "rl.mask_truncated=true")
     state = setup_rl(cfg, tiny_model, tokenizer, EvenFirstCharTask(cfg.task, cfg.seed))
     with pytest.raises(InvariantError, match="response mask is empty"):
         make_experience(cfg, state, PhaseTimer())
