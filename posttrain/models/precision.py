@@ -17,7 +17,7 @@ which keeps the first-minibatch ratio check exact.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -52,13 +52,7 @@ def recompute_old_logprobs(cfg: ModelConfig) -> bool:
 def precision(cfg: ModelConfig):
     """Autocast to model.dtype's compute dtype on the CPU and, where there is one, the GPU; nothing for float32."""
     dtype = compute_dtype(cfg)
-    if dtype == torch.float32:
-        with nullcontext():
-            yield dtype
-        return
-    with torch.autocast("cpu", dtype=dtype):
-        if torch.cuda.is_available():
-            with torch.autocast("cuda", dtype=dtype):
-                yield dtype
-        else:
-            yield dtype
+    low = dtype != torch.float32
+    with torch.autocast("cpu", dtype=dtype, enabled=low), \
+            torch.autocast("cuda", dtype=dtype, enabled=low and torch.cuda.is_available()):
+        yield dtype
