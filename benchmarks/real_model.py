@@ -107,7 +107,7 @@ def run_config(model_path, out, dtype="float32"):
                          "task": {"name": "ifeval", "num_eval": 8},
                          "rl": {"preset": "grpo", "steps": 100, "prompts_per_step": 8, "group_size": 4, "lr": 1e-6,
                                 "warmup_steps": 0, "kl_coef": 0.04, "kl_estimator": "k3", "max_new_tokens": 128,
-                                "temperature": 1.0, "mini_batches": 1, "micro_batch_size": 32}}, [])
+                                "temperature": 1.0, "mini_batches": 1, "micro_batch_size": 8}}, [])
 
 
 def posttrain_step(cfg, model, tok):

@@ -32,6 +32,56 @@ class RolloutBatch:
         return self.response_mask.sum(-1).long()
 
 
+def micro_rows(response_mask: Tensor, size: int | None) -> list[Tensor]:
+    """Row indices of micro-batches of `size` rows (None or >= B: one micro-batch of every row, in order).
+
+    With more than one micro-batch the rows are taken in order of response length (a stable sort, so the
+    grouping is deterministic), so that rows of similar length share a micro-batch and `trim_columns` cuts most
+    of their padding. A sum over micro-batches (gradient accumulation, token-weighted metrics) does not depend
+    on how rows are grouped, up to float rounding."""
+    B = response_mask.size(0)
+    if size is None or size >= B:
+        return [torch.arange(B)]
+    return list(torch.sort(response_mask.sum(-1), stable=True).indices.split(size))
+
+
+def trim_columns(prompt_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
+    """(first, end): the prompt columns before `first` are left padding in every row, the response columns from
+    `end` on are past every row's end. Dropping them changes no real token's value (padding is masked out of
+    attention and causal attention never looks right), only the compute. At least one column of each is kept."""
+    used = prompt_mask.bool().any(0).nonzero()
+    first = min(int(used[0]), prompt_mask.size(1) - 1) if len(used) else prompt_mask.size(1) - 1
+    live = response_mask.bool().any(0).nonzero()
+    end = max(int(live[-1]) + 1, 1) if len(live) else 1
+    return first, end
+
+
+def trimmed(batch):
+    """A dataclass batch (RolloutBatch, Experience) without its all-padding columns (`trim_columns`): prompt_*
+    fields lose columns on the left, the 2-D response fields on the right; 1-D fields and None are kept."""
+    first, end = trim_columns(batch.prompt_mask, batch.response_mask)
+    if first == 0 and end == batch.response_mask.size(1):
+        return batch
+    out = {}
+    for f in fields(batch):
+        x = getattr(batch, f.name)
+        if x is not None and x.dim() == 2:
+            x = x[:, first:] if f.name.startswith("prompt") else x[:, :end]
+        out[f.name] = x
+    return type(batch)(**out)
+
+
+def map_micro_batches(batch, size: int | None, fn) -> Tensor:
+    """fn(micro) -> (b, T') per-token values for each micro-batch of `batch` (`micro_rows`, `trimmed`), put back
+    as one (B, T) tensor, 0 in the columns a micro-batch did not have. For the passes without a gradient
+    (reference log-probs, values): their padding cut like the update's."""
+    out = torch.zeros(batch.response_mask.shape)
+    for rows in micro_rows(batch.response_mask, size):
+        part = fn(trimmed(batch.select(rows)))
+        out[rows, :part.size(1)] = part.to(out.dtype)
+    return out
+
+
 def pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
     """(B, L) -> (B, width), padding with `value` on the left or the right."""
     extra = width - x.size(1)

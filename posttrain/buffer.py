@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from posttrain.batch import cat_padded
+from posttrain.batch import cat_padded, micro_rows, trimmed
 
 
 @dataclass
@@ -41,10 +41,17 @@ class Experience:
                              for f in fields(self)})
 
     def split(self, size: int | None) -> list["Experience"]:
-        """Consecutive chunks of `size` rows (None: the whole batch as one chunk)."""
-        if size is None or size >= len(self):
-            return [self]
-        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+        """Micro-batches of `size` rows (None: the whole batch as one), rows of similar response length together
+        and each without its all-padding columns (`posttrain.batch.micro_rows`, `trimmed`)."""
+        return [micro for _, micro in self.split_rows(size)]
+
+    def split_rows(self, size: int | None) -> list[tuple[Tensor, "Experience"]]:
+        """`split`, each micro-batch with its rows' indices into this batch (to put per-row results back: a
+        micro-batch's (b, T') response columns are this batch's first T')."""
+        groups = micro_rows(self.response_mask, size)
+        if len(groups) == 1:
+            return [(groups[0], trimmed(self))]
+        return [(rows, trimmed(self.select(rows))) for rows in groups]
 
     @property
     def num_tokens(self) -> Tensor:  # scalar: valid response tokens

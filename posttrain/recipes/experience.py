@@ -13,7 +13,7 @@ import torch
 
 from posttrain.algos import ADVANTAGES, KL_ESTIMATORS, masked_mean, masked_whiten
 from posttrain.algos.shaping import informative_groups, overlong_penalty, truncation_loss_mask
-from posttrain.batch import RolloutBatch, cat_rollouts
+from posttrain.batch import RolloutBatch, cat_rollouts, map_micro_batches
 from posttrain.buffer import Experience
 from posttrain.config import RunConfig
 from posttrain.invariants import check_finite, check_mask_not_empty
@@ -166,11 +166,13 @@ def make_experience(cfg: RunConfig, state: RLState, timer: PhaseTimer) -> tuple[
     ref_logprobs = values = None
     if state.reference is not None:
         with timer("reference"), torch.no_grad():
-            ref_logprobs, _ = response_logprobs(state.reference, batch.prompt_ids, batch.prompt_mask,
-                                                batch.response_ids, mask, temperature=c.temperature)
+            ref_logprobs = map_micro_batches(batch, c.micro_batch_size, lambda b: response_logprobs(
+                state.reference, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask,
+                temperature=c.temperature)[0])
     if state.critic is not None:
         with timer("values"), torch.no_grad():
-            values = response_values(state.critic, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
+            values = map_micro_batches(batch, c.micro_batch_size, lambda b: response_values(
+                state.critic, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask))
     return finish_experience(cfg, data, allgen, batch, metrics, timer, baseline=baseline, ref_logprobs=ref_logprobs,
                              values=values, kl_coef=state.kl_ctl.value)
 

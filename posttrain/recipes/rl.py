@@ -193,9 +193,12 @@ def trainer_old_logprobs(cfg: RunConfig, state: RLState, minibatches: list[Exper
     rounding depends on what else is in the batch (shared-prompt prefill, attention kernel by problem size)."""
     c = cfg.rl
     for mb in minibatches:
-        parts = [response_logprobs(state.policy, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask,
-                                   temperature=c.temperature)[0] for m in mb.split(c.micro_batch_size)]
-        mb.old_logprobs = torch.cat(parts) * mb.response_mask
+        old = torch.zeros_like(mb.response_mask)
+        for rows, m in mb.split_rows(c.micro_batch_size):
+            part = response_logprobs(state.policy, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask,
+                                     temperature=c.temperature)[0]
+            old[rows, :part.size(1)] = part
+        mb.old_logprobs = old * mb.response_mask
     state.buffer.replace(minibatches)  # later epochs draw from the same rows, now with these log-probs
     return minibatches
 
