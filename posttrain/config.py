@@ -337,8 +337,11 @@ class DPOConfig(_Section):
     sft_coef: float | None = Field(None, ge=0, description="Weight of the SFT regulariser (token-mean negative "
                                    "log-likelihood of the chosen completion) added to the loss, as SLiC-HF's "
                                    "lambda; None: the loss's default (slic 0.1, others 0).")
+    max_length: int | None = Field(None, ge=2, description="Longest prompt + completion in tokens: a longer pair "
+                                   "keeps the end of its prompt and the start of its completions (None: no limit).")
     steps: int = Field(300, ge=0, description="Optimizer steps.")
-    batch_size: int = Field(64, ge=1, description="Preference pairs per step.")
+    batch_size: int = Field(64, ge=1, description="Preference pairs per step (and per reference / held-out "
+                            "scoring batch).")
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up, then cosine decay to lr_min_ratio * lr.")
     lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")

@@ -53,6 +53,9 @@ def precision(cfg: ModelConfig):
     """Autocast to model.dtype's compute dtype on the CPU and, where there is one, the GPU; nothing for float32."""
     dtype = compute_dtype(cfg)
     low = dtype != torch.float32
-    with torch.autocast("cpu", dtype=dtype, enabled=low), \
-            torch.autocast("cuda", dtype=dtype, enabled=low and torch.cuda.is_available()):
+    # cache_enabled=False: autocast caches the bf16 copy of every leaf weight until the outermost autocast region
+    # ends, and this region spans the whole run, so with the cache on every forward after an optimizer step would
+    # still read the starting weights (their float32 masters updated, the casts never refreshed)
+    with torch.autocast("cpu", dtype=dtype, enabled=low, cache_enabled=False), \
+            torch.autocast("cuda", dtype=dtype, enabled=low and torch.cuda.is_available(), cache_enabled=False):
         yield dtype

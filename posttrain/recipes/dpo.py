@@ -26,15 +26,15 @@ from torch import Tensor
 
 from posttrain.algos import PREFERENCE_LOSSES, PREFERENCE_SPECS, aggregate
 from posttrain.algos.preference import implicit_rewards
-from posttrain.batch import right_pad
+from posttrain.batch import left_pad, right_pad
 from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import DPOConfig, RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
 from posttrain.data.sampling import ShuffledBatches, shuffled_batches
 from posttrain.errors import ConfigError
-from posttrain.models.chat import chat_pairs, end_of_turn_id
+from posttrain.models.chat import chat_pairs, encode_texts, end_of_turn_id
 from posttrain.models.logprobs import response_logprobs
-from posttrain.recipes.common import PhaseTimer, guarded_step, encode_prompts, evaluate_per_problem, make_optimizer
+from posttrain.recipes.common import PhaseTimer, evaluate_per_problem, guarded_step, make_optimizer
 from posttrain.recipes.control import NoControl, RunControl
 
 
@@ -48,6 +48,7 @@ class PreferenceLoss:
     use_reference: bool
     length_normalize: bool
     sft_coef: float
+    max_length: int | None = None  # longest prompt + completion in tokens (dpo.max_length)
 
 
 def resolve_loss(c: DPOConfig) -> PreferenceLoss:
@@ -55,7 +56,8 @@ def resolve_loss(c: DPOConfig) -> PreferenceLoss:
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return PreferenceLoss(c.loss, pick(c.beta, spec.beta), pick(c.margin, spec.margin),
                           not pick(c.reference_free, not spec.use_reference),
-                          pick(c.length_normalize, spec.length_normalize), pick(c.sft_coef, spec.sft_coef))
+                          pick(c.length_normalize, spec.length_normalize), pick(c.sft_coef, spec.sft_coef),
+                          c.max_length)
 
 
 def load_dpo_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tuple[list, list]:
@@ -77,28 +79,38 @@ def load_dpo_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tu
     return chat_pairs(train, tokenizer, cfg.task), chat_pairs(held_out, tokenizer, cfg.task)  # a chat model's template
 
 
-def pair_logprobs(model, tokenizer, pairs: list[PreferencePair]) -> tuple[Tensor, Tensor]:
+def pair_logprobs(model, tokenizer, pairs: list[PreferencePair],
+                  max_length: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-token log pi(y_t | x, y_<t) of the chosen then the rejected completions (+ EOS) of `pairs`:
-    logprobs (2B, T) (rows 0..B-1 chosen, B..2B-1 rejected, 0 off the mask) and response_mask (2B, T)."""
-    prompts = [p.prompt for p in pairs] * 2
+    logprobs (2B, T) (rows 0..B-1 chosen, B..2B-1 rejected, 0 off the mask) and response_mask (2B, T).
+
+    max_length: a pair longer than this (prompt + its longer side) keeps the last tokens of its prompt, the same
+    ones for both sides, and a side that alone is longer keeps its first max_length - 1 tokens (TRL's
+    keep-end for the prompt, keep-start for the completion)."""
+    B = len(pairs)
     completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    prompts = encode_texts(tokenizer, [p.prompt for p in pairs])
     targets = [ids + [end_of_turn_id(tokenizer)]  # EOS, or a chat template's end-of-turn token
                for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+    if max_length is not None:
+        targets = [t[:max_length - 1] for t in targets]
+        prompts = [p[-(max_length - max(len(targets[i]), len(targets[B + i]))):] for i, p in enumerate(prompts)]
+    prompt_ids, prompt_mask = left_pad(prompts * 2, tokenizer.pad_token_id)
     response_ids, response_mask = right_pad(targets, tokenizer.pad_token_id)
     logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
     return logprobs, response_mask
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 256) -> Tensor:
+def sequence_logprobs(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 64,
+                      max_length: int | None = None) -> Tensor:
     """(N, 2) summed log pi(y|x) of the chosen (column 0) and rejected (column 1) completion of each pair."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        logprobs, mask = pair_logprobs(model, tokenizer, chunk)
+        logprobs, mask = pair_logprobs(model, tokenizer, chunk, max_length)
         sums = (logprobs * mask).sum(-1)  # (2b,)
         out.append(torch.stack([sums[:len(chunk)], sums[len(chunk):]], dim=1))
     model.train(was_training)
@@ -126,8 +138,8 @@ def setup_dpo(cfg: RunConfig, policy, tokenizer, task, train_pairs, eval_pairs) 
     loss = resolve_loss(cfg.dpo)
     ref_train = ref_eval = None
     if loss.use_reference:
-        ref_train = sequence_logprobs(policy, tokenizer, train_pairs)
-        ref_eval = sequence_logprobs(policy, tokenizer, eval_pairs)
+        ref_train = sequence_logprobs(policy, tokenizer, train_pairs, cfg.dpo.batch_size, loss.max_length)
+        ref_eval = sequence_logprobs(policy, tokenizer, eval_pairs, cfg.dpo.batch_size, loss.max_length)
     c = cfg.dpo
     opt, sched = make_optimizer(policy, c.lr, c.weight_decay, c.warmup_steps, c.steps, c.lr_min_ratio)
     rng = random.Random(f"dpo-{cfg.seed}")
@@ -155,7 +167,7 @@ def preference_loss(loss: PreferenceLoss, model, tokenizer, pairs: list[Preferen
                     ref: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
     """The batch's mean registered loss (+ sft_coef x NLL of the chosen) and its metrics; `ref`: (B, 2) or None."""
     B = len(pairs)
-    logprobs, mask = pair_logprobs(model, tokenizer, pairs)  # (2B, T)
+    logprobs, mask = pair_logprobs(model, tokenizer, pairs, loss.max_length)  # (2B, T)
     ref_sums = None if ref is None else torch.cat([ref[:, 0], ref[:, 1]])  # (2B,)
     rewards = implicit_rewards(logprobs, mask, ref_sums, length_normalize=loss.length_normalize)  # (2B,)
     per_pair, metrics = PREFERENCE_LOSSES.get(loss.name)(rewards[:B], rewards[B:], beta=loss.beta,
@@ -172,7 +184,7 @@ def preference_loss(loss: PreferenceLoss, model, tokenizer, pairs: list[Preferen
 
 
 @torch.no_grad()
-def evaluate_pairs(state: DPOState, batch_size: int = 256) -> dict[str, float]:
+def evaluate_pairs(state: DPOState, batch_size: int = 64) -> dict[str, float]:
     """Held-out pair metrics: implicit-reward accuracy, margin, chosen and rejected rewards, loss."""
     if not state.eval_pairs:
         return {}
@@ -210,7 +222,7 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
         with timer("eval"):
             gold = evaluate_per_problem(model, state.tokenizer, state.task, state.task.eval_problems,
                                         cfg.eval.batch_size, cfg.eval.max_new_tokens)
-            return {"accuracy": sum(gold) / len(gold), **evaluate_pairs(state), "gold": gold}
+            return {"accuracy": sum(gold) / len(gold), **evaluate_pairs(state, cfg.dpo.batch_size), "gold": gold}
 
     for step in range(first, c.steps + 1):
         idx = next(state.batches)

@@ -63,6 +63,31 @@ def test_a_bf16_rl_step_recomputes_old_logprobs_and_updates_float32_weights(tmp_
     assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
 
 
+@pytest.mark.parametrize("path", ["transformers", "lean"])
+def test_a_forward_after_an_optimizer_step_sees_the_new_weights(tiny_model, tokenizer, path, monkeypatch):
+    """One precision() region spans a whole run: each forward must cast the float32 weights as they are now, not
+    reuse the bf16 copies made before the optimizer step (autocast's weight cache would)."""
+    from posttrain.models import lean
+    from posttrain.models.logprobs import response_logprobs
+
+    if path == "transformers":
+        monkeypatch.setattr(lean, "enabled", lambda: False)
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    response = torch.full((len(PROMPTS), 3), tokenizer.convert_tokens_to_ids("7"))
+    rmask = torch.ones(response.shape)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.5)
+    with precision(ModelConfig(dtype="bfloat16")):
+        for name, p in tiny_model.named_parameters():  # one weight at a time: every leaf must be re-read
+            if p.dim() < 2:
+                continue
+            before, _ = response_logprobs(tiny_model, ids, mask, response, rmask)
+            opt.zero_grad()
+            p.grad = torch.randn_like(p)
+            opt.step()
+            after, _ = response_logprobs(tiny_model, ids, mask, response, rmask)
+            assert not torch.equal(before, after), f"{path}: the forward did not see the update of {name}"
+
+
 def test_backend_ray_refuses_bf16():
     from posttrain.config import ConfigError, build_config
 

@@ -46,6 +46,24 @@ def test_pair_logprobs_match_the_sft_tokenisation(tiny_model, tokenizer):
                                atol=1e-5, rtol=0)
 
 
+def test_max_length_keeps_the_prompts_end_and_the_completions_start(tiny_model, tokenizer):
+    """dpo.max_length: a long pair is cut to max_length tokens, its prompt from the left (the same tokens for both
+    sides), a too-long side from the right; the kept tokens' log-probs are those of the same text written short."""
+    long = PreferencePair("1+2+3+4+5+6+7+8=", "36", "35000000000")  # 16-char prompt; sides 2+1 and 11+1 tokens
+    logprobs, mask = pair_logprobs(tiny_model, tokenizer, [long], max_length=10)
+    assert mask.sum(-1).tolist() == [3, 9]  # "36"+EOS kept whole; the long side keeps its first 9 tokens
+    # prompt room: 10 - 9 = 1 token, the prompt's last ("=", BOS cut too), for both sides
+    from posttrain.models.logprobs import response_logprobs
+    eq = torch.tensor([tokenizer("=", add_special_tokens=False)["input_ids"]])
+    sides = [tokenizer("36", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+             tokenizer("35000000000", add_special_tokens=False)["input_ids"][:9]]
+    for row, ids in enumerate(sides):
+        want, _ = response_logprobs(tiny_model, eq, torch.ones_like(eq), torch.tensor([ids]), torch.ones(1, len(ids)))
+        torch.testing.assert_close(logprobs[row, :len(ids)], want[0], atol=1e-5, rtol=0)
+    full, full_mask = pair_logprobs(tiny_model, tokenizer, [long])
+    assert full_mask.sum(-1).tolist() == [3, 12]  # without the limit nothing is cut
+
+
 def test_dpo_at_the_reference_is_log_2(tmp_path, make_config, tiny_model, tokenizer):
     cfg = make_config(tmp_path, "dpo.loss=dpo")
     state = setup_dpo(cfg, tiny_model, tokenizer, None, PAIRS, PAIRS[:2])
