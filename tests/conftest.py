@@ -5,6 +5,8 @@ Everything here is sized so that a whole SFT + GRPO run takes about a second on 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +70,23 @@ def make_config():
         return build_config(tiny_run_dict(output_dir), list(overrides))
 
     return make
+
+
+SMOLLM2_TOKENIZER = Path(__file__).resolve().parent / "data" / "smollm2_tokenizer"
+
+
+@pytest.fixture(scope="session")
+def stand_in(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (pad = EOS = <|im_end|>), saved as a
+    model directory: what model.path points at where the real model would be (hidden 64, 2 layers, GQA)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    out = tmp_path_factory.mktemp("smol") / "model"
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

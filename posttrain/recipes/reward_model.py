@@ -141,13 +141,13 @@ def evaluate_rm(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 
 
 
 @torch.no_grad()
-def calibrate(rm: RewardModel, pairs: list[PreferencePair], n: int) -> tuple[float, float]:
+def calibrate(rm: RewardModel, pairs: list[PreferencePair], n: int, batch_size: int = 256) -> tuple[float, float]:
     """Store mean and std of the raw scores of both sides of the first `n` pairs; return them."""
     was_training = rm.model.training
     rm.model.eval()
     sample = pairs[:n]
     prompts = [p.prompt for p in sample] * 2
-    scores = rm.raw_scores(prompts, [p.chosen for p in sample] + [p.rejected for p in sample])
+    scores = rm.raw_scores(prompts, [p.chosen for p in sample] + [p.rejected for p in sample], batch_size=batch_size)
     rm.model.train(was_training)
     mean, std = scores.mean().item(), scores.std().item() if len(scores) > 1 else 1.0
     rm.set_normalization(mean, std)
@@ -179,7 +179,7 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
                       "margin": float(metrics["margin"]), "grad_norm": grad_norm.item(),
                       "lr": state.scheduler.get_last_lr()[0], **record, **timer.pop()}
         if (c.eval_every and step % c.eval_every == 0) or step == c.steps:
-            result = evaluate_rm(state.rm, state.eval_pairs)
+            result = evaluate_rm(state.rm, state.eval_pairs, c.batch_size)
             record = {"step": step, "phase": "rm", **record, **result}
         if record:
             logger.log(record)
@@ -191,7 +191,7 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
             progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{result.get('eval_accuracy', float('nan')):.3f}",
                                  refresh=False)
     if c.steps == 0:
-        result = evaluate_rm(state.rm, state.eval_pairs)
+        result = evaluate_rm(state.rm, state.eval_pairs, c.batch_size)
         logger.log({"step": 0, "phase": "rm", **result})
-    mean, std = calibrate(state.rm, state.train_pairs, c.calibration_size)
+    mean, std = calibrate(state.rm, state.train_pairs, c.calibration_size, c.batch_size)
     return {**result, "reward_mean": mean, "reward_std": std}

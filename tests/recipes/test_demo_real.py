@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 pytest.importorskip("if_verifiable")
 
@@ -18,7 +17,6 @@ from posttrain.recipes.demo_real import REAL_DEFAULTS, ensure_model, examples, r
 from posttrain.tasks.instructions import KINDS, InstructionsTask, follows, instruction_reward  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SMOLLM2_TOKENIZER = REPO / "tests" / "data" / "smollm2_tokenizer"
 
 
 def test_the_shipped_config_is_the_demo_run():
@@ -71,20 +69,6 @@ def test_a_missing_model_without_the_wheel_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_real.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(demo_real.PosttrainError, match="run make real-model"):
         ensure_model(tmp_path / "nothing")
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a model directory."""
-    tok = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    out = tmp_path_factory.mktemp("smol") / "model"
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def test_demo_real_end_to_end(tmp_path, stand_in, capsys):
