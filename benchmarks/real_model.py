@@ -12,7 +12,8 @@ Rows:
            reference, one optimizer step: posttrain `rl_step` vs TRL's GRPOTrainer step, float32 on both sides
            (TRL's CPU path has no bf16 autocast for generation); posttrain's per-phase times; and posttrain's
            step with model.dtype=bfloat16 on its own.
-  rss      peak RSS (VmHWM) of a process running 2 such steps, posttrain and TRL each in its own process.
+  rss      peak RSS (VmHWM) of a process running 2 such steps, posttrain and TRL each in its own process (run it
+           alone, --only rss: the parent of a decode/grpo run still holds its models while the workers run).
 Prints a table; `make real-model` first.
 """
 
@@ -220,7 +221,10 @@ def rss_row(model_path) -> list[dict]:
     out = []
     for kind in ("posttrain", "posttrain-bf16", "trl"):
         proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", str(model_path)],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True)
+        if proc.returncode != 0:  # e.g. -9: the kernel's OOM killer (the step needs more than the machine has)
+            out.append({"kind": kind, "peak_rss_mib": None, "exit": proc.returncode})
+            continue
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
 
@@ -253,7 +257,8 @@ def main() -> None:
               f"{g['phases_bf16']}", flush=True)
     if "rss" in parts:
         results["rss"] = rss_row(args.model)
-        print("peak RSS: " + ", ".join(f"{r['kind']} {r['peak_rss_mib']:.0f} MiB" for r in results["rss"]))
+        print("peak RSS: " + ", ".join(f"{r['kind']} {r['peak_rss_mib']:.0f} MiB" if r["peak_rss_mib"] is not None
+                                       else f"{r['kind']} died (exit {r['exit']})" for r in results["rss"]))
     (REPO / "benchmarks" / ".last-real-model.json").write_text(json.dumps(results, indent=2))
 
 
