@@ -42,16 +42,10 @@ class Experience:
 
     def split(self, size: int | None) -> list["Experience"]:
         """Micro-batches of `size` rows (None: the whole batch as one), rows of similar response length together
-        and each without its all-padding columns (`posttrain.batch.micro_rows`, `trimmed`)."""
-        return [micro for _, micro in self.split_rows(size)]
-
-    def split_rows(self, size: int | None) -> list[tuple[Tensor, "Experience"]]:
-        """`split`, each micro-batch with its rows' indices into this batch (to put per-row results back: a
-        micro-batch's (b, T') response columns are this batch's first T')."""
+        and each without its all-padding columns (`posttrain.batch.micro_rows`, `trimmed`; `map_micro_batches`
+        puts per-row results of the same grouping back)."""
         groups = micro_rows(self.response_mask, size)
-        if len(groups) == 1:
-            return [(groups[0], trimmed(self))]
-        return [(rows, trimmed(self.select(rows))) for rows in groups]
+        return [trimmed(self) if len(groups) == 1 else trimmed(self.select(rows)) for rows in groups]
 
     @property
     def num_tokens(self) -> Tensor:  # scalar: valid response tokens

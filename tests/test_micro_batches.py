@@ -47,14 +47,14 @@ def test_trimming_drops_only_columns_that_are_padding_in_every_row():
     assert trimmed(exp) is exp or trimmed(exp).response_mask.sum() == exp.response_mask.sum()
 
 
-def test_split_rows_put_back_give_the_whole_batch_values(tiny_model):
+def test_micro_batches_put_back_give_the_whole_batch_values(tiny_model):
     """Per-token log-probs computed micro-batch by micro-batch on trimmed rows equal the whole batch's."""
     exp = experience(seed=1)
     with torch.no_grad():
         whole, _ = response_logprobs(tiny_model, exp.prompt_ids, exp.prompt_mask, exp.response_ids,
                                      exp.response_mask)
         back = torch.zeros_like(whole)
-        for rows, m in exp.split_rows(2):
+        for rows, m in zip(micro_rows(exp.response_mask, 2), exp.split(2)):
             assert m.response_mask.size(1) <= exp.response_mask.size(1)
             part, _ = response_logprobs(tiny_model, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask)
             back[rows, :part.size(1)] = part

@@ -47,6 +47,7 @@ import torch
 
 from posttrain.algos import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, VALUE_LOSSES, AdaptiveKLController,
                              FixedKLController, aggregate, masked_mean)
+from posttrain.batch import map_micro_batches
 from posttrain.buffer import Experience, ExperienceBuffer
 from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import RunConfig
@@ -193,12 +194,9 @@ def trainer_old_logprobs(cfg: RunConfig, state: RLState, minibatches: list[Exper
     rounding depends on what else is in the batch (shared-prompt prefill, attention kernel by problem size)."""
     c = cfg.rl
     for mb in minibatches:
-        old = torch.zeros_like(mb.response_mask)
-        for rows, m in mb.split_rows(c.micro_batch_size):
-            part = response_logprobs(state.policy, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask,
-                                     temperature=c.temperature)[0]
-            old[rows, :part.size(1)] = part
-        mb.old_logprobs = old * mb.response_mask
+        mb.old_logprobs = map_micro_batches(mb, c.micro_batch_size, lambda m: response_logprobs(
+            state.policy, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask,
+            temperature=c.temperature)[0]) * mb.response_mask
     state.buffer.replace(minibatches)  # later epochs draw from the same rows, now with these log-probs
     return minibatches
 
