@@ -90,8 +90,8 @@ def pair_logprobs(model, tokenizer, pairs: list[PreferencePair],
     B = len(pairs)
     completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     prompts = encode_texts(tokenizer, [p.prompt for p in pairs])
-    targets = [ids + [end_of_turn_id(tokenizer)]  # EOS, or a chat template's end-of-turn token
-               for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+    eot = end_of_turn_id(tokenizer)  # EOS, or a chat template's end-of-turn token (renders the template: once)
+    targets = [ids + [eot] for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
     if max_length is not None:
         targets = [t[:max_length - 1] for t in targets]
         prompts = [p[-(max_length - max(len(targets[i]), len(targets[B + i]))):] for i, p in enumerate(prompts)]
