@@ -145,7 +145,7 @@ def bench_ppo(runs: int) -> dict:
 def bench_rollout(runs: int) -> dict:
     from rollout_throughput import prompts, time_hf, time_ours
 
-    from posttrain.recipes.common import encode_prompts
+    from posttrain.models.chat import encode_prompts
 
     tok = S.tokenizer()
     model = S.base_model()
@@ -174,7 +174,7 @@ def sft_checkpoint() -> Path:
     if (out / "final" / "config.json").is_file():
         return out / "final"
     from posttrain.config import build_config
-    from posttrain.recipes.runners import run_sft
+    from posttrain.recipes.sft import run_sft
 
     cfg = build_config({"seed": 0, "output_dir": str(out), "threads": S.THREADS, "progress": False,
                         "model": S.MODEL, "sft": {"steps": 1000, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50,
@@ -185,7 +185,7 @@ def sft_checkpoint() -> Path:
 
 
 def bench_tta(runs: int) -> dict:
-    from posttrain.recipes.common import evaluate
+    from posttrain.train.evaluate import evaluate
 
     sft = sft_checkpoint()
     tmp = tempfile.mkdtemp()
@@ -207,7 +207,7 @@ def bench_tta(runs: int) -> dict:
             start = time.perf_counter()
             step()
             spent += time.perf_counter() - start
-            if k % TTA_EVAL_EVERY == 0 and acc(state.policy) >= target:
+            if k % TTA_EVAL_EVERY == 0 and acc(state.learner.policy) >= target:
                 reached = spent
                 break
         ours.append(reached)
@@ -266,11 +266,11 @@ def bench_rss(runs: int) -> dict:
 
 HOOK = """
 import os, sys, time
-import posttrain.recipes.rl as rl
+import posttrain.rl.loop as loop
 def first_step(*a, **k):
     print(f"FIRST_STEP {time.time()}", flush=True)
     os._exit(0)
-rl.rl_step = first_step
+loop.rl_step = first_step
 from posttrain.cli import main
 sys.exit(main(sys.argv[1:]))
 """

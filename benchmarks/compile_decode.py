@@ -27,7 +27,7 @@ import torch
 from posttrain.models import build_char_tokenizer, build_tiny_model
 from posttrain.models.lean import LeanDecoder, lean_backbone
 from posttrain.models.logprobs import positions_from_mask
-from posttrain.recipes.common import encode_prompts
+from posttrain.models.chat import encode_prompts
 from rollout_throughput import MODEL, prompts
 
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from posttrain.config import load_config
-from posttrain.logging import read_metrics
+from posttrain.train.metrics import read_metrics
 from posttrain.presets import PRESETS
-from posttrain.recipes.runners import run_rl
+from posttrain.recipes.rl import run_rl
 
 ONE_SAMPLE = {"ppo", "remax"}
 

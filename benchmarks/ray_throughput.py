@@ -26,10 +26,11 @@ import torch
 
 from posttrain.config import build_config
 from posttrain.distributed.cluster import ray_session
-from posttrain.distributed.engines import shard_seed
-from posttrain.distributed.experience import _split
-from posttrain.distributed.pool import RayRole, RestartBudget
-from posttrain.distributed.workers import RolloutWorker
+from posttrain.rollout.engines import shard_seed
+from posttrain.distributed.pool import RayRole
+from posttrain.rl.roles import RestartBudget
+from posttrain.rl.roles import split_even as _split
+from posttrain.rl.workers import RolloutWorker
 from posttrain.models import load_policy
 from posttrain.tasks import ArithmeticTask
 

@@ -9,7 +9,7 @@ Rows:
            Tokens are the generated ones up to and including each row's end-of-turn (padding after it is not
            counted on either side). float32 on both sides, then both inside bf16 autocast.
   grpo     one GRPO step, 8 prompts x 4 samples, <= 128 new tokens, task ifeval, k3 KL (beta 0.04) to a
-           reference, one optimizer step: posttrain `rl_step` vs TRL's GRPOTrainer step, float32 on both sides
+           reference, one optimizer step: posttrain `RLRun.step` vs TRL's GRPOTrainer step, float32 on both sides
            (TRL's CPU path has no bf16 autocast for generation); posttrain's per-phase times; and posttrain's
            step with model.dtype=bfloat16 on its own.
   rss      peak RSS (VmHWM) of a process running 2 such steps, posttrain and TRL each in its own process (run it
@@ -112,21 +112,20 @@ def run_config(model_path, out, dtype="float32"):
 
 
 def posttrain_step(cfg, model, tok):
-    from posttrain.recipes.common import PhaseTimer
-    from posttrain.recipes.rl import rl_step, setup_rl
+    from posttrain.rl.loop import RLRun
     from posttrain.tasks import build_task, fit_task
+    from posttrain.train.optim import PhaseTimer
 
     task = build_task(cfg.task, cfg.seed)
     fit_task(task, cfg, model, tok, cfg.rl.prompts_per_step)
-    state = setup_rl(cfg, model, tok, task)
-    state.policy.eval()
+    run = RLRun.local(cfg, model, tok, task)
     timer = PhaseTimer()
 
     def step() -> dict:
         from posttrain.models.precision import precision
 
         with precision(cfg.model):
-            metrics = rl_step(cfg, state, timer)
+            metrics = run.step(timer)
         metrics.update(timer.pop())
         return metrics
 

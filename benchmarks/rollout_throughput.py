@@ -24,7 +24,7 @@ import torch
 
 from posttrain.config import ModelConfig
 from posttrain.models import build_char_tokenizer, build_tiny_model
-from posttrain.recipes.common import encode_prompts
+from posttrain.models.chat import encode_prompts
 from posttrain.rollout import generate
 
 MODEL = ModelConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=512,

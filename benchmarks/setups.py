@@ -99,20 +99,18 @@ def task(cfg: RunConfig):
 
 def posttrain_rl(cfg: RunConfig, model):
     """(state, step): a set-up RL state on `model` and a function running one step."""
-    from posttrain.recipes.common import PhaseTimer
-    from posttrain.recipes.rl import rl_step, setup_rl
+    from posttrain.rl.loop import RLRun
+    from posttrain.train.optim import PhaseTimer
 
-    tok = tokenizer()
-    state = setup_rl(cfg, model, tok, task(cfg))
-    state.policy.eval()
+    run = RLRun.local(cfg, model, tokenizer(), task(cfg))
     timer = PhaseTimer()
 
     def step() -> dict:
-        metrics = rl_step(cfg, state, timer)
+        metrics = run.step(timer)
         metrics.update(timer.pop())
         return metrics
 
-    return state, step
+    return run, step
 
 
 class StepClock:

@@ -19,6 +19,14 @@ class RolloutBatch:
     response_mask: Tensor  # (B, T) float: 1 on a_t up to and including EOS, 0 after
     logprobs: Tensor  # (B, T) float: log pi_old(a_t | s_t) at the sampling temperature, 0 off the mask
     finished: Tensor  # (B,) bool: the response ended with EOS (False: truncated at max_new_tokens)
+    # (B, T) float: 1 on the tokens the policy chose (what a loss trains on and an estimator assigns credit to);
+    # None: every response token (a single-turn rollout). In a multi-turn rollout the tool output inside the
+    # response is under response_mask (the model reads it) but not under loss_mask, so it has holes.
+    loss_mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.response_mask
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)
@@ -30,6 +38,14 @@ class RolloutBatch:
     @property
     def response_lengths(self) -> Tensor:  # (B,) long
         return self.response_mask.sum(-1).long()
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B, T) mask -> (B,) long: the column of each row's last token under the mask (0 for an empty row). Holes
+    in the mask (tool output inside a multi-turn response) are allowed: it is the last 1, not the count."""
+    T = mask.size(-1)
+    positions = torch.arange(1, T + 1, device=mask.device).expand(mask.shape)
+    return ((positions * (mask != 0)).max(-1).values - 1).clamp(min=0)
 
 
 def micro_rows(response_mask: Tensor, size: int | None) -> list[Tensor]:
@@ -75,7 +91,7 @@ def map_micro_batches(batch, size: int | None, fn) -> Tensor:
     """fn(micro) -> (b, T') per-token values for each micro-batch of `batch` (`micro_rows`, `trimmed`), put back
     as one (B, T) tensor, 0 in the columns a micro-batch did not have. For the passes without a gradient
     (reference log-probs, values): their padding cut like the update's."""
-    out = torch.zeros(batch.response_mask.shape)
+    out = torch.zeros(batch.response_mask.shape, device=batch.response_mask.device)
     for rows in micro_rows(batch.response_mask, size):
         part = fn(trimmed(batch.select(rows)))
         out[rows, :part.size(1)] = part.to(out.dtype)
@@ -87,7 +103,7 @@ def pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
     extra = width - x.size(1)
     if extra <= 0:
         return x
-    pad = torch.full((x.size(0), extra), value, dtype=x.dtype)
+    pad = torch.full((x.size(0), extra), value, dtype=x.dtype, device=x.device)
     return torch.cat([pad, x] if left else [x, pad], dim=1)
 
 
@@ -109,10 +125,6 @@ def cat_padded(items: list, pad_token_id: int):
         out[f.name] = torch.cat([pad_to(x, P if left else T, value, left) if x.dim() == 2 else x for x in parts])
     return type(items[0])(**out)
 
-
-def cat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
-    """Rollout batches of different prompt/response widths stacked into one."""
-    return cat_padded(batches, pad_token_id)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,9 @@ class Experience:
     prompt_ids: Tensor  # (B, P) long: prompt tokens, left-padded
     prompt_mask: Tensor  # (B, P) long: 1 on real prompt tokens
     response_ids: Tensor  # (B, T) long: a_t, EOS included, right-padded
-    response_mask: Tensor  # (B, T) float: 1 on response tokens
+    response_mask: Tensor  # (B, T) float: 1 on response tokens (what the forward pass reads)
+    loss_mask: Tensor  # (B, T) float: 1 on the tokens the losses train on (holes allowed; 0 on truncated rows
+    #                    under rl.mask_truncated); every loss, aggregation and count uses this mask
     old_logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), the policy that generated the batch
     advantages: Tensor  # (B, T) A_t (whitened if configured)
     returns: Tensor  # (B, T) R_t = A_t + V_old(s_t) (critic targets; equal to advantages without a critic)
@@ -48,17 +50,12 @@ class Experience:
         return [trimmed(self) if len(groups) == 1 else trimmed(self.select(rows)) for rows in groups]
 
     @property
-    def num_tokens(self) -> Tensor:  # scalar: valid response tokens
-        return self.response_mask.sum()
+    def num_tokens(self) -> Tensor:  # scalar: tokens under the loss mask
+        return self.loss_mask.sum()
 
     @property
-    def num_seqs(self) -> Tensor:  # scalar: sequences with at least one response token
-        return (self.response_mask.sum(-1) > 0).sum().to(self.response_mask.dtype)
-
-
-def cat_experiences(items: list[Experience], pad_token_id: int) -> Experience:
-    """Stack experiences of different widths: prompts re-padded on the left, responses on the right."""
-    return cat_padded(items, pad_token_id)
+    def num_seqs(self) -> Tensor:  # scalar: sequences with at least one token under the loss mask
+        return (self.loss_mask.sum(-1) > 0).sum().to(self.loss_mask.dtype)
 
 
 class ExperienceBuffer:
@@ -76,7 +73,7 @@ class ExperienceBuffer:
 
     def minibatches(self, num_minibatches: int, generator: torch.Generator | None = None) -> list[Experience]:
         """All stored rows, shuffled (when there is more than one minibatch), in `num_minibatches` equal parts."""
-        data = cat_experiences(self._items, self.pad_token_id)
+        data = cat_padded(self._items, self.pad_token_id)
         n = len(data)
         if n % num_minibatches:
             raise ValueError(f"{n} experiences cannot be split into {num_minibatches} equal minibatches")

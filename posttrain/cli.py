@@ -202,10 +202,17 @@ def _command(args) -> tuple[object, Callable[[], object]]:
     flags = {"resume": args.resume, "overwrite": args.overwrite} if args.command in RESUMABLE else {}
 
     def run():
-        from posttrain.recipes import runners
+        import importlib  # noqa: PLC0415 (a command imports only its own recipe)
 
-        return getattr(runners, f"run_{args.command}")(cfg, **flags)
+        module, function = RECIPES[args.command]
+        return getattr(importlib.import_module(module), function)(cfg, **flags)
     return cfg, run
+
+
+# command -> (module, function) of the recipe it runs: each takes the resolved config (and --resume/--overwrite)
+RECIPES = {"sft": ("posttrain.recipes.sft", "run_sft"), "rm": ("posttrain.recipes.reward_model", "run_rm"),
+           "rl": ("posttrain.recipes.rl", "run_rl"), "dpo": ("posttrain.recipes.dpo", "run_dpo"),
+           "bon": ("posttrain.recipes.best_of_n", "run_bon"), "rft": ("posttrain.recipes.rft", "run_rft")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(cfg.output_dir)
         existed = out.exists()
         words = sys.argv[1:] if argv is None else argv
-        from posttrain.recipes.control import lock_run_dir
-
         from posttrain.models.precision import precision
+        from posttrain.train.control import lock_run_dir
 
         with lock_run_dir(out, shlex.join(["posttrain", *map(str, words)])):  # before anything is touched
             try:

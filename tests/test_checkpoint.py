@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from posttrain.checkpoint import (global_rng_state, latest_checkpoint, load_checkpoint, remove_temporaries,
-                                  save_checkpoint, set_global_rng_state, verify_checkpoint)
+from posttrain.train.checkpoint import (global_rng_state, latest_checkpoint, load_checkpoint, remove_temporaries, save_checkpoint, set_global_rng_state, verify_checkpoint)
 
 
 def weights(seed):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import main
-from posttrain.recipes.control import lock_run_dir
+from posttrain.train.control import lock_run_dir
 
 TINY = ["threads=1", "progress=false", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.intermediate_size=64", "task.num_eval=20", "task.max_operand=20",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from posttrain.logging import MetricsLogger, read_metrics
+from posttrain.train.metrics import MetricsLogger, read_metrics
 
 
 def test_round_trip_converts_tensors_numpy_and_nan(tmp_path):

@@ -22,7 +22,7 @@ def ragged(B=6, P=7, T=9, seed=0, vocab=20):
 def experience(seed=0) -> Experience:
     prompt_ids, prompt_mask, response_ids, response_mask = ragged(seed=seed)
     rand = torch.randn(response_mask.shape, generator=torch.Generator().manual_seed(seed)) * response_mask
-    return Experience(prompt_ids, prompt_mask, response_ids, response_mask, old_logprobs=rand, advantages=rand,
+    return Experience(prompt_ids, prompt_mask, response_ids, response_mask, response_mask, old_logprobs=rand, advantages=rand,
                       returns=rand)
 
 

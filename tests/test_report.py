@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from posttrain.logging import MetricsLogger
-from posttrain.report import draw_report, moving_average, plot_report, summarize_table
-from posttrain.report_offline import draw_best_of_n
-from posttrain.report_rlhf import draw_rlhf
+from posttrain.train.metrics import MetricsLogger
+from posttrain.train.report import draw_report, moving_average, plot_report, summarize_table
+from posttrain.train.report_offline import draw_best_of_n
+from posttrain.train.report_rlhf import draw_rlhf
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

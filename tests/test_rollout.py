@@ -9,7 +9,7 @@ import torch
 
 from posttrain.algos import POLICY_LOSSES
 from posttrain.models.logprobs import response_logprobs
-from posttrain.recipes.common import encode_prompts
+from posttrain.models.chat import encode_prompts
 from posttrain.rollout.generate import filter_logits, generate
 
 # Different lengths, so most rows are left-padded; the empty prompt is BOS alone.

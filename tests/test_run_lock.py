@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from posttrain import cli
-from posttrain.checkpoint import latest_checkpoint, verify_checkpoint
+from posttrain.train.checkpoint import latest_checkpoint, verify_checkpoint
 from posttrain.config import build_config
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.recipes.common import prepare_output_dir
-from posttrain.recipes.control import RunDirBusy, lock_run_dir, open_run
+from posttrain.train.run import prepare_output_dir
+from posttrain.train.control import RunDirBusy, lock_run_dir, open_run
 
 from tests.conftest import tiny_run_dict
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POSTTRAIN = str(Path(sys.executable).with_name("posttrain"))
 HOLD = """\
 import sys, time
-from posttrain.recipes.control import lock_run_dir
+from posttrain.train.control import lock_run_dir
 with lock_run_dir(sys.argv[1], "posttrain sft held.yaml"):
     print("locked", flush=True)
     time.sleep(600)
@@ -71,8 +71,8 @@ def test_every_command_takes_the_lock_before_touching_the_directory(argv, tmp_pa
     (run / "checkpoints" / "000001-sft-000001").mkdir(parents=True)  # the holder's state: must stay
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     called = []
-    for name in ("run_sft", "run_rm", "run_rl", "run_dpo", "run_rft", "run_bon"):
-        monkeypatch.setattr(f"posttrain.recipes.runners.{name}", lambda *a, **k: called.append(a))
+    for module, name in cli.RECIPES.values():
+        monkeypatch.setattr(f"{module}.{name}", lambda *a, **k: called.append(a))
     monkeypatch.setattr("posttrain.recipes.demo.run_demo", lambda *a, **k: called.append(a))
     monkeypatch.setattr("posttrain.recipes.pipeline.run_rlhf", lambda *a, **k: called.append(a))
     config = tmp_path / "c.yaml"
@@ -147,9 +147,8 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, capsys):
 def capture_runs(monkeypatch) -> list:
     """Replace every recipe by one that records (command, config, flags)."""
     seen = []
-    for name in ("sft", "rm", "rl", "dpo", "rft", "bon"):
-        monkeypatch.setattr(f"posttrain.recipes.runners.run_{name}",
-                            lambda cfg, name=name, **flags: seen.append((name, cfg, flags)))
+    for name, (module, function) in cli.RECIPES.items():
+        monkeypatch.setattr(f"{module}.{function}", lambda cfg, name=name, **flags: seen.append((name, cfg, flags)))
     monkeypatch.setattr("posttrain.recipes.demo.run_demo", lambda cfg, **flags: seen.append(("demo", cfg, flags)))
     monkeypatch.setattr("posttrain.recipes.pipeline.run_rlhf",
                         lambda cfg, ablation, **flags: seen.append(("rlhf", cfg, flags)))

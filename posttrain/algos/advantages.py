@@ -32,14 +32,6 @@ from .utils import as_bool, masked_whiten, zero_outside
 ADVANTAGES = Registry("advantage estimator")
 
 
-def get(name: str):
-    """The estimator registered as `name` (UnknownNameError naming the closest valid name otherwise).
-
-    `ADVANTAGES.requires(name)` says which optional inputs it needs: "values" (a critic), "group_ids"
-    (several samples per prompt), "baseline_rewards" (a greedy rollout's reward).
-    """
-    return ADVANTAGES.get(name)
-
 
 def _require(name: str, arg: str, value: Tensor | None) -> Tensor:
     if value is None:

@@ -8,7 +8,6 @@ LLM Reinforcement Learning System at Scale", sec. 3.2-3.4).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -45,7 +45,3 @@ def as_random_state(state) -> tuple:
     version, internal, gauss = state
     return version, tuple(internal), gauss
 
-
-def shuffled_batches(items: Sequence[T], rng: random.Random, batch_size: int) -> ShuffledBatches[T]:
-    """Yield lists of `batch_size` items forever; every pass over `items` is a fresh shuffle."""
-    return ShuffledBatches(items, rng, batch_size)

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from posttrain.data.jsonl import iter_jsonl
-from posttrain.data.sampling import ShuffledBatches, as_random_state, shuffled_batches
+from posttrain.data.sampling import ShuffledBatches, as_random_state
 from posttrain.errors import DataError
 
 
@@ -50,7 +50,7 @@ class PtxSampler:
         self._batches: dict[int, ShuffledBatches[tuple[str, str]]] = {}
 
     def next_batch(self, n: int) -> tuple[list[str], list[str]]:
-        batches = self._batches.setdefault(n, shuffled_batches(self.data, self.rng, n))
+        batches = self._batches.setdefault(n, ShuffledBatches(self.data, self.rng, n))
         prompts, completions = zip(*next(batches))
         return list(prompts), list(completions)
 
@@ -62,5 +62,5 @@ class PtxSampler:
         self.rng.setstate(as_random_state(state["rng"]))
         self._batches = {}
         for n, order in state["orders"].items():
-            self._batches[int(n)] = shuffled_batches(self.data, self.rng, int(n))
+            self._batches[int(n)] = ShuffledBatches(self.data, self.rng, int(n))
             self._batches[int(n)].order = list(order)

@@ -1,9 +1,9 @@
-"""Starting Ray for a run and putting the roles on it; the same roles in one process for comparison.
+"""Starting Ray for a run and putting the loop's roles (posttrain/rl/roles.py) on it.
 
     with ray_session(cfg, out):                       # a local instance in OUTPUT_DIR/ray, or ray.address
-        cluster = start_ray_cluster(cfg, policy, tokenizer, task)
-        ...                                           # experience.py, loop.py
-        cluster.shutdown()
+        roles = start_ray_cluster(cfg, policy, tokenizer, task)
+        train_rl(cfg, roles, task, ...)               # posttrain/rl/loop.py, the loop of every backend
+        roles.shutdown()
                                                       # Ray stopped, its temporary directory deleted
 
 A local instance keeps its temporary files (sockets, logs, object spilling) in OUTPUT_DIR/ray. Ray's Unix
@@ -15,7 +15,6 @@ token passed in the environment (Ray would otherwise write ~/.ray/auth_token), a
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import secrets
@@ -28,11 +27,17 @@ from pathlib import Path
 
 import torch
 
+import socket
+from datetime import timedelta
+
+import torch.distributed as dist
+
 from posttrain.config import RunConfig
-from posttrain.distributed.learner import Learner
-from posttrain.distributed.pool import InlineRole, RayRole, RestartBudget
-from posttrain.distributed.workers import RewardWorker, RolloutWorker
-from posttrain.errors import PosttrainError, WorkerError
+from posttrain.distributed.pool import RayRole
+from posttrain.errors import PosttrainError, WorkerTimeout
+from posttrain.rl.learner import Learner
+from posttrain.rl.roles import InlineRole, RestartBudget, Roles
+from posttrain.rl.workers import RewardWorker, RolloutWorker
 
 SOCKET_PATH_MAX = 107  # AF_UNIX sun_path: 108 bytes with the terminating NUL
 RAY_SOCKET_SUFFIX = 64  # len("/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
@@ -147,59 +152,47 @@ def ray_session(cfg: RunConfig, out: str | Path):
             shutil.rmtree(temp, ignore_errors=True)
 
 
-class Cluster:
-    """The roles of a run and the weights the rollout workers hold.
+class LearnerRank(Learner):
+    """A learner as one rank of a torch.distributed process group: its `reduce` all-reduces (SUM) the gradients."""
 
-    rollout, reward, learners: InlineRole or RayRole. learner_shares[i]: the minibatch shares learner i computes
-    ([[0], [1], ...] for Ray ranks; [[0, 1, ...]] for the single-process learner)."""
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: an address and a free port for torch.distributed's TCP rendezvous."""
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return host, s.getsockname()[1]
 
-    def __init__(self, cfg: RunConfig, tokenizer, rollout, reward, learners, learner_shares: list[list[int]],
-                 budget: RestartBudget | None = None):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.rollout, self.reward, self.learners = rollout, reward, learners
-        self.learner_shares = learner_shares
-        self.budget = budget or RestartBudget(0)
-        self.weights = None  # the current policy weights as the rollout workers receive them (a Ray ref or a dict)
-        self.latest: dict | None = None  # the same weights in this process
-        self.sha256: str | None = None
-        self.on_event = None  # tests: called with ("generate_submitted", step) once a step's shares are out
-        self.step = 0
-        c = cfg.rl
-        from posttrain.algos import ADVANTAGES  # noqa: PLC0415
+    def join(self, host: str, port: int) -> None:
+        """Join the M-rank process group (gloo on CPU, NCCL on CUDA); blocks until every rank has joined."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.shares[0],
+                                world_size=self.world, timeout=timedelta(seconds=self.cfg.ray.timeout_s))
+        self.reduce = _all_reduce
 
-        self.needs_learner_forward = (c.kl_coef > 0 or "values" in ADVANTAGES.requires(c.advantage)
-                                      or cfg.ray.engine != "torch")
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    def event(self, name: str) -> None:
-        if self.on_event is not None:
-            self.on_event(name, self.step)
 
-    def learners_call(self, method: str, *args) -> list:
-        """The same call on every learner (rank order); their results."""
-        return self.learners.gather([self.learners.submit(i, method, *args) for i in range(len(self.learners))])
+def _all_reduce(model: torch.nn.Module, loss: float) -> float:
+    """Sum the gradients (and the loss, for the finiteness check) over the ranks, in place."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+    total = torch.tensor([loss], dtype=torch.float64, device=flat.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total)
 
-    def sync_weights(self) -> None:
-        """Send the learner's weights to every rollout worker and check the checksums: every rank must hold the
-        same weights, and every rollout worker must report the sha256 of what rank 0 sent."""
-        calls = [self.learners.submit(0, "weights")]
-        calls += [self.learners.submit(i, "checksum") for i in range(1, len(self.learners))]
-        results = self.learners.gather(calls)
-        weights, sha = results[0]
-        for rank, other in enumerate(results[1:], start=1):
-            if other != sha:
-                raise WorkerError(f"learner ranks hold different weights after the update (sha256 {sha[:12]} on "
-                                  f"rank 0, {other[:12]} on rank {rank})")
-        self.latest, self.sha256 = weights, sha
-        self.weights = self.rollout.put(weights)
-        got = self.rollout.gather([self.rollout.submit(i, "load_weights", self.weights)
-                                   for i in range(len(self.rollout))])
-        for i, worker_sha in enumerate(got):
-            self._verify(i, worker_sha)
 
-    def _verify(self, i: int, worker_sha: str) -> None:
-        if worker_sha != self.sha256:
-            raise WorkerError(f"rollout worker {i} holds weights with sha256 {worker_sha[:12]} after the sync; the "
-                              f"learner sent {self.sha256[:12]}")
+class RayRoles(Roles):
+    """Roles whose workers are Ray actors: a restarted rollout worker is brought up to date, and shutdown waits
+    until Ray reports the actors' reservations free again."""
 
     def resync(self, i: int, handle) -> None:
         """A restarted rollout worker: load the current weights (verified) before its share is re-issued."""
@@ -209,10 +202,8 @@ class Cluster:
         from ray.exceptions import GetTimeoutError  # noqa: PLC0415
 
         try:
-            self._verify(i, ray.get(handle.load_weights.remote(self.weights), timeout=self.cfg.ray.timeout_s))
+            self.verify(i, ray.get(handle.load_weights.remote(self.weights), timeout=self.cfg.ray.timeout_s))
         except GetTimeoutError:
-            from posttrain.errors import WorkerTimeout  # noqa: PLC0415
-
             raise WorkerTimeout(f"restarted rollout worker {i} did not load the weights within "
                                 f"ray.timeout_s={self.cfg.ray.timeout_s:g} s") from None
 
@@ -220,7 +211,7 @@ class Cluster:
         """Stop every role and return once Ray reports their reservations free again: Ray releases a killed
         actor's CPUs asynchronously, so a run started right after (the restart after a dead rank, or the next
         run in this process) would otherwise find them still held."""
-        roles = (self.rollout, self.reward, self.learners)
+        roles = (self.rollout_workers, self.reward_workers, self.learners)
         held: dict[str, float] = {}
         for role in roles:
             if isinstance(role, RayRole):
@@ -302,7 +293,7 @@ def _check_resources(cfg: RunConfig) -> None:
                 + f"; lower ray.*_{kind.lower()}s or the worker counts" + (", or raise ray.cpus" if kind == "CPU" else ""))
 
 
-def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task, budget: RestartBudget | None = None) -> Cluster:
+def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task, budget: RestartBudget | None = None) -> RayRoles:
     """The roles as Ray actors (inside `ray_session`): rollout workers, reward workers and the learner ranks, each
     built from the same initial policy, joined into one process group, then the first weight sync (verified).
     `budget`: the run's ray.max_restarts (a fresh one if None)."""
@@ -313,18 +304,17 @@ def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task, budget: RestartBu
     budget = budget if budget is not None else RestartBudget(r.max_restarts)
     model, tok, task_ref = ray.put(policy), ray.put(tokenizer), ray.put(task)
     M = r.num_learners
-    learners = RayRole("learner rank", Learner, M, lambda i: (cfg, model, tok, task_ref, [i], M),
+    threads, device = r.threads_per_worker, "cuda" if r.learner_gpus > 0 else "cpu"
+    learners = RayRole("learner rank", LearnerRank, M, lambda i: (cfg, model, tok, task_ref, [i], M, threads, device),
                        {"num_cpus": r.learner_cpus, "num_gpus": r.learner_gpus}, r, budget, restartable=False)
-    rollout = RayRole("rollout worker", RolloutWorker, r.num_rollout_workers, (cfg, model, tok),
+    rollout = RayRole("rollout worker", RolloutWorker, r.num_rollout_workers, (cfg, model, tok, threads),
                       {"num_cpus": r.rollout_worker_cpus, "num_gpus": r.rollout_worker_gpus}, r, budget)
     if r.num_reward_workers > 0:
-        reward = RayRole("reward worker", RewardWorker, r.num_reward_workers, (cfg, tok, task_ref),
+        reward = RayRole("reward worker", RewardWorker, r.num_reward_workers, (cfg, tok, task_ref, threads),
                          {"num_cpus": r.reward_worker_cpus}, r, budget)
     else:  # scored in this process, as each share arrives
-        threads = torch.get_num_threads()
         reward = InlineRole("reward worker", RewardWorker, 1, (cfg, tokenizer, task))
-        torch.set_num_threads(threads)
-    cluster = Cluster(cfg, tokenizer, rollout, reward, learners, [[i] for i in range(M)], budget)
+    cluster = RayRoles(cfg, tokenizer, policy, rollout, reward, learners, [[i] for i in range(M)], budget)
     rollout.on_restart = cluster.resync
     try:
         for role in (learners, rollout, reward):
@@ -333,23 +323,9 @@ def start_ray_cluster(cfg: RunConfig, policy, tokenizer, task, budget: RestartBu
         if M > 1:
             host, port = learners.gather([learners.submit(0, "rendezvous")])[0]
             learners.gather([learners.submit(i, "join", host, port) for i in range(M)])
-        cluster.sync_weights()
+        cluster.sync()
     except BaseException:
         cluster.shutdown()
         raise
     return cluster
 
-
-def start_inline_cluster(cfg: RunConfig, policy, tokenizer, task) -> Cluster:
-    """The same roles as plain objects in this process, with the same shares and seeds: the single-process run
-    a Ray run is compared with. One learner computes all ray.num_learners shares in turn (no process group).
-    Each role holds its own copy of `policy`; torch's thread count becomes ray.threads_per_worker."""
-    r = cfg.ray
-    learners = InlineRole("learner", Learner, 1, lambda i: (cfg, copy.deepcopy(policy), tokenizer, task,
-                                                            list(range(r.num_learners)), r.num_learners))
-    rollout = InlineRole("rollout worker", RolloutWorker, r.num_rollout_workers,
-                         lambda i: (cfg, copy.deepcopy(policy), tokenizer))
-    reward = InlineRole("reward worker", RewardWorker, max(1, r.num_reward_workers), (cfg, tokenizer, task))
-    cluster = Cluster(cfg, tokenizer, rollout, reward, learners, [list(range(r.num_learners))])
-    cluster.sync_weights()
-    return cluster

@@ -9,12 +9,11 @@ worker). A worker that dies (its process killed, out of memory) is replaced by a
 same arguments, `on_restart` brings it up to date (the rollout workers load the current weights), and its
 call is re-issued, while ray.max_restarts (shared by all roles) lasts; in a role made with restartable=False (the
 learner ranks, whose optimizer state and process group cannot be rebuilt mid-step) a death raises WorkerLost,
-and `posttrain rl` restarts every role from the newest checkpoint (loop.run_rl_ray). A
+and `posttrain rl` restarts every role from the newest checkpoint (posttrain/recipes/rl.py). A
 `PosttrainError` raised inside a worker (an invariant, a data error) comes back as the same error, prefixed
 with the worker's name.
 
-`InlineRole` has the same interface and runs the calls at once in this process: the single-process run that
-the Ray run is compared with, and the reference for its numbers.
+`posttrain.rl.roles.InlineRole` has the same interface and runs the calls at once in this process.
 """
 
 from __future__ import annotations
@@ -23,61 +22,12 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import RayConfig
 from posttrain.errors import PosttrainError, WorkerError, WorkerLost, WorkerTimeout
+from posttrain.rl.roles import Call, RestartBudget
 
-
-@dataclass
-class Call:
-    worker: int  # index of the worker in its role
-    method: str
-    args: tuple
-    ref: Any = None  # Ray ObjectRef of the result (RayRole), or the result itself (InlineRole)
-    started: float = 0.0  # time.monotonic() when (re-)issued
-    incarnation: int = 0  # RayRole: which actor of this worker slot it was issued to (restarts count up)
-
-
-@dataclass
-class RestartBudget:
-    """ray.max_restarts, shared by every role of a run; `log` holds each restart: role, worker, the call that
-    found it dead, and the seconds from that moment until a fresh actor was up to date (a learner rank's entry
-    has `resumed` instead: every role was restarted and the run resumed from its newest checkpoint)."""
-
-    left: int
-    log: list[dict] = field(default_factory=list)
-
-
-class InlineRole:
-    """A role's workers as plain objects in this process (no Ray): calls run when submitted."""
-
-    def __init__(self, name: str, cls, n: int, args: tuple | Callable[[int], tuple]):
-        self.name = name
-        self.workers = [cls(*(args(i) if callable(args) else args)) for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.workers)
-
-    def put(self, obj):
-        return obj
-
-    def submit(self, worker: int, method: str, *args) -> Call:
-        return Call(worker, method, args, getattr(self.workers[worker], method)(*args), time.monotonic())
-
-    def as_completed(self, calls: list[Call]) -> Iterator[tuple[int, Any]]:
-        for k, call in enumerate(calls):
-            yield k, call.ref
-
-    def gather(self, calls: list[Call]) -> list:
-        return [call.ref for call in calls]
-
-    def shutdown(self) -> None:
-        for w in self.workers:
-            if hasattr(w, "close"):
-                w.close()
-        self.workers = []
 
 
 class RayRole:
@@ -229,7 +179,6 @@ class RayRole:
 
     def shutdown(self) -> None:
         import ray  # noqa: PLC0415
-
         from ray.exceptions import RayError  # noqa: PLC0415
 
         probes = []

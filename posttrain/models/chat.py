@@ -22,6 +22,10 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+import torch
+
+from posttrain.batch import left_pad
+
 ASSISTANT_SENTINEL = "posttrain-assistant-sentinel"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -106,3 +110,16 @@ def chat_pairs(pairs: list, tokenizer, task_cfg) -> list:
         return pairs
     return [replace(p, prompt=render_prompt(tokenizer, p.prompt, task_cfg.system_prompt), chosen=p.chosen.lstrip(),
                     rejected=p.rejected.lstrip()) for p in pairs]
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> left-padded (ids, mask), BOS included as the tokenizer adds it (not twice where a rendered
+    chat prompt starts with it: posttrain.models.chat.encode_texts)."""
+    return left_pad(encode_texts(tokenizer, prompts), tokenizer.pad_token_id)
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Response tokens -> text: only the tokens under the mask (up to EOS), special tokens dropped."""
+    lengths = response_mask.sum(-1).long().tolist()
+    rows = [ids[:n] for ids, n in zip(response_ids.tolist(), lengths, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -10,7 +10,8 @@ rounding (~1e-6); generation and the training forward both use it, so the PPO ra
 
 `lean_backbone(model)` returns None for anything it does not cover (another architecture, a RoPE variant
 whose frequencies change with the length, gradient checkpointing, hooks, dropout in training mode, sliding
-windows); callers then use the HF forward. POSTTRAIN_LEAN=0 in the environment switches it off.
+windows, and any projection or norm that is not exactly the module it reads weights from, such as a LoRA
+adapter's wrapper: the reason is logged once); callers then use the HF forward. POSTTRAIN_LEAN=0 in the environment switches it off.
 
 Shapes: B = rows, L = positions in this call, S = key positions (cache length), C = hidden size,
 H / Hkv = query / key-value heads, D = head size.
@@ -18,6 +19,7 @@ H / Hkv = query / key-value heads, D = head size.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ from torch import Tensor
 # Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
 # o_proj, residual, RMSNorm, SwiGLU MLP (no bias), residual.
 _BACKBONES = {"LlamaModel", "Qwen2Model"}
+log = logging.getLogger(__name__)
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")  # frequencies depend on the sequence length
 
 
@@ -56,6 +59,41 @@ def _backbone_supported(backbone) -> bool:
     return True
 
 
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def unrecognised_module(backbone) -> str | None:
+    """The first module of the decoder stack that is not what the lean forward reads its weights from (exactly
+    torch.nn.Linear projections, the model's own RMSNorm), as "layers.3.self_attn.q_proj (LoraLinear)"; None
+    if all are. A wrapped projection (a LoRA adapter, a quantised linear) has its own forward, which reading
+    its `.weight` would skip: no gradient would reach the adapter, and nothing else would notice."""
+    for i, layer in enumerate(backbone.layers):
+        parts = [("self_attn", name) for name in _LINEARS] + [("mlp", name) for name in _MLP]
+        for block, name in parts:
+            module = getattr(getattr(layer, block, None), name, None)
+            if type(module) is not torch.nn.Linear:
+                return f"layers.{i}.{block}.{name} ({type(module).__name__})"
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            module = getattr(layer, name, None)
+            if module is None or not type(module).__name__.endswith("RMSNorm") or list(module.children()):
+                return f"layers.{i}.{name} ({type(module).__name__})"
+    norm = getattr(backbone, "norm", None)
+    if norm is None or not type(norm).__name__.endswith("RMSNorm") or list(norm.children()):
+        return f"norm ({type(norm).__name__})"
+    return None
+
+
+_REFUSED: dict[int, str] = {}  # id(model) -> the reason already logged
+
+
+def _refuse(model, reason: str) -> None:
+    """Log once per model why it runs through transformers' forward instead of the lean one."""
+    if _REFUSED.get(id(model)) != reason:
+        _REFUSED[id(model)] = reason
+        log.info("the lean forward does not cover %s: %s; using transformers' forward", type(model).__name__, reason)
+
+
 def _hooked(model) -> bool:
     """Forward hooks anywhere (the lean forward would skip them)."""
     from torch.nn.modules import module as nn_module
@@ -70,11 +108,15 @@ def lean_backbone(model) -> "LeanBackbone | None":
     backbone = getattr(model, "model", None) if not type(model).__name__.endswith("Model") else model
     if backbone is None or not _backbone_supported(backbone) or _hooked(model):
         return None
+    if (module := unrecognised_module(backbone)) is not None:
+        _refuse(model, f"{module} is not a module it reads")
+        return None
     head = None
     if model is not backbone:
         if type(model).__name__.endswith("ForCausalLM"):
             head = model.get_output_embeddings()
             if type(head) is not torch.nn.Linear or getattr(model.config, "final_logit_softcapping", None):
+                _refuse(model, f"lm_head ({type(head).__name__}) is not a plain linear layer")
                 return None
     return LeanBackbone(backbone, head)
 
@@ -86,9 +128,9 @@ def attention_bias(key_mask: Tensor, queries: int) -> Tensor:
     S = key_mask.size(1)
     allowed = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
     if queries > 1:
-        causal = torch.ones(queries, S, dtype=torch.bool).tril(S - queries)
+        causal = torch.ones(queries, S, dtype=torch.bool, device=key_mask.device).tril(S - queries)
         allowed = allowed & causal
-    return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return torch.zeros(allowed.shape, device=key_mask.device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
 # Score matrices up to this many entries per head (queries x keys) take the explicit matmul-softmax-matmul path.
@@ -232,8 +274,8 @@ def distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(B, P) prompts -> (inverse (B,), first (U,)): row b holds the same prompt as row first[inverse[b]]."""
     B = ids.size(0)
     _, inverse = torch.unique(torch.cat([ids, mask.long()], dim=1), dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long).scatter_reduce_(
-        0, inverse, torch.arange(B), "amin")
+    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long, device=ids.device).scatter_reduce_(
+        0, inverse, torch.arange(B, device=ids.device), "amin")
     return inverse, first
 
 
@@ -256,9 +298,10 @@ class PrefixKV:
 class KVCache:
     """Keys and values for every layer, preallocated for `capacity` positions; `length` are filled."""
 
-    def __init__(self, n_layers: int, B: int, Hkv: int, capacity: int, D: int, dtype: torch.dtype) -> None:
-        self.k = torch.empty(n_layers, B, Hkv, capacity, D, dtype=dtype)
-        self.v = torch.empty(n_layers, B, Hkv, capacity, D, dtype=dtype)
+    def __init__(self, n_layers: int, B: int, Hkv: int, capacity: int, D: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.k = torch.empty(n_layers, B, Hkv, capacity, D, dtype=dtype, device=device)
+        self.v = torch.empty(n_layers, B, Hkv, capacity, D, dtype=dtype, device=device)
         self.length = 0  # positions filled before the current call
 
     def keep(self, rows: Tensor) -> None:
@@ -299,13 +342,14 @@ class LeanDecoder:
             self.head_bias = None if self.head_bias is None else self.head_bias.to(low)
         B, P = prompt_mask.shape
         capacity = P + max_new_tokens
-        key_mask = torch.cat([prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool)], dim=1)
+        device = lean.head.weight.device
+        key_mask = torch.cat([prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
         self.bias = attention_bias(key_mask, 1)  # (B, 1, 1, capacity) for the decode steps
         self.prefill_bias = attention_bias(prompt_mask, P)
         dtype = low or lean.head.weight.dtype
-        self.cache = KVCache(len(self.layers), B, lean.Hkv, capacity, lean.D, dtype)
+        self.cache = KVCache(len(self.layers), B, lean.Hkv, capacity, lean.D, dtype, device)
         # cos/sin for every position a row can reach, indexed per step (static RoPE only: see lean_backbone)
-        cos, sin = lean.rope(torch.arange(capacity).unsqueeze(0))
+        cos, sin = lean.rope(torch.arange(capacity, device=device).unsqueeze(0))
         self.cos_table, self.sin_table = cos[0, 0], sin[0, 0]  # (capacity, D)
 
     def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, positions: Tensor) -> Tensor:
@@ -317,7 +361,8 @@ class LeanDecoder:
         if len(first) == B:
             cache, ids, pos, bias = self.cache, prompt_ids, positions, self.prefill_bias
         else:
-            cache = KVCache(len(self.layers), len(first), self.lean.Hkv, P, self.lean.D, self.cache.k.dtype)
+            cache = KVCache(len(self.layers), len(first), self.lean.Hkv, P, self.lean.D, self.cache.k.dtype,
+                            self.cache.k.device)
             ids, pos, bias = prompt_ids[first], positions[first], self.prefill_bias[first]
         cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
         h = self.lean.forward(ids, cos, sin, bias, self.layers, cache)

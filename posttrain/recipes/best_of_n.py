@@ -14,14 +14,19 @@ keeps a correct completion whenever one of the k is correct, so its accuracy equ
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from posttrain.models.chat import stop_token_ids
-from posttrain.recipes.common import PhaseTimer, decode_responses, encode_prompts
+from posttrain.config import RunConfig
+from posttrain.models.chat import decode_responses, encode_prompts, stop_token_ids
 from posttrain.rollout import generate
+from posttrain.train.evaluate import evaluate
+from posttrain.train.metrics import MetricsLogger
+from posttrain.train.optim import PhaseTimer
+from posttrain.train.run import progress_bar, start_run, write_json
 
 Scorer = Callable[[list[str], list[str], list[bool], list], list[float]]
 
@@ -165,3 +170,42 @@ def format_table(table: list[dict]) -> str:
     lines = [f"{'n':>4}  {'accuracy':>9}  {'score':>8}  {'pass@n':>7}"]
     lines += [f"{r['n']:>4}  {r['accuracy']:>9.4f}  {r['score_mean']:>8.4f}  {r['pass_at_k']:>7.4f}" for r in table]
     return "\n".join(lines)
+
+
+def run_bon(cfg: RunConfig) -> dict:
+    """Best-of-n on the task's held-out problems with `model.path` and `bon.scorer`: table, plot, best.jsonl."""
+    import json
+
+    from posttrain.train.report_offline import plot_best_of_n
+
+    from posttrain.errors import ConfigError
+
+    if cfg.model.path is None:
+        raise ConfigError("best-of-n needs a trained model: pass --model DIR (model.path)")
+    start = time.perf_counter()
+    out, task, model, tokenizer = start_run(cfg)
+    c = cfg.bon
+    scorer = build_scorer(c.scorer, task)
+    problems = task.eval_problems[:c.num_prompts]
+    greedy = evaluate(model, tokenizer, task, problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    with progress_bar(len(problems), f"best-of-{c.n}", cfg.progress) as bar:
+        result = best_of_n(cfg, model, tokenizer, task, problems, scorer, bar)
+    with MetricsLogger(out / "metrics.jsonl") as logger:
+        for row in result.table:
+            logger.log({"step": row["n"], "phase": "bon", **row})
+        logger.log({"step": c.n, "phase": "bon", "greedy_accuracy": greedy, **result.seconds})
+    with open(out / "best.jsonl", "w", encoding="utf-8") as f:
+        for row in best_rows(problems, result):
+            f.write(json.dumps(row) + "\n")
+    plot_best_of_n(result.table, out / "bon.png", f"best-of-n: {cfg.model.path}, {len(problems)} held-out "
+                   f"problems, temperature {c.temperature} (seed {cfg.seed})", scorer=c.scorer, greedy=greedy)
+    summary = {"table": result.table, "greedy_accuracy": greedy, "eval_problems": len(problems), "n": c.n,
+               "scorer": c.scorer,
+               "model": cfg.model.path, "seed": cfg.seed, **{k.replace("time/", "") + "_seconds": round(v, 1)
+                                                              for k, v in result.seconds.items()},
+               "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_json(out / "summary.json", summary)
+    print(format_table(result.table))
+    print(f"best-of-n on {len(problems)} held-out problems, scorer {c.scorer} (greedy accuracy {greedy:.4f}); "
+          f"table and plot in {out}")
+    return summary

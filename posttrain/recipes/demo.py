@@ -8,16 +8,22 @@ import time
 from pathlib import Path
 
 from posttrain.config import RunConfig
-from posttrain.logging import read_metrics
 from posttrain.models import load_policy, save_pretrained
-from posttrain.checkpoint import load_weights_into, weights_sha256
-from posttrain.recipes.common import prepare_output_dir, seed_everything, write_json
-from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
-from posttrain.recipes.rl import setup_rl, train_rl
-from posttrain.recipes.runners import dropped_prompts, progress_bar
+from posttrain.rl.loop import train_rl
+from posttrain.rl.roles import InlineRoles
 from posttrain.recipes.sft import setup_sft, train_sft
-from posttrain.report import plot_report, summarize_table
 from posttrain.tasks import build_task, fit_task
+from posttrain.train.checkpoint import load_weights_into, weights_sha256
+from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
+from posttrain.train.metrics import read_metrics
+from posttrain.train.report import plot_report, summarize_table
+from posttrain.train.run import (
+    dropped_prompts,
+    prepare_output_dir,
+    progress_bar,
+    seed_everything,
+    write_json,
+)
 
 
 def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -47,9 +53,9 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
             sft_accuracy, sft_seconds = resumed.state["sft_accuracy"], resumed.state["sft_seconds"]
         ctl.check_frozen("reference_sha256", weights_sha256(out / "sft"), f"the reference model {out / 'sft'}")
         ctl.extra.update(sft_accuracy=sft_accuracy, sft_seconds=sft_seconds)
-        rl_state = setup_rl(cfg, model, tokenizer, task)
+        roles = InlineRoles.local(cfg, model, tokenizer, task)
         with progress_bar(cfg.rl.steps, "GRPO", cfg.progress) as bar:
-            rl_accuracy = train_rl(cfg, rl_state, logger, bar, ctl)
+            rl_accuracy = train_rl(cfg, roles, task, logger, bar, ctl)
         save_pretrained(model, tokenizer, out / "final")
     plot_report(out / "metrics.jsonl", out / "report.png", title=f"posttrain demo (seed {cfg.seed})")
     summary = {"sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,

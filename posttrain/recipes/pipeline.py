@@ -26,24 +26,37 @@ from pathlib import Path
 
 import torch
 
-from posttrain.checkpoint import load_weights_into, weights_sha256
 from posttrain.config import RunConfig, build_config
-from posttrain.logging import read_metrics
 from posttrain.models import load_policy, save_pretrained
+from posttrain.models.chat import encode_prompts
+from posttrain.models.logprobs import response_logprobs
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import scalar_model_from_pretrained
-from posttrain.models.logprobs import response_logprobs
-from posttrain.recipes.common import (encode_prompts, greedy_completions, prepare_output_dir, seed_everything,
-                                      write_json)
-from posttrain.recipes.control import Resumed, RunControl, finish_run, metrics_logger, open_run
 from posttrain.recipes.reward_model import load_pairs, setup_rm, train_rm
-from posttrain.recipes.rl import setup_rl, train_rl
-from posttrain.recipes.runners import dropped_prompts, progress_bar
+from posttrain.rl.loop import train_rl
+from posttrain.rl.roles import InlineRoles
 from posttrain.recipes.sft import setup_sft, train_sft
-from posttrain.report import plot_report
-from posttrain.report_rlhf import plot_rlhf
 from posttrain.rollout import generate
 from posttrain.tasks import build_task, fit_task
+from posttrain.train.checkpoint import load_weights_into, weights_sha256
+from posttrain.train.control import (
+    Resumed,
+    RunControl,
+    finish_run,
+    metrics_logger,
+    open_run,
+)
+from posttrain.train.evaluate import greedy_completions
+from posttrain.train.metrics import read_metrics
+from posttrain.train.report import plot_report
+from posttrain.train.report_rlhf import plot_rlhf
+from posttrain.train.run import (
+    dropped_prompts,
+    prepare_output_dir,
+    progress_bar,
+    seed_everything,
+    write_json,
+)
 
 # The pipeline's defaults on top of RunConfig's (configs/rlhf_demo.yaml holds the same values).
 RLHF_DEFAULTS: dict = {
@@ -120,9 +133,9 @@ def _ppo(cfg: RunConfig, policy, tokenizer, task, out: Path, label: str, ctl: Ru
     out.mkdir(parents=True, exist_ok=True)
     with metrics_logger(out, resumed) as logger:
         ctl.stage(logger, names)
-        state = setup_rl(cfg, policy, tokenizer, task)
+        roles = InlineRoles.local(cfg, policy, tokenizer, task)
         with progress_bar(cfg.rl.steps, label, cfg.progress) as bar:
-            train_rl(cfg, state, logger, bar, ctl)
+            train_rl(cfg, roles, task, logger, bar, ctl)
     return [r for r in read_metrics(out / "metrics.jsonl") if r.get("phase") == "rl"]
 
 

@@ -15,54 +15,31 @@ the model's samples, as InstructGPT's labellers saw them), else a constructed wr
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
 
 from posttrain.algos.preference import bradley_terry
-from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
-from posttrain.data.sampling import ShuffledBatches, shuffled_batches
-from posttrain.models.chat import chat_pairs, stop_token_ids
+from posttrain.data.sampling import ShuffledBatches
+from posttrain.models.chat import (
+    chat_pairs,
+)
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import last_token_scores
-from posttrain.recipes.common import PhaseTimer, guarded_step, decode_responses, encode_prompts, make_optimizer
-from posttrain.recipes.control import NoControl, RunControl
-from posttrain.rollout import generate
-from posttrain.tasks.arithmetic import wrong_answers
-
-
-@torch.no_grad()
-def synthetic_pairs(task, policy, tokenizer, problems, seed: int, samples: int = 4,
-                    batch_size: int = 512) -> list[PreferencePair]:
-    """One gold-labelled pair per problem from the policy's samples and plausible wrong answers."""
-    rng = random.Random(f"rm-pairs-{seed}")
-    gen = torch.Generator().manual_seed(seed)
-    was_training = policy.training
-    policy.eval()
-    pairs = []
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [p.prompt for p in chunk for _ in range(samples)]
-        ids, mask = encode_prompts(tokenizer, prompts)
-        out = generate(policy, ids, mask, max_new_tokens=8, eos_token_id=stop_token_ids(tokenizer),
-                       pad_token_id=tokenizer.pad_token_id, generator=gen)
-        sampled = decode_responses(tokenizer, out.response_ids, out.response_mask)
-        for j, p in enumerate(chunk):
-            own = [s for s, done in zip(sampled[j * samples:(j + 1) * samples],
-                                        out.finished[j * samples:(j + 1) * samples].tolist(), strict=True) if done]
-            candidates = list(dict.fromkeys([p.answer, *own, *wrong_answers(p, rng), p.answer + "."]))
-            gold = task.reward([p.prompt] * len(candidates), candidates, [p] * len(candidates))
-            good = [c for c, g in zip(candidates, gold, strict=True) if g == max(gold)]
-            bad = [c for c, g in zip(candidates, gold, strict=True) if g < max(gold)]
-            if not bad:
-                continue
-            own_bad = [c for c in bad if c in own]
-            rejected = rng.choice(own_bad or bad)
-            pairs.append(PreferencePair(p.prompt, rng.choice(good), rejected))
-    policy.train(was_training)
-    return pairs
+from posttrain.tasks.preference import synthetic_pairs
+from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.train.control import NoControl, RunControl
+from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
+from posttrain.train.run import (
+    dropped_prompts,
+    pin_starting_model,
+    progress_bar,
+    start_run,
+    write_json,
+)
 
 
 def load_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tuple[list, list]:
@@ -96,7 +73,7 @@ def setup_rm(cfg: RunConfig, rm: RewardModel, train_pairs, eval_pairs) -> RMStat
     opt, sched = make_optimizer(rm.model, cfg.rm.lr, cfg.rm.weight_decay, cfg.rm.warmup_steps, cfg.rm.steps,
                                 cfg.rm.lr_min_ratio)
     rng = random.Random(f"rm-{cfg.seed}")
-    return RMState(rm, train_pairs, eval_pairs, opt, sched, rng, shuffled_batches(train_pairs, rng, cfg.rm.batch_size))
+    return RMState(rm, train_pairs, eval_pairs, opt, sched, rng, ShuffledBatches(train_pairs, rng, cfg.rm.batch_size))
 
 
 def rm_snapshot(state: RMState, result: dict) -> tuple[dict, dict]:
@@ -195,3 +172,37 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
         logger.log({"step": 0, "phase": "rm", **result})
     mean, std = calibrate(state.rm, state.train_pairs, c.calibration_size, c.batch_size)
     return {**result, "reward_mean": mean, "reward_std": std}
+
+
+def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Reward model (Bradley-Terry) from `model.path` (typically the SFT model) on `rm.data` pairs (resume:
+    from the newest valid checkpoint; the starting model, which also samples synthetic pairs, must be unchanged)."""
+    from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
+
+    from posttrain.models.reward import RewardModel
+    from posttrain.models.value import build_scalar_model
+
+    start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
+    out, task, policy, tokenizer = start_run(cfg)
+    train_pairs, eval_pairs = load_pairs(cfg, task, policy, tokenizer)
+    print(f"reward model: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
+    rm = RewardModel(build_scalar_model(cfg.model, tokenizer, cfg.seed), tokenizer, cfg.rm.max_length)
+    del policy
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+        pin_starting_model(cfg, ctl, "start_sha256")
+        state = setup_rm(cfg, rm, train_pairs, eval_pairs)
+        with progress_bar(cfg.rm.steps, "RM", cfg.progress) as bar:
+            result = train_rm(cfg, state, logger, bar, ctl)
+    rm.save(out / "final")
+    from posttrain.train.report import plot_report
+
+    plot_report(out / "metrics.jsonl", out / "report.png")
+    summary = {**result, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), **dropped_prompts(task),
+               "seed": cfg.seed,
+               "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_json(out / "summary.json", summary)
+    finish_run(out)
+    print(f"reward model held-out accuracy {result['eval_accuracy']:.3f}, mean margin {result['eval_margin']:.3f} "
+          f"on {len(eval_pairs)} pairs; model in {out / 'final'}")
+    return summary

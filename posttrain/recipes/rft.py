@@ -18,18 +18,26 @@ a 0/1 verifier ReST-EM (Singh et al. 2023). Departures: each round continues fro
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
 
-from posttrain.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.config import RunConfig
-from posttrain.data.sampling import as_random_state, shuffled_batches
+from posttrain.data.sampling import ShuffledBatches, as_random_state
 from posttrain.errors import ConfigError
-from posttrain.recipes.best_of_n import Scorer, build_scorer, sample_completions, score_samples
-from posttrain.recipes.common import PhaseTimer, guarded_step, evaluate, make_optimizer
-from posttrain.recipes.control import NoControl, RunControl
-from posttrain.recipes.sft import sft_loss
+from posttrain.recipes.best_of_n import (
+    Scorer,
+    build_scorer,
+    sample_completions,
+    score_samples,
+)
+from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.train.control import NoControl, RunControl
+from posttrain.train.evaluate import evaluate
+from posttrain.train.losses import sft_loss
+from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
+from posttrain.train.run import initial_accuracy, progress_bar, start_run, write_outputs
 
 
 @dataclass
@@ -83,7 +91,7 @@ def fine_tune(cfg: RunConfig, state: RFTState, data: list[tuple[str, str]], logg
     c, model, ctl = cfg.rft, state.policy, ctl or NoControl()
     model.train()
     opt, sched = make_optimizer(model, c.lr, c.weight_decay, c.warmup_steps, c.steps, c.lr_min_ratio)
-    batches = shuffled_batches(data, state.rng, c.batch_size)
+    batches = ShuffledBatches(data, state.rng, c.batch_size)
     first = 1
     if resumed is not None:
         opt.load_state_dict(resumed["optimizer"])
@@ -163,3 +171,29 @@ def train_rft(cfg: RunConfig, state: RFTState, logger, progress=None, ctl: RunCo
         if progress is not None:
             progress.set_postfix(round=round_, kept=len(data), acc=f"{accuracy:.3f}", refresh=False)
     return {"round_accuracies": run["accuracies"], "kept": run["kept"]}
+
+
+def run_rft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Rejection-sampling fine-tuning from `model.path` (typically the SFT model) for `rft.rounds` rounds
+    (resume: from the newest valid checkpoint, saved at every round's end and on the SFT-step cadence)."""
+    from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
+
+    start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
+    out, task, model, tokenizer = start_run(cfg)
+    if cfg.model.path is None:
+        print("note: model.path is not set, so RFT starts from a randomly initialised tiny model")
+    c = cfg.rft
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+        state = setup_rft(cfg, model, tokenizer, task)
+        initial = initial_accuracy(cfg, ctl, logger, model, tokenizer, task, "rft", round=0)
+        with progress_bar(c.rounds * c.steps, "RFT", cfg.progress) as bar:
+            result = train_rft(cfg, state, logger, bar, ctl)
+    summary = write_outputs(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rft_accuracy":
+                                                   result["round_accuracies"][-1], **result,
+                                                   "eval_problems": len(task.eval_problems)}, start, task)
+    finish_run(out)
+    rounds = " -> ".join(f"{a:.3f}" for a in [initial, *result["round_accuracies"]])
+    print(f"RFT held-out accuracy by round {rounds} on {len(task.eval_problems)} problems (kept "
+          f"{', '.join(map(str, result['kept']))}); model in {out / 'final'}")
+    return summary

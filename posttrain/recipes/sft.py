@@ -9,29 +9,19 @@ The loss is -log pi(y_t | x, y_<t) over completion tokens only (EOS included), r
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
 
-from posttrain.algos import aggregate
-from posttrain.batch import right_pad
 from posttrain.config import RunConfig
-from posttrain.checkpoint import global_rng_state, set_global_rng_state
-from posttrain.data.sampling import ShuffledBatches, shuffled_batches
-from posttrain.models.chat import end_of_turn_id
-from posttrain.models.logprobs import response_logprobs
-from posttrain.recipes.common import PhaseTimer, encode_prompts, guarded_step, evaluate, make_optimizer
-from posttrain.recipes.control import NoControl, RunControl
-
-
-def sft_loss(model, tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, int]:
-    """Token-mean negative log-likelihood of `completions` (+ EOS) given `prompts`; and the token count."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
-    targets = [ids + [end_of_turn_id(tokenizer)]  # EOS, or a chat template's end-of-turn token
-               for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
-    response_ids, response_mask = right_pad(targets, tokenizer.pad_token_id)
-    logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    return aggregate(-logprobs, response_mask, "token-mean"), int(response_mask.sum())
+from posttrain.data.sampling import ShuffledBatches
+from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.train.control import NoControl, RunControl
+from posttrain.train.evaluate import evaluate
+from posttrain.train.losses import sft_loss
+from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
+from posttrain.train.run import progress_bar, start_run, write_outputs
 
 
 @dataclass
@@ -52,7 +42,7 @@ def setup_sft(cfg: RunConfig, model, tokenizer, task) -> SFTState:
     data = [(p.prompt, task.demonstration(p, rng)) for p in task.train_problems]
     opt, sched = make_optimizer(model, cfg.sft.lr, cfg.sft.weight_decay, cfg.sft.warmup_steps, cfg.sft.steps,
                                 cfg.sft.lr_min_ratio)
-    return SFTState(model, tokenizer, task, data, opt, sched, rng, shuffled_batches(data, rng, cfg.sft.batch_size))
+    return SFTState(model, tokenizer, task, data, opt, sched, rng, ShuffledBatches(data, rng, cfg.sft.batch_size))
 
 
 def sft_snapshot(state: SFTState, accuracy: float) -> tuple[dict, dict]:
@@ -113,3 +103,21 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None, ctl: RunCo
                             cfg.eval.batch_size, cfg.eval.max_new_tokens)
         logger.log({"step": 0, "phase": "sft", "accuracy": accuracy})
     return accuracy
+
+
+def run_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Supervised fine-tuning on the task's demonstrations (resume: from the newest valid checkpoint)."""
+    from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
+
+    start = time.perf_counter()
+    _, resumed = open_run(cfg, resume, overwrite)
+    out, task, model, tokenizer = start_run(cfg)
+    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+        state = setup_sft(cfg, model, tokenizer, task)
+        with progress_bar(cfg.sft.steps, "SFT", cfg.progress) as bar:
+            accuracy = train_sft(cfg, state, logger, bar, ctl)
+    summary = write_outputs(cfg, out, model, tokenizer,
+                      {"sft_accuracy": accuracy, "eval_problems": len(task.eval_problems)}, start, task)
+    finish_run(out)  # after final/ is written: a crash before this point resumes at the last step
+    print(f"SFT held-out accuracy {accuracy:.3f} on {len(task.eval_problems)} problems; model in {out / 'final'}")
+    return summary

@@ -11,7 +11,13 @@ import functools
 import re
 from collections.abc import Sequence
 
-from posttrain.sandbox import ExecResult, SandboxConfig, run_humaneval, run_many, run_mbpp
+from posttrain.sandbox import (
+    ExecResult,
+    SandboxConfig,
+    run_humaneval,
+    run_many,
+    run_mbpp,
+)
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _OPEN_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*)$", re.DOTALL | re.IGNORECASE)

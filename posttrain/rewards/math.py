@@ -157,7 +157,10 @@ def answers_match(predicted: str | None, gold: str) -> bool:
 
 def math_verify_equal(predicted: str, gold: str) -> bool:
     """Symbolic equivalence through math-verify (both sides read as LaTeX); False on any parse failure."""
-    from math_verify import parse, verify  # sympy and ANTLR: ~1 s to import, so only when needed
+    from math_verify import (  # sympy and ANTLR: ~1 s to import, so only when needed
+        parse,
+        verify,
+    )
 
     # math-verify times out through signal.alarm, which only the main thread may set.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None

@@ -113,7 +113,9 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
     Llama and Qwen2 models decode through the lean forward (posttrain.models.lean), anything else through
     its HF forward; both give the same tokens and log-probs up to float rounding.
     """
-    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    device = next(model.parameters()).device  # prompts move to the model; the batch comes back on the CPU
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     B = prompt_ids.size(0)
     attn = prompt_mask.long()
     lean = lean_backbone(model)
@@ -123,8 +125,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
     raw = stepper.first  # (B, V); a finished row keeps its last logits (sampled from, then discarded)
     next_pos = attn.sum(-1)  # (B,): position of the first response token
     tokens, logps, masks = [], [], []
-    alive = torch.ones(B, dtype=torch.bool)
-    rows = torch.arange(B)  # the batch rows the stepper still decodes, in its order
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # the batch rows the stepper still decodes, in its order
     for t in range(max_new_tokens):
         logits = raw.float() / temperature  # (B, V)
         if greedy:
@@ -144,6 +146,6 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
             stepper.keep(keep)
             rows = rows[keep]
         raw = raw.index_copy(0, rows, stepper.step(tok[rows], (next_pos + t)[rows], masks[-1][rows]))
-    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=torch.stack(tokens, 1),
-                        response_mask=torch.stack(masks, 1).float(), logprobs=torch.stack(logps, 1),
-                        finished=~alive)
+    return RolloutBatch(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
+                        response_ids=torch.stack(tokens, 1).cpu(), response_mask=torch.stack(masks, 1).float().cpu(),
+                        logprobs=torch.stack(logps, 1).cpu(), finished=(~alive).cpu())

@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from posttrain.sandbox.config import ExecResult, SandboxConfig
-from posttrain.sandbox.isolation import allocate_uid, command_prefix, isolation_mode, kill_uid
+from posttrain.sandbox.isolation import (
+    allocate_uid,
+    command_prefix,
+    isolation_mode,
+    kill_uid,
+)
 
 RUNNER = Path(__file__).with_name("_runner.py")
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}

@@ -13,8 +13,8 @@ from pathlib import Path
 from posttrain.errors import DataError
 from posttrain.rewards import RewardSet, math_reward
 from posttrain.rewards.math import extract_hashes, normalize_answer, number_value
-from posttrain.tasks.data import Row, field
 from posttrain.tasks.base import DatasetTask, MathProblem
+from posttrain.tasks.data import Row, field
 
 PROMPT = "{question}\nLet's think step by step and output the final answer after \"####\"."
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from posttrain.errors import DataError
 from posttrain.rewards import RewardSet, extract_boxed, math_reward
-from posttrain.tasks.data import Row, field
 from posttrain.tasks.base import DatasetTask, MathProblem
+from posttrain.tasks.data import Row, field
 
 PROMPT = "{problem}\nLet's think step by step and output the final answer within \\boxed{{}}."
 

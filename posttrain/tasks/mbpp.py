@@ -18,8 +18,8 @@ from typing import Literal
 from posttrain.errors import DataError
 from posttrain.rewards import RewardSet, code_tests_reward
 from posttrain.sandbox import SandboxConfig
-from posttrain.tasks.data import Row, field, load_rows
 from posttrain.tasks.base import DatasetTask
+from posttrain.tasks.data import Row, field, load_rows
 
 PROMPT = ("You are an expert Python programmer, and here is your task: {text} "
           "Your code should pass these tests:\n\n{tests}\n")

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from posttrain.data import PreferencePair
+from posttrain.models.chat import decode_responses, encode_prompts, stop_token_ids
+from posttrain.rollout import generate
+from posttrain.tasks.arithmetic import wrong_answers
 
 
 class ArithmeticPreferenceTask:
@@ -46,7 +51,7 @@ class ArithmeticPreferenceTask:
 
     def pairs(self, problems: list, policy, tokenizer, seed: int, samples: int = 4) -> list[PreferencePair]:
         """One gold-labelled pair per problem (problems whose candidates all tie are skipped)."""
-        from posttrain.recipes.reward_model import synthetic_pairs  # noqa: PLC0415 (recipes import tasks)
+        from posttrain.tasks.preference import synthetic_pairs  # noqa: PLC0415 (recipes import tasks)
 
         return synthetic_pairs(self.task, policy, tokenizer, problems, seed, samples=samples)
 
@@ -58,3 +63,35 @@ class ArithmeticPreferenceTask:
         train_problems = [rng.choice(self.task.train_problems) for _ in range(num_pairs)]
         train = self.pairs(train_problems, policy, tokenizer, seed, samples)
         return train, self.pairs(self.task.eval_problems, policy, tokenizer, seed + 1, samples)
+
+
+@torch.no_grad()
+def synthetic_pairs(task, policy, tokenizer, problems, seed: int, samples: int = 4,
+                    batch_size: int = 512) -> list[PreferencePair]:
+    """One gold-labelled pair per problem from the policy's samples and plausible wrong answers."""
+    rng = random.Random(f"rm-pairs-{seed}")
+    gen = torch.Generator().manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    pairs = []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [p.prompt for p in chunk for _ in range(samples)]
+        ids, mask = encode_prompts(tokenizer, prompts)
+        out = generate(policy, ids, mask, max_new_tokens=8, eos_token_id=stop_token_ids(tokenizer),
+                       pad_token_id=tokenizer.pad_token_id, generator=gen)
+        sampled = decode_responses(tokenizer, out.response_ids, out.response_mask)
+        for j, p in enumerate(chunk):
+            own = [s for s, done in zip(sampled[j * samples:(j + 1) * samples],
+                                        out.finished[j * samples:(j + 1) * samples].tolist(), strict=True) if done]
+            candidates = list(dict.fromkeys([p.answer, *own, *wrong_answers(p, rng), p.answer + "."]))
+            gold = task.reward([p.prompt] * len(candidates), candidates, [p] * len(candidates))
+            good = [c for c, g in zip(candidates, gold, strict=True) if g == max(gold)]
+            bad = [c for c, g in zip(candidates, gold, strict=True) if g < max(gold)]
+            if not bad:
+                continue
+            own_bad = [c for c in bad if c in own]
+            rejected = rng.choice(own_bad or bad)
+            pairs.append(PreferencePair(p.prompt, rng.choice(good), rejected))
+    policy.train(was_training)
+    return pairs

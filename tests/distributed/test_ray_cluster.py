@@ -31,13 +31,14 @@ ray = pytest.importorskip("ray")
 
 from posttrain.cli import main  # noqa: E402
 from posttrain.config import dump_config  # noqa: E402
-from posttrain.distributed.cluster import ray_session, start_inline_cluster, start_ray_cluster  # noqa: E402
-from posttrain.distributed.loop import Driver, train_rl_distributed  # noqa: E402
+from posttrain.distributed.cluster import ray_session, start_ray_cluster  # noqa: E402
 from posttrain.errors import WorkerTimeout  # noqa: E402
 from posttrain.models import load_policy  # noqa: E402
-from posttrain.recipes.common import PhaseTimer  # noqa: E402
-from posttrain.recipes.experience import make_experience  # noqa: E402
-from posttrain.recipes.rl import actor_backward, setup_rl  # noqa: E402
+from posttrain.train.optim import PhaseTimer  # noqa: E402
+from posttrain.rl.learner import actor_backward  # noqa: E402
+from posttrain.rl.loop import RLRun, make_experience, train_rl  # noqa: E402
+from posttrain.rl.roles import InlineRoles  # noqa: E402
+from posttrain.rollout.engines import shard_seed  # noqa: E402
 from posttrain.tasks import ArithmeticTask  # noqa: E402
 
 VOLATILE = ("time/", "tokens_per_s", "ray/restarts")  # wall clock, and the restart count (1 in the Ray run)
@@ -55,6 +56,23 @@ class Rows:
 def start(cfg):
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed)
     return model, tokenizer, ArithmeticTask(cfg.task, cfg.seed)
+
+
+def kill_when_step_generates(roles, cfg, pid_of, killed: dict) -> None:
+    """SIGKILL the process `pid_of()` as soon as step KILL_AT_STEP's last share is out to the rollout workers
+    (recognised by its sampling seed), once; `killed` records the pid and the time."""
+    last = len(roles.rollout_workers) - 1
+    seed = shard_seed(cfg.seed, KILL_AT_STEP, 0, last)
+    submit = roles.rollout_workers.submit
+
+    def submit_and_kill(worker, method, *args):
+        call = submit(worker, method, *args)
+        if method == "generate" and args[1] == seed and not killed:
+            killed.update(pid=pid_of(), at=time.monotonic())
+            os.kill(killed["pid"], signal.SIGKILL)
+        return call
+
+    roles.rollout_workers.submit = submit_and_kill
 
 
 def steady(rows):
@@ -127,18 +145,12 @@ def ray_run(env):
     cluster = start_ray_cluster(cfg, model, tokenizer, task)
     started = time.perf_counter() - t0
     killed = {}
-
-    def kill_rollout_worker_1(event, step):
-        if event == "generate_submitted" and step == KILL_AT_STEP and not killed:
-            killed.update(pid=cluster.rollout.pids[1], at=time.monotonic())
-            os.kill(killed["pid"], signal.SIGKILL)
-
-    cluster.on_event = kill_rollout_worker_1
+    kill_when_step_generates(cluster, cfg, lambda: cluster.rollout_workers.pids[1], killed)
     logger = Rows()
     t0 = time.perf_counter()
-    accuracy = train_rl_distributed(cfg, cluster, Driver.create(cfg, model, tokenizer, task), logger)
+    accuracy = train_rl(cfg, cluster, task, logger)
     run = {"rows": logger.rows, "accuracy": accuracy, "weights": {k: v.clone() for k, v in model.state_dict().items()},
-           "killed": killed, "restarts": list(cluster.budget.log), "pids": list(cluster.rollout.pids),
+           "killed": killed, "restarts": list(cluster.budget.log), "pids": list(cluster.rollout_workers.pids),
            "start_s": started, "train_s": time.perf_counter() - t0, "cluster": cluster}
     print(f"\nray: session {env.start_seconds:.1f} s, 5 actors {started:.1f} s, 5 steps {run['train_s']:.1f} s, "
           f"restarts {run['restarts']}")
@@ -149,8 +161,7 @@ def ray_run(env):
 def inline_run(cfg):
     model, tokenizer, task = start(cfg)
     logger = Rows()
-    accuracy = train_rl_distributed(cfg, start_inline_cluster(cfg, model, tokenizer, task),
-                                    Driver.create(cfg, model, tokenizer, task), logger)
+    accuracy = train_rl(cfg, InlineRoles.like_ray(cfg, model, tokenizer, task), task, logger)
     return logger.rows, accuracy, model.state_dict()
 
 
@@ -177,12 +188,21 @@ def test_data_parallel_gradient_equals_the_single_process_gradient(ray_run, env)
     cfg, cluster = env.cfg, ray_run["cluster"]
     model, tokenizer, task = start(cfg)
     model.load_state_dict(cluster.latest)  # the weights every rank holds now
-    state = setup_rl(cfg, model, tokenizer, task)
-    exp, _ = make_experience(cfg, state, PhaseTimer())
-    state.optimizer.zero_grad(set_to_none=True)
-    actor_backward(cfg, state, exp)
-    expected = {n: p.grad for n, p in state.policy.named_parameters()}
-    rank0, rank1 = cluster.learners_call("gradient_of", cluster.learners.put(exp))
+    run = RLRun.local(cfg, model, tokenizer, task)
+    exp, _, _ = make_experience(run, 1, PhaseTimer())
+    run.learner.optimizer.zero_grad(set_to_none=True)
+    actor_backward(cfg, run.learner, exp)
+    expected = {n: p.grad for n, p in run.learner.policy.named_parameters()}
+
+    def all_reduced_gradient(learner, mb):  # runs on each rank (both at once: the all-reduce needs them both)
+        learner.state.optimizer.zero_grad(set_to_none=True)
+        learner.gradients(mb)
+        grads = {n: p.grad.detach().clone() for n, p in learner.state.policy.named_parameters()}
+        learner.state.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    ref = ray.put(exp)
+    rank0, rank1 = ray.get([h.__ray_call__.remote(all_reduced_gradient, ref) for h in cluster.learners.handles])
     assert all(torch.equal(rank0[n], rank1[n]) for n in expected)  # the all-reduce gives every rank the same sum
     worst = max((rank0[n] - expected[n]).abs().max().item() for n in expected)
     print(f"\nmax |DP gradient - single-process gradient| = {worst:.2e}")
@@ -190,7 +210,7 @@ def test_data_parallel_gradient_equals_the_single_process_gradient(ray_run, env)
 
 
 def test_a_hung_worker_is_reported_by_the_timeout(ray_run, env):
-    role = ray_run["cluster"].rollout
+    role = ray_run["cluster"].rollout_workers
     role.ray_cfg = env.cfg.ray.model_copy(update={"timeout_s": 2.0})
     role.handles[0].__ray_call__.remote(lambda self: time.sleep(300))  # worker 0 stops answering
     t0 = time.perf_counter()
@@ -208,7 +228,7 @@ def test_a_failed_collective_is_traced_to_the_dead_learner_rank(ray_run):
     remote error itself is raised."""
     from ray.exceptions import RayTaskError
 
-    from posttrain.distributed.pool import Call
+    from posttrain.rl.roles import Call
     from posttrain.errors import WorkerLost
 
     role = ray_run["cluster"].learners
@@ -259,13 +279,7 @@ def test_a_dead_learner_rank_restarts_every_role_and_resumes(env, ray_run, tmp_p
 
     def start_and_arm(*args):
         cluster = real(*args)
-
-        def kill_learner_1(event, step):
-            if event == "generate_submitted" and step == KILL_AT_STEP and not killed:
-                killed["pid"] = cluster.learners.pids[1]
-                os.kill(killed["pid"], signal.SIGKILL)
-
-        cluster.on_event = kill_learner_1
+        kill_when_step_generates(cluster, cfg, lambda: cluster.learners.pids[1], killed)
         return cluster
 
     monkeypatch.setattr(cluster_mod, "start_ray_cluster", start_and_arm)

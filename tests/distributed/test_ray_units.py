@@ -1,7 +1,7 @@
 """The pieces of backend ray that run without Ray, in this process:
 
-- the sharded experience equals the local loop's make_experience exactly when its one share is sampled from
-  the same generator (so the distributed path computes what the local loop computes);
+- the Ray layout in one process (a policy copy per worker, weights synced by sha256) with one share equals
+  backend local (the rollout worker generating with the learner's own policy) exactly;
 - a learner's minibatch shares (GlobalShare) sum to the single-process gradient of the whole minibatch, for
   every aggregation mode;
 - the reward metrics of the shares merge into the whole batch's; seeds, checksums, the temporary directory.
@@ -18,16 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.distributed.cluster import MAX_TEMP_DIR, ray_temp_dir, start_inline_cluster
-from posttrain.distributed.engines import shard_seed, state_dict_sha256
-from posttrain.distributed.experience import _split, make_experience as sharded_experience
-from posttrain.distributed.learner import GlobalShare, Learner
-from posttrain.distributed.loop import Driver, train_rl_distributed
-from posttrain.distributed.workers import merge_task_scores
+from posttrain.distributed.cluster import MAX_TEMP_DIR, ray_temp_dir
+from posttrain.rollout.engines import shard_seed, state_dict_sha256
 from posttrain.models import load_policy
-from posttrain.recipes.common import PhaseTimer
-from posttrain.recipes.experience import make_experience
-from posttrain.recipes.rl import actor_backward, setup_rl
+from posttrain.rl.learner import GlobalShare, Learner, actor_backward
+from posttrain.rl.loop import RLRun, make_experience, train_rl
+from posttrain.rl.roles import InlineRoles, split_even
+from posttrain.rl.workers import merge_breakdowns
+from posttrain.train.optim import PhaseTimer
 from posttrain.rewards.base import Scores, reward_metrics
 from posttrain.tasks import ArithmeticTask
 
@@ -77,8 +75,8 @@ def test_temporary_directory_in_the_output_dir_or_a_short_one(tmp_path):
 
 
 def test_split_is_contiguous_and_even():
-    assert _split(list(range(16)), 2) == [list(range(8)), list(range(8, 16))]
-    assert [len(p) for p in _split(list(range(5)), 3)] == [2, 2, 1]
+    assert split_even(list(range(16)), 2) == [list(range(8)), list(range(8, 16))]
+    assert [len(p) for p in split_even(list(range(5)), 3)] == [2, 2, 1]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -109,19 +107,20 @@ def test_reward_model_scoring_on_the_reward_workers_is_the_local_loops(tmp_path,
 
 
 def assert_same_experience(cfg) -> dict:
-    """make_experience of the local loop (its generator seeded as share 0 of step 1) and of the sharded loop with
-    one share: every tensor and metric equal. Returns the metrics."""
-    model, tokenizer, task = start(cfg)
-    state = setup_rl(cfg, model, tokenizer, task)
-    state.sampler = torch.Generator().manual_seed(shard_seed(cfg.seed, 1, 0, 0))
-    local, local_metrics = make_experience(cfg, state, PhaseTimer())
-    model, tokenizer, task = start(cfg)
-    cluster = start_inline_cluster(cfg, model, tokenizer, task)
-    sharded, metrics = sharded_experience(cfg, cluster, Driver.create(cfg, model, tokenizer, task), PhaseTimer(), 1)
+    """One step's experience of backend local (the learner's own policy generates) and of the Ray layout in this
+    process with one rollout worker and one learner (a policy copy, weights synced): every tensor and metric
+    equal. Returns the metrics."""
+    out = []
+    for make_roles in (InlineRoles.local, InlineRoles.like_ray):
+        model, tokenizer, task = start(cfg)
+        torch.set_num_threads(cfg.ray.threads_per_worker)
+        run = RLRun.create(cfg, make_roles(cfg, model, tokenizer, task), task)
+        out.append(make_experience(run, 1, PhaseTimer()))
+    (local, local_record, local_metrics), (ray_like, record, metrics) = out
     for name in local.__dataclass_fields__:
-        a, b = getattr(local, name), getattr(sharded, name)
+        a, b = getattr(local, name), getattr(ray_like, name)
         assert (a is None and b is None) or torch.equal(a, b), name
-    assert metrics == local_metrics
+    assert metrics == local_metrics and record == local_record
     return metrics
 
 
@@ -129,19 +128,20 @@ def assert_same_experience(cfg) -> dict:
 def test_shares_sum_to_the_single_process_gradient(tmp_path, ray_config, sft_model_dir, agg):
     cfg = ray_config(tmp_path, sft_model_dir, f"rl.loss_agg={agg}", "rl.micro_batch_size=4")
     model, tokenizer, task = start(cfg)
-    state = setup_rl(cfg, model, tokenizer, task)
-    exp, _ = make_experience(cfg, state, PhaseTimer())
+    run = RLRun.local(cfg, model, tokenizer, task)
+    exp, _, _ = make_experience(run, 1, PhaseTimer())
+    state = run.learner
     with torch.no_grad():  # off-policy by a little, so the ratio and the clipping take part
         for p in state.policy.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     state.optimizer.zero_grad(set_to_none=True)
     full = actor_backward(cfg, state, exp)
     expected = {n: p.grad.clone() for n, p in state.policy.named_parameters()}
+    state.optimizer.zero_grad(set_to_none=True)
     learner = Learner(cfg, model, tokenizer, task, [0, 1], 2)  # the same (moved) policy object
-    got = learner.gradient_of(exp)
-    worst = max((got[n] - expected[n]).abs().max().item() for n in expected)
-    assert worst <= 1e-6, worst
     shares = learner.gradients(exp)
+    worst = max((p.grad - expected[n]).abs().max().item() for n, p in learner.state.policy.named_parameters())
+    assert worst <= 1e-6, worst
     assert sum(s["loss"] for s in shares) == pytest.approx(full["loss"], abs=1e-6)
     assert len(GlobalShare(exp, 1, 2)) == len(exp) // 2 and GlobalShare(exp, 1, 2).num_tokens == exp.num_tokens
 
@@ -158,8 +158,8 @@ def test_reward_metrics_of_the_shares_merge_into_the_whole_batchs():
         return Scores([rewards[i] for i in rows], comps, errs, reward_metrics([rewards[i] for i in rows], comps, errs))
 
     whole = part(range(5)).metrics
-    assert merge_task_scores([part([0, 1]), part([2, 3, 4])]) == whole
-    assert merge_task_scores([None, None]) == {}
+    assert merge_breakdowns([part([0, 1]), part([2, 3, 4])]) == whole
+    assert merge_breakdowns([None, None]) == {}
 
 
 @pytest.mark.parametrize("overrides", [
@@ -175,8 +175,7 @@ def test_two_learner_shares_train_like_one(tmp_path, ray_config, sft_model_dir, 
         cfg = ray_config(tmp_path, sft_model_dir, "rl.steps=2", f"ray.num_learners={learners}", *overrides)
         model, tokenizer, task = start(cfg)
         logger = Rows()
-        train_rl_distributed(cfg, start_inline_cluster(cfg, model, tokenizer, task),
-                             Driver.create(cfg, model, tokenizer, task), logger)
+        train_rl(cfg, InlineRoles.like_ray(cfg, model, tokenizer, task), task, logger)
         runs.append((logger.rows, model.state_dict()))
     (rows_1, weights_1), (rows_2, weights_2) = runs
     for a, b in zip(rows_1, rows_2, strict=True):
@@ -189,17 +188,16 @@ def test_two_learner_shares_train_like_one(tmp_path, ray_config, sft_model_dir, 
 def test_a_resumed_run_continues_exactly(tmp_path, ray_config, sft_model_dir):
     """Checkpoints of the distributed loop (rank 0's optimizer, this process's prompt order) resume exactly:
     steps 3-4 after resuming from step 2 equal steps 3-4 of the uninterrupted run."""
-    from posttrain.checkpoint import checkpoint_root, load_checkpoint
-    from posttrain.logging import MetricsLogger
-    from posttrain.recipes.control import Resumed, RunControl
+    from posttrain.train.checkpoint import checkpoint_root, load_checkpoint
+    from posttrain.train.metrics import MetricsLogger
+    from posttrain.train.control import Resumed, RunControl
 
     def run(out, resumed=None):
         cfg = ray_config(out, sft_model_dir, "rl.steps=4", "checkpoint.every=2", "checkpoint.keep=5")
         model, tokenizer, task = start(cfg)
         with MetricsLogger(out / "metrics.jsonl") as logger:
             ctl = RunControl.for_run(cfg, out, logger, resumed)
-            train_rl_distributed(cfg, start_inline_cluster(cfg, model, tokenizer, task),
-                                 Driver.create(cfg, model, tokenizer, task), logger, ctl=ctl)
+            train_rl(cfg, InlineRoles.like_ray(cfg, model, tokenizer, task), task, logger, ctl=ctl)
         volatile = ("time/", "tokens_per_s")
         rows = [{k: v for k, v in json.loads(line).items() if not k.startswith(volatile)}
                 for line in (out / "metrics.jsonl").read_text().splitlines()]

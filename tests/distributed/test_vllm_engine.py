@@ -14,10 +14,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("vllm")
 
 from posttrain.config import ModelConfig  # noqa: E402
-from posttrain.distributed.engines import TorchEngine, state_dict_sha256  # noqa: E402
-from posttrain.distributed.vllm_engine import VLLMEngine  # noqa: E402
+from posttrain.rollout.engines import TorchEngine, state_dict_sha256  # noqa: E402
+from posttrain.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from posttrain.models import build_char_tokenizer, build_tiny_model  # noqa: E402
-from posttrain.recipes.common import encode_prompts  # noqa: E402
+from posttrain.models.chat import encode_prompts  # noqa: E402
 
 # head_dim 64: the smallest that every vLLM attention backend takes.
 MODEL = ModelConfig(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256)

@@ -19,8 +19,8 @@ from posttrain.data import PreferencePair
 from posttrain.models import build_char_tokenizer
 from posttrain.models.chat import (chat_pairs, encode_texts, end_of_turn_id, hh_messages, render_prompt,
                                    stop_token_ids)
-from posttrain.recipes.common import decode_responses, encode_prompts
-from posttrain.recipes.sft import sft_loss
+from posttrain.models.chat import decode_responses, encode_prompts
+from posttrain.train.losses import sft_loss
 from posttrain.rollout import generate
 from posttrain.tasks import ArithmeticTask, fit_task
 from tests.conftest import tiny_run_dict

@@ -11,7 +11,7 @@ from posttrain.models import build_tiny_model
 from posttrain.models.lean import lean_backbone
 from posttrain.models.logprobs import causal_lm_logits, response_logprobs
 from posttrain.models.value import build_scalar_model, response_values
-from posttrain.recipes.common import encode_prompts
+from posttrain.models.chat import encode_prompts
 from posttrain.rollout import generate
 
 PROMPTS = ["1+2=", "37+58=", "x", "hello world"]
@@ -158,3 +158,36 @@ def test_small_attention_path_equals_sdpa(kv_heads, monkeypatch):
     torch.testing.assert_close(small[0] * attends, sdpa[0] * attends, rtol=1e-5, atol=1e-6)
     for a, b in zip(small[1:], sdpa[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class AdapterLinear(torch.nn.Module):
+    """A LoRA-shaped wrapper: the base projection plus a trainable low-rank update (B A x), B started non-zero so
+    that the adapter changes the output."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.weight = base.weight  # what a reader of `.weight` would take, skipping the adapter
+        g = torch.Generator().manual_seed(0)
+        self.lora_a = torch.nn.Parameter(0.1 * torch.randn(rank, base.in_features, generator=g))
+        self.lora_b = torch.nn.Parameter(0.1 * torch.randn(base.out_features, rank, generator=g))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+def test_a_wrapped_projection_falls_back_to_the_hf_forward_and_trains_the_adapter(tokenizer, caplog):
+    model = llama(tokenizer, kv_heads=2)
+    layer = model.model.layers[1].self_attn
+    layer.q_proj = AdapterLinear(layer.q_proj)
+    with caplog.at_level("INFO", logger="posttrain.models.lean"):
+        assert lean_backbone(model) is None
+    assert "layers.1.self_attn.q_proj (AdapterLinear)" in caplog.text and "transformers' forward" in caplog.text
+    prompt_ids, prompt_mask, out = sample(model, tokenizer, ["1+2=", "30+4="])
+    logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, out.response_ids, out.response_mask)
+    torch.testing.assert_close(logprobs * out.response_mask, out.logprobs, atol=1e-5, rtol=0)  # ratio 1
+    (logprobs * out.response_mask).sum().backward()
+    assert layer.q_proj.lora_a.grad is not None and layer.q_proj.lora_a.grad.abs().sum() > 0
+    # with every module plain again the lean path is taken
+    layer.q_proj = layer.q_proj.base
+    assert lean_backbone(model) is not None

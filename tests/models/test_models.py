@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 from posttrain.config import ModelConfig
 from posttrain.models import build_tiny_model, load_policy, save_pretrained
 from posttrain.models.loading import ModelLoadError
-from posttrain.recipes.common import encode_prompts
+from posttrain.models.chat import encode_prompts
 
 PROMPTS = ["1+2=", "37+58=", "hello world\n", "9*9="]
 

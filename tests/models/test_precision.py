@@ -9,8 +9,9 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.models.lean import LeanDecoder
 from posttrain.models.precision import compute_dtype, cpu_has_native_bf16, precision, recompute_old_logprobs
-from posttrain.recipes.common import PhaseTimer, encode_prompts
-from posttrain.recipes.rl import rl_step, setup_rl
+from posttrain.train.optim import PhaseTimer
+from posttrain.models.chat import encode_prompts
+from posttrain.rl.loop import RLRun
 from posttrain.rollout import generate
 from posttrain.tasks import ArithmeticTask
 
@@ -53,11 +54,11 @@ def test_a_bf16_rl_step_recomputes_old_logprobs_and_updates_float32_weights(tmp_
                                                                              tokenizer):
     cfg = make_config(tmp_path, "model.dtype=bfloat16", "rl.check_invariants=true", "rl.mini_batches=2",
                       "rl.micro_batch_size=4", "rl.ppo_epochs=2")
-    state = setup_rl(cfg, tiny_model, tokenizer, EvenFirstChar(cfg.task, cfg.seed))
+    state = RLRun.local(cfg, tiny_model, tokenizer, EvenFirstChar(cfg.task, cfg.seed))
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     timer = PhaseTimer()
     with precision(cfg.model):
-        metrics = rl_step(cfg, state, timer)  # the first-minibatch ratio check raises if log pi_old is off
+        metrics = state.step(timer)  # the first-minibatch ratio check raises if log pi_old is off
     assert metrics["first_log_ratio_max"] == 0.0  # log pi_old by the trainer, in the update's own micro-batches
     assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
     assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())

@@ -5,7 +5,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from posttrain.recipes.common import decode_responses, encode_prompts, evaluate, make_optimizer
+from posttrain.models.chat import decode_responses, encode_prompts
+from posttrain.train.evaluate import evaluate
+from posttrain.train.optim import make_optimizer
 from posttrain.tasks import ArithmeticTask
 
 
@@ -89,7 +91,7 @@ def test_evaluate_counts_exact_matches(tiny_model, tokenizer, make_config, tmp_p
 
 def test_threads_auto_uses_the_cores_nothing_else_keeps_busy(monkeypatch):
     """threads=auto: the CPU affinity times the idle share of all cores over the window (issue 16, item 10)."""
-    import posttrain.recipes.common as common
+    import posttrain.train.run as common
 
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(common.os, "cpu_count", lambda: 2)

@@ -11,11 +11,11 @@ from posttrain.algos import PREFERENCE_SPECS
 from posttrain.cli import main
 from posttrain.config import dump_config
 from posttrain.data import PreferencePair
-from posttrain.logging import MetricsLogger, read_metrics
+from posttrain.train.metrics import MetricsLogger, read_metrics
 from posttrain.models import build_tiny_model, save_pretrained
 from posttrain.recipes.dpo import (evaluate_pairs, pair_logprobs, preference_loss, resolve_loss, sequence_logprobs,
                                    setup_dpo, train_dpo)
-from posttrain.recipes.sft import sft_loss
+from posttrain.train.losses import sft_loss
 from posttrain.tasks import ArithmeticTask
 from posttrain.tasks.preference import ArithmeticPreferenceTask
 

@@ -5,15 +5,18 @@ import math
 import pytest
 import torch
 
-from posttrain.buffer import Experience, ExperienceBuffer, cat_experiences
+from posttrain.batch import cat_padded
+from posttrain.buffer import Experience, ExperienceBuffer
 from posttrain.config import ConfigError
 from posttrain.models import save_pretrained
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import _head, scalar_model_from_pretrained
-from posttrain.recipes.common import PhaseTimer
-from posttrain.recipes.experience import kl_penalty_rewards, make_experience
-from posttrain.recipes.rl import actor_backward, critic_backward, rl_step, setup_rl
-from posttrain.recipes.sft import sft_loss
+from posttrain.train.optim import PhaseTimer
+from posttrain.rl.experience import kl_penalty_rewards
+from posttrain.rl.loop import make_experience
+from posttrain.rl.loop import RLRun
+from posttrain.rl.learner import actor_backward, critic_backward
+from posttrain.train.losses import sft_loss
 from tests.recipes.test_rl import EvenFirstCharTask, snapshot
 
 PPO = ["rl.advantage=gae", "rl.group_size=1", "rl.prompts_per_step=8", "rl.kl_placement=reward",
@@ -35,7 +38,7 @@ def reward_model_dir(tmp_path, tiny_model, tokenizer):
 
 def ppo_state(tmp_path, make_config, model, tokenizer, *overrides):
     cfg = make_config(tmp_path, *PPO, *overrides)
-    return cfg, setup_rl(cfg, model, tokenizer, EvenFirstCharTask(cfg.task, cfg.seed))
+    return cfg, RLRun.local(cfg, model, tokenizer, EvenFirstCharTask(cfg.task, cfg.seed))
 
 
 def test_kl_penalty_rewards_match_a_loop():
@@ -58,15 +61,15 @@ def test_kl_penalty_rewards_match_a_loop():
 
 def test_one_ppo_step_moves_actor_and_critic_and_reports_everything(tmp_path, make_config, tiny_model, tokenizer):
     cfg, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer, "rl.entropy_coef=0.01")
-    actor0, critic0 = snapshot(state.policy), snapshot(state.critic)
-    metrics = rl_step(cfg, state, PhaseTimer())
-    assert [n for n, p in state.policy.named_parameters() if torch.equal(p, actor0[n])] == []
-    assert [n for n, p in state.critic.named_parameters() if torch.equal(p, critic0[n])] == []
+    actor0, critic0 = snapshot(state.learner.policy), snapshot(state.learner.critic)
+    metrics = state.step()
+    assert [n for n, p in state.learner.policy.named_parameters() if torch.equal(p, actor0[n])] == []
+    assert [n for n, p in state.learner.critic.named_parameters() if torch.equal(p, critic0[n])] == []
     for key in ("reward_mean", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
                 "explained_variance", "response_length", "grad_norm", "critic_grad_norm", "vf_clip_frac"):
         assert key in metrics and math.isfinite(metrics[key]), key
-    assert len(state.buffer) == 0  # flushed after the update
-    ref = dict(state.reference.named_parameters())
+    assert len(state.learner.buffer) == 0  # flushed after the update
+    ref = dict(state.learner.reference.named_parameters())
     assert all(torch.equal(ref[n], actor0[n]) for n in actor0)  # the reference stays frozen
 
 
@@ -75,7 +78,7 @@ def test_experience_holds_gae_of_the_kl_penalised_rewards(tmp_path, make_config,
     from posttrain.algos.utils import masked_whiten
 
     cfg, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer, "rl.kl_coef=0.2")
-    exp, metrics = make_experience(cfg, state, PhaseTimer())
+    exp, _, metrics = make_experience(state, 1, PhaseTimer())
     m = exp.response_mask
     scores = torch.tensor(state.task.scored)
     rewards = kl_penalty_rewards(scores, exp.old_logprobs, exp.ref_logprobs, m, 0.2, "k1")
@@ -87,10 +90,10 @@ def test_experience_holds_gae_of_the_kl_penalised_rewards(tmp_path, make_config,
 
 def test_first_minibatch_of_first_epoch_is_on_policy(tmp_path, make_config, tiny_model, tokenizer):
     cfg, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer, "rl.mini_batches=4")
-    exp, _ = make_experience(cfg, state, PhaseTimer())
-    state.buffer.add(exp)
-    first = state.buffer.minibatches(4, state.sampler)[0]
-    stats = actor_backward(cfg, state, first)
+    exp, _, _ = make_experience(state, 1, PhaseTimer())
+    state.learner.buffer.add(exp)
+    first = state.learner.buffer.minibatches(4, state.learner.sampler)[0]
+    stats = actor_backward(cfg, state.learner, first)
     assert abs(stats["ratio_mean"] - 1) < 1e-5 and abs(stats["ratio_max"] - 1) < 1e-5
     assert stats["clip_frac"] == 0.0
 
@@ -103,12 +106,12 @@ def test_ptx_adds_exactly_its_own_gradient(tmp_path, make_config, tiny_model, to
     """grad(actor loss with lambda_ptx) - grad(without) == lambda_ptx * grad(ptx loss)."""
     cfg0, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer)
     cfg1 = make_config(tmp_path, *PPO, "rl.ptx_coef=0.5")
-    exp, _ = make_experience(cfg0, state, PhaseTimer())
+    exp, _, _ = make_experience(state, 1, PhaseTimer())
     ptx_batch = (["1+2=", "", "7+8="], ["3", "hello", "15"])
     out = {}
     for name, cfg in (("without", cfg0), ("with", cfg1)):
         tiny_model.zero_grad(set_to_none=True)
-        stats = actor_backward(cfg, state, exp, ptx_batch)
+        stats = actor_backward(cfg, state.learner, exp, ptx_batch)
         out[name] = grads(tiny_model)
     assert "ptx_loss" in stats
     tiny_model.zero_grad(set_to_none=True)
@@ -125,8 +128,8 @@ def test_ptx_from_a_text_file_appears_in_the_metrics(tmp_path, make_config, tiny
     (tmp_path / "ptx.txt").write_text("1+1=2\n\n2+2=4\n3+3=6\n")
     cfg, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer, "rl.ptx_coef=0.1",
                            f"rl.ptx_data={tmp_path / 'ptx.txt'}", "rl.ptx_batch_size=2")
-    assert state.ptx.data == [("", "1+1=2"), ("", "2+2=4"), ("", "3+3=6")]
-    metrics = rl_step(cfg, state, PhaseTimer())
+    assert state.learner.ptx.data == [("", "1+1=2"), ("", "2+2=4"), ("", "3+3=6")]
+    metrics = state.step()
     assert metrics["ptx_loss"] > 0
 
 
@@ -134,12 +137,12 @@ def test_ptx_from_a_text_file_appears_in_the_metrics(tmp_path, make_config, tiny
 def test_micro_batches_accumulate_the_same_gradient(tmp_path, make_config, tiny_model, tokenizer, which):
     cfg_full, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer, "rl.entropy_coef=0.01")
     cfg_micro = make_config(tmp_path, *PPO, "rl.entropy_coef=0.01", "rl.micro_batch_size=2")
-    exp, _ = make_experience(cfg_full, state, PhaseTimer())
-    model = state.policy if which == "actor" else state.critic
+    exp, _, _ = make_experience(state, 1, PhaseTimer())
+    model = state.learner.policy if which == "actor" else state.learner.critic
     out = []
     for cfg in (cfg_full, cfg_micro):
         model.zero_grad(set_to_none=True)
-        (actor_backward if which == "actor" else critic_backward)(cfg, state, exp)
+        (actor_backward if which == "actor" else critic_backward)(cfg, state.learner, exp)
         out.append(grads(model))
     for n in out[0]:
         torch.testing.assert_close(out[0][n], out[1][n], atol=1e-6, rtol=1e-4)
@@ -149,29 +152,29 @@ def test_reward_model_scores_and_critic_starts_from_it(tmp_path, make_config, ti
     cfg, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer, "rl.reward=reward_model",
                            f"rl.reward_model_path={reward_model_dir}", "rl.critic_init=reward_model",
                            "rl.missing_eos_penalty=1.0")
-    rm_params = dict(state.reward_model.model.named_parameters())
-    assert all(torch.equal(p, rm_params[n]) for n, p in state.critic.named_parameters())
-    exp, metrics = make_experience(cfg, state, PhaseTimer())
+    rm_params = dict(state.roles.reward_workers.workers[0].reward_model.model.named_parameters())
+    assert all(torch.equal(p, rm_params[n]) for n, p in state.learner.critic.named_parameters())
+    exp, _, metrics = make_experience(state, 1, PhaseTimer())
     assert "gold_score" in metrics and "rm_score_mean" in metrics
     assert metrics["gold_score"] == pytest.approx(sum(state.task.scored) / len(state.task.scored))
     # the score is the normalised RM output minus the penalty for responses without EOS
     prompts = state.task.prompts
-    from posttrain.recipes.common import decode_responses
+    from posttrain.models.chat import decode_responses
 
     completions = decode_responses(tokenizer, exp.response_ids, exp.response_mask)
     finished = (exp.response_ids == tokenizer.eos_token_id).any(-1)
-    expected = state.reward_model.score(prompts, completions, finished.tolist()) - (~finished).float()
+    expected = state.roles.reward_workers.workers[0].reward_model.score(prompts, completions, finished.tolist()) - (~finished).float()
     assert metrics["reward_mean"] == pytest.approx(expected.mean().item(), abs=1e-5)
-    before = snapshot(state.reward_model.model)
-    rl_step(cfg, state, PhaseTimer())
-    assert all(torch.equal(p, before[n]) for n, p in state.reward_model.model.named_parameters())
+    before = snapshot(state.roles.reward_workers.workers[0].reward_model.model)
+    state.step()
+    assert all(torch.equal(p, before[n]) for n, p in state.roles.reward_workers.workers[0].reward_model.model.named_parameters())
 
 
 def test_adaptive_kl_controller_moves_the_coefficient(tmp_path, make_config, tiny_model, tokenizer):
     cfg, state = ppo_state(tmp_path, make_config, tiny_model, tokenizer, "rl.kl_target=0.001", "rl.kl_horizon=10",
                            "rl.lr=0.01")
-    first = rl_step(cfg, state, PhaseTimer())
-    second = rl_step(cfg, state, PhaseTimer())
+    first = state.step()
+    second = state.step()
     assert first["kl_coef"] == cfg.rl.kl_coef
     assert second["kl_coef"] != first["kl_coef"]
 
@@ -186,7 +189,7 @@ def test_gradients_left_on_the_policy_do_not_leak_into_the_update(tmp_path, make
             for p in model.parameters():
                 p.grad = torch.full_like(p, 7.0)
         cfg, state = ppo_state(tmp_path, make_config, model, tokenizer)
-        rl_step(cfg, state, PhaseTimer())
+        state.step()
         results.append(snapshot(model))
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
 
@@ -195,7 +198,7 @@ def test_buffer_minibatches_cover_every_row_once_per_epoch():
     def exp(n, P, T, offset):
         ids = torch.arange(offset, offset + n)[:, None]
         return Experience(prompt_ids=ids.expand(n, P).clone(), prompt_mask=torch.ones(n, P, dtype=torch.long),
-                          response_ids=ids.expand(n, T).clone(), response_mask=torch.ones(n, T),
+                          response_ids=ids.expand(n, T).clone(), response_mask=torch.ones(n, T), loss_mask=torch.ones(n, T),
                           old_logprobs=torch.zeros(n, T), advantages=torch.zeros(n, T), returns=torch.zeros(n, T))
 
     buf = ExperienceBuffer(pad_token_id=0)
@@ -206,7 +209,7 @@ def test_buffer_minibatches_cover_every_row_once_per_epoch():
     assert [len(mb) for mb in mbs] == [2, 2, 2, 2]
     rows = sorted(int(mb.prompt_ids[i, -1]) for mb in mbs for i in range(len(mb)))
     assert rows == [10, 11, 12, 13, 20, 21, 22, 23]
-    both = cat_experiences(buf._items, 0)
+    both = cat_padded(buf._items, 0)
     assert both.prompt_ids.shape == (8, 5) and both.prompt_mask[0].tolist() == [0, 0, 1, 1, 1]
     assert both.response_mask[0].tolist() == [1, 1, 0, 0]
     with pytest.raises(ValueError, match="equal minibatches"):

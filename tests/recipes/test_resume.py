@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from posttrain.logging import MetricsLogger
+from posttrain.train.metrics import MetricsLogger
 from posttrain.models import build_tiny_model
-from posttrain.recipes.control import RunControl, RunDiverged, find_resume_point
-from posttrain.recipes.rl import setup_rl, train_rl
+from posttrain.train.control import RunControl, RunDiverged, find_resume_point
+from posttrain.rl.roles import InlineRoles
+from posttrain.rl.loop import train_rl
 from posttrain.recipes.sft import setup_sft, train_sft
 from tests.recipes.test_rl import EvenFirstCharTask
 
@@ -50,7 +51,7 @@ def run(cfg, tokenizer, task_cls, recipe, out, crash_after=None, resume=False):
         if recipe == "sft":
             train_sft(cfg, setup_sft(cfg, model, tokenizer, task), logger, ctl=ctl)
         else:
-            train_rl(cfg, setup_rl(cfg, model, tokenizer, task), logger, ctl=ctl)
+            train_rl(cfg, InlineRoles.local(cfg, model, tokenizer, task), task, logger, ctl=ctl)
     return model
 
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.config import build_config
-from posttrain.logging import MetricsLogger
-from posttrain.recipes import runners
-from posttrain.recipes.control import RunDiverged, find_resume_point
+from posttrain.train.metrics import MetricsLogger
+from posttrain.cli import RECIPES
+from posttrain.train.control import RunDiverged, find_resume_point
 from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 from tests.conftest import tiny_run_dict
 from tests.recipes.test_pipeline import tiny_rlhf
@@ -77,7 +77,7 @@ def sft_model(tmp_path_factory):
     """A tiny model after a few SFT steps (`posttrain sft`), so that its samples end with EOS and some are right:
     the starting model of the runs below."""
     out = tmp_path_factory.mktemp("resume_sft") / "sft"
-    runners.run_sft(build_config(tiny_run_dict(out), ["sft.steps=30", "sft.lr=1e-2", "sft.log_every=30"]))
+    recipe_function("sft")(build_config(tiny_run_dict(out), ["sft.steps=30", "sft.lr=1e-2", "sft.log_every=30"]))
     return str(out / "final")
 
 
@@ -99,7 +99,7 @@ RFT = ["rft.rounds=2", "rft.steps=3", "rft.prompts_per_round=12", "rft.samples=4
     ("rft", RFT, [4, 6, 8, 9]),  # inside round 1, at round 2's start, inside round 2, after its last step
 ], ids=["rm", "dpo", "rft"])
 def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, crash_after, sft_model, recipe, overrides, crashes):
-    run = getattr(runners, f"run_{recipe}")
+    run = recipe_function(recipe)
     overrides = [*overrides, f"model.path={sft_model}"]
     full_cfg = tiny(tmp_path, "full", *overrides)
     count = crash_after(None)
@@ -156,7 +156,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_state_saved(tm
     cfg = tiny(tmp_path, "run", *overrides, f"model.path={sft_model}", "checkpoint.max_skipped_steps=3",
                "checkpoint.every=0")
     with pytest.raises(RunDiverged, match="3 consecutive steps with a non-finite loss"):
-        getattr(runners, f"run_{recipe}")(cfg)
+        recipe_function(recipe)(cfg)
     run = tmp_path / "run"
     skipped = [r for r in lines(run / "metrics.jsonl") if r.get("skipped")]
     assert len(skipped) == 3
@@ -169,6 +169,14 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_state_saved(tm
 def test_summary_counts_prompts_dropped_for_the_context(tmp_path):
     """Prompts too long for the context are dropped before the run; summary.json says how many per split."""
     cfg = tiny(tmp_path, "run", "model.max_position_embeddings=10", "sft.steps=1")  # BOS "12+13=" + 4 new > 10
-    summary = runners.run_sft(cfg)
+    summary = recipe_function("sft")(cfg)
     dropped = summary["dropped_prompts"]
     assert dropped["training"] > 0 and json.loads((tmp_path / "run" / "summary.json").read_text())["dropped_prompts"] == dropped
+
+
+def recipe_function(command: str):
+    """The function `posttrain COMMAND` runs."""
+    import importlib
+
+    module, name = RECIPES[command]
+    return getattr(importlib.import_module(module), name)

@@ -10,11 +10,11 @@ import torch
 
 from posttrain.algos.preference import bradley_terry
 from posttrain.data import PreferencePair, load_preference_pairs
-from posttrain.logging import MetricsLogger
+from posttrain.train.metrics import MetricsLogger
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import build_scalar_model
-from posttrain.recipes.reward_model import (calibrate, evaluate_rm, pair_rewards, setup_rm, synthetic_pairs,
-                                            train_rm)
+from posttrain.recipes.reward_model import calibrate, evaluate_rm, pair_rewards, setup_rm, train_rm
+from posttrain.tasks.preference import synthetic_pairs
 from posttrain.tasks import ArithmeticTask
 
 HH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"

@@ -8,7 +8,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.config import dump_config
-from posttrain.logging import MetricsLogger, read_metrics
+from posttrain.train.metrics import MetricsLogger, read_metrics
 from posttrain.models import build_tiny_model, save_pretrained
 from posttrain.recipes.rft import select_best, setup_rft, train_rft
 from posttrain.recipes.sft import setup_sft, train_sft

@@ -8,9 +8,9 @@ import torch
 
 from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES
 from posttrain.models.logprobs import causal_lm_logits
-from posttrain.recipes.common import PhaseTimer, encode_prompts
-from posttrain.recipes.experience import outcome_token_rewards
-from posttrain.recipes.rl import rl_step, setup_rl
+from posttrain.models.chat import encode_prompts
+from posttrain.rl.experience import outcome_token_rewards
+from posttrain.rl.loop import RLRun
 from posttrain.tasks import ArithmeticTask
 
 
@@ -35,7 +35,7 @@ class EvenFirstCharTask(ArithmeticTask):
 
 def start(cfg, model, tokenizer):
     task = EvenFirstCharTask(cfg.task, cfg.seed)
-    return setup_rl(cfg, model, tokenizer, task), task
+    return RLRun.local(cfg, model, tokenizer, task), task
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def test_one_grpo_step_changes_every_parameter(tmp_path, make_config, tiny_model
     cfg = make_config(tmp_path)
     before = snapshot(tiny_model)
     state, task = start(cfg, tiny_model, tokenizer)
-    metrics = rl_step(cfg, state, PhaseTimer())
+    metrics = state.step()
     rewards = torch.tensor(task.scored).view(cfg.rl.prompts_per_step, cfg.rl.group_size)
     assert (rewards.std(-1) > 0).any(), "the test needs a group whose rewards differ"
     unchanged = [name for name, p in tiny_model.named_parameters() if torch.equal(p, before[name])]
@@ -57,7 +57,6 @@ def test_one_grpo_step_changes_every_parameter(tmp_path, make_config, tiny_model
 def test_advantages_get_contiguous_groups_and_the_outcome_rewards(tmp_path, make_config, tiny_model, tokenizer,
                                                                    monkeypatch):
     cfg = make_config(tmp_path, "rl.group_size=3", "rl.prompts_per_step=5")
-    state, task = start(cfg, tiny_model, tokenizer)
     calls = []
     real_get = ADVANTAGES.get
 
@@ -71,7 +70,8 @@ def test_advantages_get_contiguous_groups_and_the_outcome_rewards(tmp_path, make
         return spy
 
     monkeypatch.setattr(ADVANTAGES, "get", spy_get)
-    rl_step(cfg, state, PhaseTimer())
+    state, task = start(cfg, tiny_model, tokenizer)  # the estimator is looked up once, at setup
+    state.step()
     (token_rewards, mask, kw), = calls
     assert kw["group_ids"].tolist() == [i for i in range(5) for _ in range(3)]
     groups = [task.prompts[i:i + 3] for i in range(0, 15, 3)]
@@ -83,7 +83,7 @@ def test_advantages_get_contiguous_groups_and_the_outcome_rewards(tmp_path, make
 def test_metrics_of_a_first_on_policy_step(tmp_path, make_config, tiny_model, tokenizer):
     cfg = make_config(tmp_path)
     state, _ = start(cfg, tiny_model, tokenizer)
-    metrics = rl_step(cfg, state, PhaseTimer())
+    metrics = state.step()
     for key in ("reward_mean", "kl", "entropy", "clip_frac", "grad_norm"):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["entropy"] > 0 and metrics["grad_norm"] > 0
@@ -93,25 +93,25 @@ def test_metrics_of_a_first_on_policy_step(tmp_path, make_config, tiny_model, to
     assert abs(metrics["kl"]) < 1e-6
     n = cfg.rl.prompts_per_step * cfg.rl.group_size
     assert 1 <= metrics["response_length"] <= cfg.rl.max_new_tokens
-    assert 0 < metrics["n_tokens"] <= n * cfg.rl.max_new_tokens
+    assert 0 < state.last.num_tokens <= n * cfg.rl.max_new_tokens
 
 
 def test_reference_is_a_frozen_copy_and_kl_grows(tmp_path, make_config, tiny_model, tokenizer):
     cfg = make_config(tmp_path, "rl.kl_coef=0.1")
     initial = snapshot(tiny_model)
     state, _ = start(cfg, tiny_model, tokenizer)
-    assert state.reference is not None and state.reference is not state.policy
-    assert not any(p.requires_grad for p in state.reference.parameters())
-    rl_step(cfg, state, PhaseTimer())
-    second = rl_step(cfg, state, PhaseTimer())
-    ref = dict(state.reference.named_parameters())
+    assert state.learner.reference is not None and state.learner.reference is not state.learner.policy
+    assert not any(p.requires_grad for p in state.learner.reference.parameters())
+    state.step()
+    second = state.step()
+    ref = dict(state.learner.reference.named_parameters())
     assert all(torch.equal(ref[name], initial[name]) for name in initial)
     assert math.isfinite(second["kl"])  # a sampled k1 estimate: its sign is noise at this size
     # the policy has moved away from the reference: the exact KL(pi || pi_ref) of the next-token distributions
     ids, mask = encode_prompts(tokenizer, [p.prompt for p in state.task.eval_problems[:8]])
     with torch.no_grad():
-        logp = causal_lm_logits(state.policy, ids, mask, keep=1)[:, -1].log_softmax(-1)
-        logq = causal_lm_logits(state.reference, ids, mask, keep=1)[:, -1].log_softmax(-1)
+        logp = causal_lm_logits(state.learner.policy, ids, mask, keep=1)[:, -1].log_softmax(-1)
+        logq = causal_lm_logits(state.learner.reference, ids, mask, keep=1)[:, -1].log_softmax(-1)
     assert (logp.exp() * (logp - logq)).sum(-1).mean() > 1e-6
 
 
@@ -123,13 +123,13 @@ class ConstantRewardTask(EvenFirstCharTask):
 @pytest.mark.parametrize("kl_coef", [0.0, 0.5])
 def test_with_equal_rewards_only_the_kl_term_moves_the_policy(tmp_path, make_config, tiny_model, tokenizer, kl_coef):
     cfg = make_config(tmp_path, f"rl.kl_coef={kl_coef}")
-    state = setup_rl(cfg, tiny_model, tokenizer, ConstantRewardTask(cfg.task, cfg.seed))
+    state = RLRun.local(cfg, tiny_model, tokenizer, ConstantRewardTask(cfg.task, cfg.seed))
     with torch.no_grad():  # move the policy away from the reference taken at setup
         g = torch.Generator().manual_seed(0)
         for p in tiny_model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     before = snapshot(tiny_model)
-    metrics = rl_step(cfg, state, PhaseTimer())
+    metrics = state.step()
     moved = any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
     if kl_coef == 0:
         assert not moved and "kl" not in metrics  # no reference model, so no KL to report
@@ -140,9 +140,9 @@ def test_with_equal_rewards_only_the_kl_term_moves_the_policy(tmp_path, make_con
 def test_kl_coef_zero_loads_no_reference(tmp_path, make_config, tiny_model, tokenizer):
     cfg = make_config(tmp_path, "rl.kl_coef=0")
     state, _ = start(cfg, tiny_model, tokenizer)
-    assert state.reference is None
-    rl_step(cfg, state, PhaseTimer())
-    metrics = rl_step(cfg, state, PhaseTimer())
+    assert state.learner.reference is None
+    state.step()
+    metrics = state.step()
     assert "kl" not in metrics
 
 
@@ -161,7 +161,7 @@ def test_same_seed_same_step(tmp_path, make_config, tiny_model_cfg, tokenizer):
     for _ in range(2):
         model = build_tiny_model(tiny_model_cfg, tokenizer, seed=0)
         state, task = start(cfg, model, tokenizer)
-        rl_step(cfg, state, PhaseTimer())
+        state.step()
         results.append((task.scored, snapshot(model)))
     (r1, w1), (r2, w2) = results
     assert r1 == r2
@@ -173,8 +173,8 @@ def test_every_registered_estimator_runs_in_the_loop(tmp_path, make_config, tiny
     cfg = make_config(tmp_path, f"rl.advantage={advantage}")
     before = snapshot(tiny_model)
     state, _ = start(cfg, tiny_model, tokenizer)
-    assert (state.critic is not None) == ("values" in ADVANTAGES.requires(advantage))
-    metrics = rl_step(cfg, state, PhaseTimer())
+    assert (state.learner.critic is not None) == ("values" in ADVANTAGES.requires(advantage))
+    metrics = state.step()
     assert math.isfinite(metrics["loss"])
     assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
 
@@ -188,7 +188,7 @@ def test_loss_options_run_and_update(tmp_path, make_config, tiny_model, tokenize
     cfg = make_config(tmp_path, *overrides)
     before = snapshot(tiny_model)
     state, _ = start(cfg, tiny_model, tokenizer)
-    metrics = rl_step(cfg, state, PhaseTimer())
+    metrics = state.step()
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
     assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
 

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import ConfigError
-from posttrain.recipes.common import make_optimizer
-from posttrain.recipes.sft import setup_sft, sft_loss, train_sft
+from posttrain.train.optim import make_optimizer
+from posttrain.recipes.sft import setup_sft, train_sft
+from posttrain.train.losses import sft_loss
 from posttrain.tasks import build_task
 
 PROMPTS = ["1+2=", "37+58=", "9*9=", "hello world\n"]

@@ -108,7 +108,7 @@ def test_malformed_row_names_the_file_and_line(tmp_path):
         task_of("task.name=gsm8k", f"task.path={path}", "task.num_eval=1")
 
 
-# fit_task: run before every sft/rm/rl run (posttrain/recipes/runners.py).
+# fit_task: run before every sft/rm/rl run (posttrain/train/run.py start_run).
 
 @pytest.fixture(scope="module")
 def hf_model(hf_model_dir):

@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .logging import read_metrics
+from posttrain.train.metrics import read_metrics
 
 PHASE_COLORS = {"sft": "tab:blue", "rl": "tab:orange"}
 _EXTRA_COLORS = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]

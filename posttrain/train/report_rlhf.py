@@ -12,8 +12,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from posttrain.logging import read_metrics
-from posttrain.report import _legend, _plot_line, _series, save_figure
+from posttrain.train.metrics import read_metrics
+from posttrain.train.report import _legend, _plot_line, _series, save_figure
 
 RUNS = (("ppo", "PPO (beta, ptx)", "tab:orange"), ("ablation", "PPO beta=0, ptx=0", "tab:red"))
 

@@ -20,8 +20,8 @@ This module shadows the standard ``logging`` only inside relative imports;
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from posttrain.batch import RolloutBatch, right_pad
-from posttrain.distributed.engines import state_dict_sha256
+from posttrain.rollout.engines import state_dict_sha256
 
 
 class WeightSync:

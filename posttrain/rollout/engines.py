@@ -5,7 +5,7 @@
     engine.load_weights(state_dict) -> sha256 of the weights it now holds (state_dict_sha256)
 
 `TorchEngine` is posttrain's own generation (`posttrain.rollout.generate`, KV cache, on CPU);
-`posttrain.distributed.vllm_engine.VLLMEngine` is vLLM on a GPU (the `vllm` extra). Both take prompts as
+`posttrain.rollout.vllm_engine.VLLMEngine` is vLLM on a GPU (the `vllm` extra). Both take prompts as
 left-padded ids and return the same `RolloutBatch`, so the loop never asks which one it has.
 
 Sampling seeds: a rollout worker samples its share of step t with `torch.Generator().manual_seed(
@@ -52,10 +52,11 @@ class RolloutEngine(Protocol):
 
 
 class TorchEngine:
-    """posttrain's generation on a model held in this process."""
+    """posttrain's generation on a model held in this process. `shared`: the model is also the one being trained
+    (the single-process run: the learner's own policy, so there are no weights to send); it is left trainable."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.eval().requires_grad_(False)
+    def __init__(self, model: torch.nn.Module, shared: bool = False):
+        self.model = model.eval() if shared else model.eval().requires_grad_(False)
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, **kw) -> RolloutBatch:
         return generate(self.model, prompt_ids, prompt_mask, **kw)
@@ -63,3 +64,4 @@ class TorchEngine:
     def load_weights(self, state_dict: dict[str, Tensor]) -> str:
         self.model.load_state_dict(state_dict)
         return state_dict_sha256(self.model.state_dict())
+

@@ -25,8 +25,13 @@ from pathlib import Path
 
 import torch
 
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, remove_temporaries, save_checkpoint
 from posttrain.errors import PosttrainError, RunInterrupted  # noqa: F401 (re-exported)
+from posttrain.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+)
 
 
 class RunDiverged(PosttrainError):
@@ -220,7 +225,7 @@ class NoControl(RunControl):
 
 def metrics_logger(out: Path, resumed: Resumed | None):
     """metrics.jsonl of the run: new, or cut back to the checkpoint's length when resuming."""
-    from posttrain.logging import MetricsLogger  # noqa: PLC0415
+    from posttrain.train.metrics import MetricsLogger  # noqa: PLC0415
 
     return MetricsLogger(out / "metrics.jsonl", resume_at=resumed.state["metrics_offset"] if resumed else None)
 
@@ -253,7 +258,7 @@ def open_run(cfg, resume: bool = False, overwrite: bool = False) -> tuple[Path, 
 
     import yaml  # noqa: PLC0415
 
-    from posttrain.checkpoint import checkpoint_root  # noqa: PLC0415
+    from posttrain.train.checkpoint import checkpoint_root  # noqa: PLC0415
 
     out = Path(cfg.output_dir)
     has_checkpoints = checkpoint_root(out).is_dir() and any(checkpoint_root(out).iterdir())
@@ -299,7 +304,7 @@ def clear_previous_outputs(cfg) -> None:
     only the names in RUN_OUTPUTS, and never a path this run reads (model.path, a reward model, a scorer)."""
     import shutil  # noqa: PLC0415
 
-    from posttrain.checkpoint import checkpoint_root  # noqa: PLC0415
+    from posttrain.train.checkpoint import checkpoint_root  # noqa: PLC0415
 
     out = Path(cfg.output_dir)
     root = checkpoint_root(out)
@@ -323,6 +328,6 @@ def finish_run(out: Path) -> None:
     """The run completed: its checkpoints are no longer needed (final/ holds the result)."""
     import shutil  # noqa: PLC0415
 
-    from posttrain.checkpoint import checkpoint_root  # noqa: PLC0415
+    from posttrain.train.checkpoint import checkpoint_root  # noqa: PLC0415
 
     shutil.rmtree(checkpoint_root(out), ignore_errors=True)
