@@ -148,13 +148,20 @@ def _bon_overrides(args) -> list[str]:
     return [*args.overrides, *extra]
 
 
-def _local_only(command: str, cfg) -> None:
-    """backend ray runs the RL loop only (posttrain/distributed); every other command runs in one process."""
-    if cfg.backend != "local" and command != "rl":
-        from posttrain.errors import ConfigError
+DEVICE_COMMANDS = ("sft", "rl", "demo")  # the commands that honour model.device (the rest run on the CPU)
 
+
+def _local_only(command: str, cfg) -> None:
+    """backend ray runs the RL loop only (posttrain/distributed); every other command runs in one process. Only
+    DEVICE_COMMANDS run off the CPU."""
+    from posttrain.errors import ConfigError
+
+    if cfg.backend != "local" and command != "rl":
         raise ConfigError(f"backend {cfg.backend} runs only posttrain rl; posttrain {command} runs in one "
                           "process (remove backend=ray)")
+    if cfg.model.device != "cpu" and command not in DEVICE_COMMANDS:
+        raise ConfigError(f"model.device={cfg.model.device}: posttrain {command} runs on the CPU only for now "
+                          f"(model.device is honoured by {', '.join(DEVICE_COMMANDS)}); remove model.device")
 
 
 def _remove_partial_output(out: Path, existed: bool) -> None:

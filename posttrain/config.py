@@ -28,6 +28,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+
+class _AdamW(_Section):
+    """The optimizer fields every training section shares (its lr and warm-up are its own)."""
+
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+
+
+class _CosineDecay(_Section):
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+
+
+class _Sampling(_Section):
+    """The sampling fields every section that samples completions shares."""
+
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (RL: the log-probs use the same).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+
+
 class ModelConfig(_Section):
     path: str | None = Field(None, description="Local Hugging Face causal-LM directory (config, weights, "
                              "tokenizer). None builds the tiny model below with the character tokenizer.")
@@ -42,6 +62,11 @@ class ModelConfig(_Section):
         "torch.autocast, float32 weights, gradients and optimizer state; log pi_old recomputed by the training "
         "forward); 'auto': bfloat16 where the CPU (AMX, AVX512-BF16) or GPU computes it natively, else float32. "
         "posttrain/models/precision.py.")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$", description="Where the model and every "
+                        "tensor made for it live: 'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when a GPU is visible, else "
+                        "cpu). Honoured by sft, rl and the demo's SFT and GRPO (backend local; backend ray places "
+                        "its learners with ray.learner_gpus); the other commands run on the CPU and refuse another "
+                        "device.")
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -54,17 +79,18 @@ class ModelConfig(_Section):
         return self
 
 
-DATA_TASKS = ("gsm8k", "math", "mbpp")
 MBPP_SPLITS = ("prompt", "test", "validation", "train")  # the official task_id ranges (posttrain/tasks/mbpp.py)
 
 
 class TaskConfig(_Section):
     """The task: `arithmetic` is generated; `gsm8k`, `math` and `mbpp` read data (task.path or task.hf_dataset)
     and need a model with a subword tokenizer (model.path). A field that does not apply to the chosen task must
-    keep its default (see _FIELD_TASKS). docs/rewards.md describes each task."""
+    keep its default: each task declares the fields it reads when it registers (posttrain/tasks/registry.py).
+    docs/rewards.md describes each task."""
 
-    name: Literal["arithmetic", "gsm8k", "math", "mbpp", "ifeval"] = Field(
-        "arithmetic", description="Built-in task: 'arithmetic' (generated problems, exact-match reward), 'gsm8k' "
+    name: str = Field(
+        "arithmetic", description="A registered task (posttrain/tasks/registry.py; a task.* field it does not read "
+        "must keep its default). Built in: 'arithmetic' (generated problems, exact-match reward), 'gsm8k' "
         "(word problems, final-number reward), 'math' (competition problems, symbolic answer check), 'mbpp' "
         "(Python functions, tests run in the sandbox), 'ifeval' (generated requests with one IFEval-style "
         "verifiable constraint each; RL only, needs the if-verifiable package).")
@@ -116,12 +142,6 @@ class TaskConfig(_Section):
 
     @model_validator(mode="after")
     def _applies(self) -> "TaskConfig":
-        fields = type(self).model_fields
-        misplaced = [f"task.{key} applies only to task.name {' or '.join(tasks)}, not {self.name}"
-                     for key, tasks in _FIELD_TASKS.items()
-                     if self.name not in tasks and getattr(self, key) != fields[key].default]
-        if misplaced:
-            raise ValueError("; ".join(misplaced))
         if self.name == "arithmetic" and self.max_operand < self.min_operand:
             raise ValueError(f"task.max_operand ({self.max_operand}) must be >= task.min_operand "
                              f"({self.min_operand})")
@@ -137,30 +157,18 @@ class TaskConfig(_Section):
         return self
 
 
-# The tasks each TaskConfig field applies to; for any other task it must keep its default.
-_FIELD_TASKS = {
-    "min_operand": ("arithmetic",), "max_operand": ("arithmetic",), "operators": ("arithmetic",),
-    "demo_error": ("arithmetic",), "demo_error_rate": ("arithmetic",),
-    "num_eval": ("arithmetic", "gsm8k", "math", "ifeval"), "instructions": ("ifeval",),
-    "path": DATA_TASKS, "hf_dataset": DATA_TASKS, "hf_config": DATA_TASKS, "hf_split": DATA_TASKS,
-    "hf_eval_split": DATA_TASKS, "eval_path": ("gsm8k", "math"),
-    "sandbox_timeout_s": ("mbpp",), "workers": ("mbpp",),
-}
 
 
-class SFTConfig(_Section):
+class SFTConfig(_AdamW, _CosineDecay):
     steps: int = Field(1000, ge=0, description="Optimizer steps (the demo: 1000; at 2000, with its slower cosine decay, the tiny model sometimes stays on the plateau before it learns addition).")
     batch_size: int = Field(64, ge=1, description="Demonstrations per step.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps, then cosine decay to lr_min_ratio*lr.")
-    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     eval_every: int = Field(250, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
 
 
-class RLConfig(_Section):
+class RLConfig(_AdamW, _Sampling):
     preset: str | None = Field(None, description="A named algorithm (" + ", ".join(PRESETS) + ") that fills "
                                "the estimator, policy loss, KL and aggregation keys this section leaves "
                                "unset (posttrain/presets.py, docs/algorithms.md); None: the keys as given.")
@@ -169,8 +177,6 @@ class RLConfig(_Section):
     group_size: int = Field(8, ge=1, description="Samples per prompt (G in GRPO).")
     lr: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then constant.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     advantage: str = Field("grpo", description="Advantage estimator (posttrain.algos.advantages). One that "
                            "needs values (gae) makes the loop train a critic; one that needs a baseline reward "
                            "(remax) makes it decode each prompt greedily and score that.")
@@ -184,9 +190,6 @@ class RLConfig(_Section):
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass (the batch is split evenly).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
     max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
     eval_every: int = Field(25, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
     micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward/backward pass inside "
@@ -276,7 +279,7 @@ class RLConfig(_Section):
         return self
 
 
-class RewardModelConfig(_Section):
+class RewardModelConfig(_AdamW, _CosineDecay):
     data: str = Field("synthetic", description="Preference pairs: 'synthetic' (built from the task and the "
                       "policy's own samples, labelled by the task's gold rule), or a JSONL / .jsonl.gz / "
                       "Parquet file or a saved HF dataset directory.")
@@ -292,9 +295,6 @@ class RewardModelConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Preference pairs per step.")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up, then cosine decay to lr_min_ratio * lr.")
-    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin m: loss = -log sigmoid(r_c - r_r - m).")
     max_length: int | None = Field(None, ge=2, description="Keep the last max_length tokens of each sequence "
                                    "(default: the model's context).")
@@ -309,7 +309,7 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(6, ge=1, description="Longest answer in tokens, EOS included.")
 
 
-class DPOConfig(_Section):
+class DPOConfig(_AdamW, _CosineDecay):
     """`posttrain dpo`: a policy from preference pairs (DPO, IPO, SLiC-HF, SimPO). Settings left None take the
     loss's paper default (posttrain.algos.preference.PREFERENCE_SPECS)."""
 
@@ -344,9 +344,6 @@ class DPOConfig(_Section):
                             "scoring batch).")
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up, then cosine decay to lr_min_ratio * lr.")
-    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     eval_every: int = Field(100, ge=0, description="Held-out gold accuracy and pair metrics every N steps (0: only "
                             "at the end).")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
@@ -361,7 +358,7 @@ class DPOConfig(_Section):
         return self
 
 
-class BestOfNConfig(_Section):
+class BestOfNConfig(_Sampling):
     """`posttrain bon`: sample n completions per held-out prompt, keep the one the scorer likes best."""
 
     n: int = Field(16, ge=1, description="Samples per prompt; best-of-k is reported for k = 1, 2, 4, ... up to n.")
@@ -370,13 +367,10 @@ class BestOfNConfig(_Section):
     num_prompts: int | None = Field(None, ge=1, description="Use the first N held-out problems (None: all "
                                     "task.num_eval).")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch (each sampled n times).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
     max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
 
 
-class RFTConfig(_Section):
+class RFTConfig(_AdamW, _CosineDecay, _Sampling):
     """`posttrain rft`: rejection-sampling fine-tuning (generate n per prompt, keep the best, SFT on it, repeat)."""
 
     rounds: int = Field(2, ge=1, description="Rounds of generate -> filter -> fine-tune.")
@@ -387,18 +381,12 @@ class RFTConfig(_Section):
     min_score: float | None = Field(0.5, description="Keep a problem's best completion only if its score is at "
                                     "least this (0.5 with the 0/1 verifier: only correct ones); None: always keep "
                                     "the best.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
     max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
     generate_batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
     steps: int = Field(200, ge=0, description="SFT optimizer steps per round, on that round's kept completions.")
     batch_size: int = Field(64, ge=1, description="Kept completions per SFT step.")
     lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate (a fresh optimizer each round).")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up, then cosine decay to lr_min_ratio * lr.")
-    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N SFT steps.")
 
 

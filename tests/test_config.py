@@ -187,19 +187,29 @@ def test_arithmetic_defaults_are_unchanged():
         (None, None, None, None, 5.0, 2)
 
 
+def task_error_of(*overrides) -> str:
+    """The one-line error of building the task of a config with `overrides` (the registry checks task.*)."""
+    from posttrain.tasks import build_task
+
+    with pytest.raises(ConfigError) as err:
+        build_task(build_config(overrides=list(overrides)).task, 0)
+    return str(err.value)
+
+
 def test_unknown_task_name_lists_the_tasks():
-    msg = error_of("task.name=gsm9k")
-    assert "task.name" in msg and all(name in msg for name in ("arithmetic", "gsm8k", "math", "mbpp"))
+    msg = task_error_of("task.name=gsm9k")
+    assert "task.name" in msg and all(name in msg for name in ("arithmetic", "gsm8k", "math", "mbpp", "ifeval"))
+    assert "did you mean 'gsm8k'" in msg
 
 
 def test_task_fields_that_do_not_apply_are_named():
     assert "task.max_operand applies only to task.name arithmetic, not gsm8k" in \
-        error_of("task.name=gsm8k", "task.max_operand=20")
-    assert "task.path applies only to task.name gsm8k or math or mbpp, not arithmetic" in error_of("task.path=x")
-    msg = error_of("task.name=math", "task.workers=4", "task.sandbox_timeout_s=1")
+        task_error_of("task.name=gsm8k", "task.max_operand=20")
+    assert "task.path applies only to task.name gsm8k or math or mbpp, not arithmetic" in task_error_of("task.path=x")
+    msg = task_error_of("task.name=math", "task.workers=4", "task.sandbox_timeout_s=1")
     assert "task.workers" in msg and "task.sandbox_timeout_s" in msg
-    assert "task.num_eval applies only" in error_of("task.name=mbpp", "task.num_eval=20")
-    assert "task.eval_path applies only" in error_of("task.name=mbpp", "task.eval_path=x")
+    assert "task.num_eval applies only" in task_error_of("task.name=mbpp", "task.num_eval=20")
+    assert "task.eval_path applies only" in task_error_of("task.name=mbpp", "task.eval_path=x")
 
 
 def test_bad_data_task_values_are_named():

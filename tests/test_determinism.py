@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from posttrain.recipes.demo import run_demo
 
+pytestmark = pytest.mark.slow  # tens of seconds to minutes: `pytest -m "not slow"` skips it (make test runs all)
+
 VOLATILE = ("time/", "tokens_per_s")  # wall-clock measurements
 
 

@@ -97,10 +97,10 @@ def test_unjsonable_value_names_the_key_and_writes_nothing(tmp_path):
 def test_malformed_line_error_names_file_and_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n\n{"step": 2\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:3: malformed"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl line 3: not valid JSON"):
         read_metrics(path)
     path.write_text('{"step": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: expected a JSON object"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl line 2: expected a JSON object"):
         read_metrics(path)
 
 

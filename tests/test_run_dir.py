@@ -16,6 +16,8 @@ from posttrain.config import build_config, dump_config
 
 from tests.conftest import tiny_run_dict
 
+pytestmark = pytest.mark.slow  # tens of seconds to minutes: `pytest -m "not slow"` skips it (make test runs all)
+
 POSTTRAIN = str(Path(sys.executable).with_name("posttrain"))
 
 

@@ -22,8 +22,24 @@ log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # no per-file bars when loading or saving a 1M-parameter model
 
 
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    """model.device as a torch device ('auto': cuda when a GPU is visible); a missing GPU is a one-line error."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device={cfg.device}: no CUDA device is visible to this process (torch "
+                             f"{torch.__version__}); use model.device=cpu or auto")
+    return device
+
+
 def load_policy(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The policy and its tokenizer: `cfg.path` through the HF Auto classes, or the tiny model when None."""
+    """The policy (on model.device) and its tokenizer: `cfg.path` through the HF Auto classes, or the tiny model."""
+    model, tokenizer = _load_policy(cfg, seed)
+    return model.to(resolve_device(cfg)), tokenizer
+
+
+def _load_policy(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if cfg.path is None:
         from posttrain.models.tiny import build_tiny_model
         from posttrain.models.tokenizer import build_char_tokenizer

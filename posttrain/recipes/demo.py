@@ -4,24 +4,23 @@ the exact-match verifier, evaluate again, and write config, metrics, checkpoints
 
 from __future__ import annotations
 
+from posttrain.train.run import start_run
+
 import time
 from pathlib import Path
 
 from posttrain.config import RunConfig
-from posttrain.models import load_policy, save_pretrained
+from posttrain.models import save_pretrained
 from posttrain.rl.loop import train_rl
 from posttrain.rl.roles import InlineRoles
 from posttrain.recipes.sft import setup_sft, train_sft
-from posttrain.tasks import build_task, fit_task
 from posttrain.train.checkpoint import load_weights_into, weights_sha256
 from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
 from posttrain.train.metrics import read_metrics
 from posttrain.train.report import plot_report, summarize_table
 from posttrain.train.run import (
     dropped_prompts,
-    prepare_output_dir,
     progress_bar,
-    seed_everything,
     write_json,
 )
 
@@ -32,12 +31,8 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
     resume: continue from the run directory's newest valid checkpoint (in SFT or in RL); see `open_run`.
     """
     start = time.perf_counter()
-    out, resumed = open_run(cfg, resume, overwrite)
-    prepare_output_dir(cfg)
-    seed_everything(cfg.seed, cfg.threads)
-    task = build_task(cfg.task, cfg.seed)
-    model, tokenizer = load_policy(cfg.model, seed=cfg.seed)
-    fit_task(task, cfg, model, tokenizer, cfg.rl.prompts_per_step)  # the tokenizer covers it; it fits the context
+    _, resumed = open_run(cfg, resume, overwrite)
+    out, task, model, tokenizer = start_run(cfg, min_train=cfg.rl.prompts_per_step)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"posttrain demo: {n_params / 1e6:.2f}M-parameter model, task {task.name} "
           f"({len(task.train_problems)} train / {len(task.eval_problems)} held-out problems), output {out}")

@@ -29,12 +29,13 @@ from posttrain.algos import PREFERENCE_LOSSES, PREFERENCE_SPECS, aggregate
 from posttrain.algos.preference import implicit_rewards
 from posttrain.batch import left_pad, right_pad
 from posttrain.config import DPOConfig, RunConfig
-from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
+from posttrain.data import PreferencePair
 from posttrain.data.sampling import ShuffledBatches
 from posttrain.errors import ConfigError
-from posttrain.models.chat import chat_pairs, encode_texts, end_of_turn_id
+from posttrain.models.chat import encode_texts, end_of_turn_id
 from posttrain.models.logprobs import response_logprobs
-from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.recipes.reward_model import preference_splits
+from posttrain.train.checkpoint import restore_training, training_snapshot
 from posttrain.train.control import NoControl, RunControl
 from posttrain.train.evaluate import evaluate_per_problem
 from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
@@ -79,12 +80,7 @@ def load_dpo_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tu
                               f"give a pairs file (dpo.data=pairs.jsonl)")
 
         return ArithmeticPreferenceTask(task).train_eval_pairs(c.num_pairs, policy, tokenizer, cfg.seed)
-    pairs = load_preference_pairs(c.data, split=c.split, format=c.format, limit=c.limit)
-    if c.eval_data is not None:
-        train, held_out = pairs, load_preference_pairs(c.eval_data, format=c.format)
-    else:
-        train, held_out = split_pairs(pairs, c.eval_fraction, cfg.seed)
-    return chat_pairs(train, tokenizer, cfg.task), chat_pairs(held_out, tokenizer, cfg.task)  # a chat model's template
+    return preference_splits(c, cfg, tokenizer)
 
 
 def pair_logprobs(model, tokenizer, pairs: list[PreferencePair],
@@ -157,18 +153,13 @@ def setup_dpo(cfg: RunConfig, policy, tokenizer, task, train_pairs, eval_pairs) 
 
 def dpo_snapshot(state: DPOState, result: dict) -> tuple[dict, dict]:
     """({"policy": weights}, optimizer/scheduler/data-position/RNG state and the last held-out result)."""
-    return {"policy": state.policy.state_dict()}, {
-        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-        "batches": state.batches.state_dict(), "global_rng": global_rng_state(), "result": dict(result)}
+    return training_snapshot("policy", state.policy, state.optimizer, state.scheduler, state.batches,
+                             result=dict(result))
 
 
 def dpo_restore(state: DPOState, weights: dict, snap: dict) -> dict:
-    state.policy.load_state_dict(weights["policy"])
-    state.optimizer.load_state_dict(snap["optimizer"])
-    state.scheduler.load_state_dict(snap["scheduler"])
-    state.batches.load_state_dict(snap["batches"])
-    set_global_rng_state(snap["global_rng"])
-    return dict(snap["result"])
+    return dict(restore_training("policy", state.policy, state.optimizer, state.scheduler, state.batches, weights,
+                                 snap)["result"])
 
 
 def preference_loss(loss: PreferenceLoss, model, tokenizer, pairs: list[PreferencePair],
@@ -219,12 +210,7 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
     c, model, timer = cfg.dpo, state.policy, PhaseTimer()
     ctl = ctl or NoControl()
     model.train()
-    result: dict = {}
-    first = 1
-    if (resumed := ctl.resume_step("dpo")) is not None:
-        result, first = dpo_restore(state, resumed.weights, resumed.state), resumed.step + 1
-        if progress is not None:
-            progress.update(resumed.step)
+    result, first = ctl.restore_phase("dpo", lambda w, s: dpo_restore(state, w, s), {}, progress)
 
     def held_out() -> dict:
         with timer("eval"):
@@ -251,12 +237,8 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
                         **({k: v for k, v in result.items() if k != "gold"} if evaluate_now else {}),
                         **({} if finite else {"skipped": 1}), **timer.pop()})
         snapshot = lambda: dpo_snapshot(state, result)  # noqa: E731
-        ctl.record_step(finite, "dpo", step, snapshot)
-        ctl.step_done("dpo", step, snapshot)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{result.get('accuracy', float('nan')):.3f}",
-                                 refresh=False)
+        ctl.end_step("dpo", step, finite, snapshot, progress, loss=f"{loss.item():.3f}",
+                     acc=f"{result.get('accuracy', float('nan')):.3f}")
     if c.steps == 0:
         result = held_out()
         logger.log({"step": 0, "phase": "dpo", **{k: v for k, v in result.items() if k != "gold"}})

@@ -18,6 +18,8 @@ interval over the held-out problems) or was gamed (reward-model score up, gold s
 
 from __future__ import annotations
 
+from posttrain.train.run import start_run
+
 import copy
 import json
 import math
@@ -37,7 +39,6 @@ from posttrain.rl.loop import train_rl
 from posttrain.rl.roles import InlineRoles
 from posttrain.recipes.sft import setup_sft, train_sft
 from posttrain.rollout import generate
-from posttrain.tasks import build_task, fit_task
 from posttrain.train.checkpoint import load_weights_into, weights_sha256
 from posttrain.train.control import (
     Resumed,
@@ -52,7 +53,6 @@ from posttrain.train.report import plot_report
 from posttrain.train.report_rlhf import plot_rlhf
 from posttrain.train.run import (
     dropped_prompts,
-    prepare_output_dir,
     progress_bar,
     seed_everything,
     write_json,
@@ -152,12 +152,8 @@ def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None, resume: bool = Fals
     after checking that their content hashes are the ones the checkpoint recorded.
     """
     start = time.perf_counter()
-    out, resumed = open_run(cfg, resume, overwrite)
-    prepare_output_dir(cfg)
-    seed_everything(cfg.seed, cfg.threads)
-    task = build_task(cfg.task, cfg.seed)
-    policy, tokenizer = load_policy(cfg.model, seed=cfg.seed)
-    fit_task(task, cfg, policy, tokenizer, cfg.rl.prompts_per_step)
+    _, resumed = open_run(cfg, resume, overwrite)
+    out, task, policy, tokenizer = start_run(cfg, min_train=cfg.rl.prompts_per_step)
     print(f"posttrain RLHF pipeline: SFT -> reward model -> PPO on {task.name}, output {out}")
     at = STAGES.index(resumed.phase) if resumed is not None else -1  # the stage the run resumes in
     rm_path = Path(cfg.rl.reward_model_path)

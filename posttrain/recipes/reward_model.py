@@ -30,7 +30,7 @@ from posttrain.models.chat import (
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import last_token_scores
 from posttrain.tasks.preference import synthetic_pairs
-from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.train.checkpoint import restore_training, training_snapshot
 from posttrain.train.control import NoControl, RunControl
 from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
 from posttrain.train.run import (
@@ -50,12 +50,18 @@ def load_pairs(cfg: RunConfig, task=None, policy=None, tokenizer=None) -> tuple[
         train_problems = [rng.choice(task.train_problems) for _ in range(c.num_pairs)]
         train = synthetic_pairs(task, policy, tokenizer, train_problems, cfg.seed)
         return train, synthetic_pairs(task, policy, tokenizer, task.eval_problems, cfg.seed + 1)
+    return preference_splits(c, cfg, tokenizer)
+
+
+def preference_splits(c, cfg: RunConfig, tokenizer) -> tuple[list, list]:
+    """(train, held-out) pairs of a pairs file (`c`: the rm or dpo section: data, split, format, limit,
+    eval_data or eval_fraction), rendered with a chat model's template."""
     pairs = load_preference_pairs(c.data, split=c.split, format=c.format, limit=c.limit)
     if c.eval_data is not None:
         train, held_out = pairs, load_preference_pairs(c.eval_data, format=c.format)
     else:
         train, held_out = split_pairs(pairs, c.eval_fraction, cfg.seed)
-    return chat_pairs(train, tokenizer, cfg.task), chat_pairs(held_out, tokenizer, cfg.task)  # a chat model's template
+    return chat_pairs(train, tokenizer, cfg.task), chat_pairs(held_out, tokenizer, cfg.task)
 
 
 @dataclass
@@ -78,18 +84,13 @@ def setup_rm(cfg: RunConfig, rm: RewardModel, train_pairs, eval_pairs) -> RMStat
 
 def rm_snapshot(state: RMState, result: dict) -> tuple[dict, dict]:
     """({"reward_model": weights}, optimizer/scheduler/data-position/RNG state and the last eval) to continue."""
-    return {"reward_model": state.rm.model.state_dict()}, {
-        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-        "batches": state.batches.state_dict(), "global_rng": global_rng_state(), "result": dict(result)}
+    return training_snapshot("reward_model", state.rm.model, state.optimizer, state.scheduler, state.batches,
+                             result=dict(result))
 
 
 def rm_restore(state: RMState, weights: dict, snap: dict) -> dict:
-    state.rm.model.load_state_dict(weights["reward_model"])
-    state.optimizer.load_state_dict(snap["optimizer"])
-    state.scheduler.load_state_dict(snap["scheduler"])
-    state.batches.load_state_dict(snap["batches"])
-    set_global_rng_state(snap["global_rng"])
-    return dict(snap["result"])
+    return dict(restore_training("reward_model", state.rm.model, state.optimizer, state.scheduler, state.batches,
+                                 weights, snap)["result"])
 
 
 def pair_rewards(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,12 +138,7 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
     c, model, timer = cfg.rm, state.rm.model, PhaseTimer()
     ctl = ctl or NoControl()
     model.train()
-    result: dict[str, float] = {}
-    first = 1
-    if (resumed := ctl.resume_step("rm")) is not None:
-        result, first = rm_restore(state, resumed.weights, resumed.state), resumed.step + 1
-        if progress is not None:
-            progress.update(resumed.step)
+    result, first = ctl.restore_phase("rm", lambda w, s: rm_restore(state, w, s), {}, progress)
     for step in range(first, c.steps + 1):
         with timer("update"):
             chosen, rejected = pair_rewards(state.rm, next(state.batches))
@@ -161,12 +157,8 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
         if record:
             logger.log(record)
         snapshot = lambda: rm_snapshot(state, result)  # noqa: E731
-        ctl.record_step(finite, "rm", step, snapshot)
-        ctl.step_done("rm", step, snapshot)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{result.get('eval_accuracy', float('nan')):.3f}",
-                                 refresh=False)
+        ctl.end_step("rm", step, finite, snapshot, progress, loss=f"{loss.item():.3f}",
+                     acc=f"{result.get('eval_accuracy', float('nan')):.3f}")
     if c.steps == 0:
         result = evaluate_rm(state.rm, state.eval_pairs, c.batch_size)
         logger.log({"step": 0, "phase": "rm", **result})

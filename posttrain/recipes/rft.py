@@ -112,11 +112,7 @@ def fine_tune(cfg: RunConfig, state: RFTState, data: list[tuple[str, str]], logg
         inside = lambda i=i: {"data": data, "sampled": sampled, "inner": i, "optimizer": opt.state_dict(),  # noqa: E731
                               "scheduler": sched.state_dict(), "batches": batches.state_dict()}
         snapshot = lambda: rft_snapshot(state, run, round_, False, inside())  # noqa: E731
-        ctl.record_step(finite, "rft", run["step"], snapshot)
-        ctl.step_done("rft", run["step"], snapshot)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(round=round_, loss=f"{loss.item():.3f}", refresh=False)
+        ctl.end_step("rft", run["step"], finite, snapshot, progress, round=str(round_), loss=f"{loss.item():.3f}")
 
 
 def train_rft(cfg: RunConfig, state: RFTState, logger, progress=None, ctl: RunControl | None = None) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.data.sampling import ShuffledBatches
-from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
+from posttrain.train.checkpoint import restore_training, training_snapshot
 from posttrain.train.control import NoControl, RunControl
 from posttrain.train.evaluate import evaluate
 from posttrain.train.losses import sft_loss
@@ -47,18 +47,12 @@ def setup_sft(cfg: RunConfig, model, tokenizer, task) -> SFTState:
 
 def sft_snapshot(state: SFTState, accuracy: float) -> tuple[dict, dict]:
     """({"policy": weights}, optimizer/scheduler/data-position/RNG state) to continue exactly."""
-    return {"policy": state.model.state_dict()}, {
-        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-        "batches": state.batches.state_dict(), "global_rng": global_rng_state(), "accuracy": accuracy}
+    return training_snapshot("policy", state.model, state.optimizer, state.scheduler, state.batches, accuracy=accuracy)
 
 
 def sft_restore(state: SFTState, weights: dict, snap: dict) -> float:
-    state.model.load_state_dict(weights["policy"])
-    state.optimizer.load_state_dict(snap["optimizer"])
-    state.scheduler.load_state_dict(snap["scheduler"])
-    state.batches.load_state_dict(snap["batches"])
-    set_global_rng_state(snap["global_rng"])
-    return snap["accuracy"]
+    return restore_training("policy", state.model, state.optimizer, state.scheduler, state.batches, weights,
+                            snap)["accuracy"]
 
 
 def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None, ctl: RunControl | None = None) -> float:
@@ -67,11 +61,8 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None, ctl: RunCo
     c, model, timer = cfg.sft, state.model, PhaseTimer()
     ctl = ctl or NoControl()
     model.train()
-    accuracy, tokens, first = float("nan"), 0, 1
-    if (resumed := ctl.resume_step("sft")) is not None:
-        accuracy, first = sft_restore(state, resumed.weights, resumed.state), resumed.step + 1
-        if progress is not None:
-            progress.update(resumed.step)
+    tokens = 0
+    accuracy, first = ctl.restore_phase("sft", lambda w, s: sft_restore(state, w, s), float("nan"), progress)
     for step in range(first, c.steps + 1):
         with timer("update"):
             prompts, completions = zip(*next(state.batches))
@@ -93,11 +84,7 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None, ctl: RunCo
         if record:
             logger.log(record)
         snapshot = lambda: sft_snapshot(state, accuracy)  # noqa: E731
-        ctl.record_step(finite, "sft", step, snapshot)
-        ctl.step_done("sft", step, snapshot)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", refresh=False)
+        ctl.end_step("sft", step, finite, snapshot, progress, loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
     if c.steps == 0:
         accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
                             cfg.eval.batch_size, cfg.eval.max_new_tokens)

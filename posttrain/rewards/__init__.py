@@ -5,7 +5,7 @@ See docs/rewards.md."""
 from posttrain.rewards.base import (
            RewardFn,
            RewardSet,
-           Scores,
+           RewardBreakdown,
            reward_metrics,
            reward_name,
            safe_call,
@@ -30,7 +30,7 @@ from posttrain.rewards.math import (
            normalize_answer,
 )
 
-__all__ = ["RewardFn", "RewardSet", "Scores", "THINK_ANSWER", "answers_match", "code_tests_reward",
+__all__ = ["RewardFn", "RewardSet", "RewardBreakdown", "THINK_ANSWER", "answers_match", "code_tests_reward",
            "extract_answer", "extract_boxed", "extract_code", "humaneval_program", "humaneval_reward",
            "layout_reward", "math_reward", "normalize_answer", "overlong_penalty", "reward_metrics", "reward_name",
            "safe_call", "tag_format_reward"]

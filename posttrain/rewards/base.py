@@ -31,7 +31,7 @@ class RewardFn(Protocol):
 
 
 @dataclass(frozen=True)
-class Scores:
+class RewardBreakdown:
     """A scored batch of B samples."""
 
     rewards: list[float]  # (B,) weighted total per sample
@@ -153,7 +153,7 @@ class RewardSet:
     def __call__(self, prompts: list[str], completions: list[str], **task_fields) -> list[float]:
         return self.score(prompts, completions, **task_fields).rewards
 
-    def score(self, prompts: list[str], completions: list[str], **task_fields) -> Scores:
+    def score(self, prompts: list[str], completions: list[str], **task_fields) -> RewardBreakdown:
         """Every function on the batch; the weighted totals, each function's values, errors and metrics."""
         B = len(completions)
         if len(prompts) != B:
@@ -168,7 +168,7 @@ class RewardSet:
         for i in range(B):
             scored = [(self.weights[n], c[i]) for n, c in components.items() if c[i] is not None]
             rewards.append(sum(w * v for w, v in scored) if scored else self.default)
-        return Scores(rewards, components, errors, reward_metrics(rewards, components, errors))
+        return RewardBreakdown(rewards, components, errors, reward_metrics(rewards, components, errors))
 
 
 def reward_metrics(rewards: list[float], components: Mapping[str, list[float | None]],

@@ -49,6 +49,7 @@ from posttrain.rl.experience import (ExperienceRecipe, ScoredRollouts, build_exp
 from posttrain.rl.learner import LearnerState
 from posttrain.rl.roles import InlineRoles, Roles
 from posttrain.rollout.engines import shard_seed
+from posttrain.tasks.registry import Task
 from posttrain.train.control import NoControl, RunControl
 from posttrain.train.evaluate import evaluate
 from posttrain.train.optim import PhaseTimer
@@ -69,7 +70,7 @@ class RLRun:
 
     cfg: RunConfig
     roles: Roles
-    task: object
+    task: Task
     recipe: ExperienceRecipe
     rng: random.Random  # prompt order
     kl_ctl: FixedKLController | AdaptiveKLController
@@ -191,11 +192,7 @@ def train_rl(cfg: RunConfig, roles: Roles, task, logger, progress=None, ctl: Run
     evaluate_now = evaluator or (lambda: evaluate(roles.policy(), roles.tokenizer, task, task.eval_problems,
                                                   cfg.eval.batch_size, cfg.eval.max_new_tokens))
     timer = PhaseTimer()
-    accuracy, first = float("nan"), 1
-    if (resumed := ctl.resume_step("rl")) is not None:
-        accuracy, first = run.restore(resumed.weights, resumed.state), resumed.step + 1
-        if progress is not None:
-            progress.update(resumed.step)
+    accuracy, first = ctl.restore_phase("rl", run.restore, float("nan"), progress)
     for step in range(first, cfg.rl.steps + 1):
         start = time.perf_counter()
         metrics, info = rl_step(run, step, timer)
@@ -206,12 +203,8 @@ def train_rl(cfg: RunConfig, roles: Roles, task, logger, progress=None, ctl: Run
                 accuracy = evaluate_now()
             record["accuracy"] = accuracy
         logger.log({**record, **timer.pop()})
-        ctl.record_step(record["skipped_steps"] == 0, "rl", step, lambda: run.snapshot(accuracy))
-        ctl.step_done("rl", step, lambda: run.snapshot(accuracy))
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{accuracy:.3f}",
-                                 kl=f"{record.get('kl', 0.0):.3f}", refresh=False)
+        ctl.end_step("rl", step, record["skipped_steps"] == 0, lambda: run.snapshot(accuracy), progress,
+                     reward=f"{record['reward_mean']:.3f}", acc=f"{accuracy:.3f}", kl=f"{record.get('kl', 0.0):.3f}")
     if cfg.rl.steps == 0:
         accuracy = evaluate_now()
         logger.log({"step": 0, "phase": "rl", "accuracy": accuracy})

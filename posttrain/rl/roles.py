@@ -227,4 +227,6 @@ class InlineRoles:
 
 
 def _device(cfg: RunConfig) -> str:
-    return getattr(cfg.model, "device", "cpu")
+    from posttrain.models.loading import resolve_device  # noqa: PLC0415
+
+    return str(resolve_device(cfg.model))

@@ -17,8 +17,9 @@ from posttrain.algos.shaping import overlong_penalty
 from posttrain.batch import RolloutBatch
 from posttrain.config import RunConfig
 from posttrain.models.chat import decode_responses, encode_prompts, stop_token_ids
-from posttrain.rewards.base import Scores, reward_metrics
+from posttrain.rewards.base import RewardBreakdown, reward_metrics
 from posttrain.rollout.engines import RolloutEngine, TorchEngine
+from posttrain.tasks.registry import breakdown
 
 
 def make_engine(cfg: RunConfig, model, tokenizer, shared: bool = False) -> RolloutEngine:
@@ -67,7 +68,7 @@ class RolloutScores:
     raw: Tensor  # (B,) the reward model's normalised score, or the gold
     penalty: Tensor  # (B,) the configured shaping added to raw (missing EOS, DAPO's overlong penalty)
     overlong: Tensor  # (B,) the overlong part of `penalty`
-    breakdown: Scores | None  # data tasks: the per-function breakdown, merged over shares by `merge_breakdowns`
+    breakdown: RewardBreakdown | None  # data tasks: the per-function breakdown, merged over shares by `merge_breakdowns`
 
 
 def _shaping(cfg: RunConfig):
@@ -101,9 +102,7 @@ class RewardWorker:
 
             self.reward_model = RewardModel.load(cfg.rl.reward_model_path)
         self.shaping = _shaping(cfg)
-        # a task without the per-function breakdown (`score`) is scored by its `reward` alone
-        self.breakdown = getattr(task, "score", None) or (
-            lambda prompts, completions, problems: Scores(task.reward(prompts, completions, problems), {}, {}, {}))
+        self.breakdown = breakdown(task)  # task.score, or task.reward without the per-function breakdown
 
     def pid(self) -> int:
         return os.getpid()
@@ -119,7 +118,7 @@ class RewardWorker:
         return RolloutScores(gold, raw, penalty, over, breakdown)
 
 
-def merge_breakdowns(parts: list[Scores | None]) -> dict[str, float]:
+def merge_breakdowns(parts: list[RewardBreakdown | None]) -> dict[str, float]:
     """The reward metrics of the whole batch from its shares' breakdowns (what task.score would report for it)."""
     if not parts or any(p is None or not p.components for p in parts):
         return {}

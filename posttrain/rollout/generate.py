@@ -113,7 +113,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
     Llama and Qwen2 models decode through the lean forward (posttrain.models.lean), anything else through
     its HF forward; both give the same tokens and log-probs up to float rounding.
     """
-    device = next(model.parameters()).device  # prompts move to the model; the batch comes back on the CPU
+    device = next((p.device for p in model.parameters()), prompt_ids.device)  # prompts move to the model; the
+    # batch comes back on the CPU
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     B = prompt_ids.size(0)

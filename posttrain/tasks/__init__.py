@@ -1,6 +1,6 @@
 """Built-in tasks: prompts, a verifiable reward, demonstrations for SFT and a held-out evaluation split.
 
-    task = build_task(cfg.task, seed)                  # arithmetic, gsm8k, math or mbpp, as the config says
+    task = build_task(cfg.task, seed)                  # the registered task cfg.task.name (registry.py)
     fit_task(task, cfg, model, tokenizer, min_train)   # before a run: prompts rendered with the chat template
                                                        # (a chat model), the tokenizer covers them, and
                                                        # prompts the model's context cannot hold are dropped
@@ -18,8 +18,10 @@ from posttrain.config import RunConfig, TaskConfig
 from posttrain.errors import ConfigError, DataError, ModelLoadError
 from posttrain.models.chat import encode_texts, render_prompt, uses_chat_template
 from posttrain.tasks.arithmetic import ArithmeticTask, Problem, exact_match_reward
+from posttrain.tasks.registry import TASKS, Task, check_task_config, register_task
 
-__all__ = ["ArithmeticTask", "Problem", "build_task", "context_length", "exact_match_reward", "fit_task"]
+__all__ = ["TASKS", "ArithmeticTask", "Problem", "Task", "build_task", "context_length", "exact_match_reward",
+           "fit_task", "register_task"]
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +32,18 @@ _SOURCES = {
     "mbpp": ("mbpp.jsonl of github.com/google-research/google-research/tree/master/mbpp",
              "google-research-datasets/mbpp"),
 }
+_DATA = ("path", "hf_dataset", "hf_config", "hf_split", "hf_eval_split")
 
 
-def build_task(cfg: TaskConfig, seed: int):
-    """The task named by `cfg.name`, deterministic from `seed`. A data task's missing file or malformed row is a
-    one-line DataError naming the file and line (or the dataset and row)."""
-    if cfg.name == "arithmetic":
-        return ArithmeticTask(cfg, seed)
-    if cfg.name == "ifeval":
-        from posttrain.tasks.instructions import InstructionsTask
+def build_task(cfg: TaskConfig, seed: int) -> Task:
+    """The task named by `cfg.name` (the registry, posttrain/tasks/registry.py), deterministic from `seed`. A
+    task.* field the task does not read, a data task's missing file or malformed row: a one-line error naming
+    the field, or the file and line (or the dataset and row)."""
+    return check_task_config(cfg).build(cfg, seed)
 
-        return InstructionsTask(seed, cfg.num_eval, list(cfg.instructions) if cfg.instructions else None)
+
+def _data_source(cfg: TaskConfig) -> dict:
+    """The keyword arguments of a data task's source (task.path is passed on its own)."""
     if cfg.path is None and cfg.hf_dataset is None:
         file, hub = _SOURCES[cfg.name]
         raise DataError(f"task {cfg.name} has no data: set task.path to a JSON Lines file (e.g. {file}) or "
@@ -50,19 +53,59 @@ def build_task(cfg: TaskConfig, seed: int):
         source["hf_dataset"] = cfg.hf_dataset
         if cfg.hf_config is not None or Path(cfg.hf_dataset).is_dir():  # a local directory has no named config
             source["hf_config"] = cfg.hf_config
-    if cfg.name == "mbpp":
-        from posttrain.sandbox import SandboxConfig
-        from posttrain.tasks.mbpp import MBPPTask
+    return source
 
-        splits = {k: v for k, v in (("train_split", cfg.hf_split), ("eval_split", cfg.hf_eval_split)) if v}
-        return MBPPTask(cfg.path, seed, sandbox=SandboxConfig(timeout_s=cfg.sandbox_timeout_s),
-                        workers=cfg.workers, **splits, **source)
-    from posttrain.tasks.gsm8k import GSM8KTask
-    from posttrain.tasks.math import MathTask
 
-    task_class = GSM8KTask if cfg.name == "gsm8k" else MathTask
-    splits = {k: v for k, v in (("hf_split", cfg.hf_split), ("hf_eval_split", cfg.hf_eval_split)) if v}
-    return task_class(cfg.path, seed, num_eval=cfg.num_eval, eval_path=cfg.eval_path, **splits, **source)
+@register_task("arithmetic", fields=("min_operand", "max_operand", "operators", "demo_error", "demo_error_rate",
+                                     "num_eval"), description="generated problems, exact-match reward")
+def _arithmetic(cfg: TaskConfig, seed: int) -> Task:
+    return ArithmeticTask(cfg, seed)
+
+
+@register_task("ifeval", fields=("instructions", "num_eval"), description="generated requests with one "
+               "IFEval-style verifiable constraint each; RL only (the if-verifiable package)")
+def _ifeval(cfg: TaskConfig, seed: int) -> Task:
+    from posttrain.tasks.instructions import InstructionsTask  # noqa: PLC0415 (if-verifiable)
+
+    return InstructionsTask(seed, cfg.num_eval, list(cfg.instructions) if cfg.instructions else None)
+
+
+@register_task("mbpp", fields=(*_DATA, "sandbox_timeout_s", "workers"), description="Python functions, tests "
+               "run in the sandbox")
+def _mbpp(cfg: TaskConfig, seed: int) -> Task:
+    from posttrain.sandbox import SandboxConfig  # noqa: PLC0415 (the sandbox)
+    from posttrain.tasks.mbpp import MBPPTask  # noqa: PLC0415
+
+    source = _data_source(cfg)
+    splits = {k: v for k, v in (("train_split", cfg.hf_split), ("eval_split", cfg.hf_eval_split)) if v}
+    return MBPPTask(cfg.path, seed, sandbox=SandboxConfig(timeout_s=cfg.sandbox_timeout_s), workers=cfg.workers,
+                    **splits, **source)
+
+
+def _math_task(task_class):
+    def build(cfg: TaskConfig, seed: int) -> Task:
+        source = _data_source(cfg)
+        splits = {k: v for k, v in (("hf_split", cfg.hf_split), ("hf_eval_split", cfg.hf_eval_split)) if v}
+        return task_class()(cfg.path, seed, num_eval=cfg.num_eval, eval_path=cfg.eval_path, **splits, **source)
+    return build
+
+
+def _gsm8k_class():
+    from posttrain.tasks.gsm8k import GSM8KTask  # noqa: PLC0415 (math-verify)
+
+    return GSM8KTask
+
+
+def _math_class():
+    from posttrain.tasks.math import MathTask  # noqa: PLC0415 (math-verify)
+
+    return MathTask
+
+
+register_task("gsm8k", fields=(*_DATA, "eval_path", "num_eval"), description="word problems, final-number "
+              "reward")(_math_task(_gsm8k_class))
+register_task("math", fields=(*_DATA, "eval_path", "num_eval"), description="competition problems, symbolic "
+              "answer check")(_math_task(_math_class))
 
 
 def context_length(model) -> int | None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.rewards import RewardSet, Scores
+from posttrain.rewards import RewardSet, RewardBreakdown
 from posttrain.tasks.data import Row, load_rows, split_eval
 
 
@@ -63,7 +63,7 @@ class DatasetTask:
         """The per-sample task fields the reward functions read, e.g. {"answer": [...]}."""
         raise NotImplementedError
 
-    def score(self, prompts: list[str], completions: list[str], problems: Sequence) -> Scores:
+    def score(self, prompts: list[str], completions: list[str], problems: Sequence) -> RewardBreakdown:
         return self.rewards.score(prompts, completions, **self.reward_fields(problems))
 
     def reward(self, prompts: list[str], completions: list[str], problems: Sequence) -> list[float]:

@@ -199,3 +199,20 @@ def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
     if set(missing) - tied or unexpected:
         raise ValueError(f"{model_dir}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
                          f"unexpected {unexpected[:3]})")
+
+
+def training_snapshot(key: str, model, optimizer, scheduler, batches, **extra) -> tuple[dict, dict]:
+    """({key: weights}, state) of a supervised loop (sft, rm, dpo): optimizer, schedule, data position and the
+    global RNGs, plus `extra` (the last evaluation): everything its resume needs to continue exactly."""
+    return {key: model.state_dict()}, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "batches": batches.state_dict(), "global_rng": global_rng_state(), **extra}
+
+
+def restore_training(key: str, model, optimizer, scheduler, batches, weights: dict, snap: dict) -> dict:
+    """Load a `training_snapshot` into freshly set-up state; returns the snapshot (for its `extra` entries)."""
+    model.load_state_dict(weights[key])
+    optimizer.load_state_dict(snap["optimizer"])
+    scheduler.load_state_dict(snap["scheduler"])
+    batches.load_state_dict(snap["batches"])
+    set_global_rng_state(snap["global_rng"])
+    return snap

@@ -164,6 +164,16 @@ class RunControl:
         phase = self.names.get(phase, phase)
         return self.resumed if self.resumed is not None and self.resumed.phase == phase else None
 
+    def restore_phase(self, phase: str, restore: Callable[[dict, dict], object], before, progress=None):
+        """(value, first step) to run `phase` from: `restore(weights, state)`'s value and the step after the
+        checkpoint's when the run resumes inside this phase (the progress bar moved on to it), else (`before`, 1)."""
+        resumed = self.resume_step(phase)
+        if resumed is None:
+            return before, 1
+        if progress is not None:
+            progress.update(resumed.step)
+        return restore(resumed.weights, resumed.state), resumed.step + 1
+
     def stage(self, logger, names: dict[str, str] | None = None) -> None:
         """A multi-stage run moves on to a stage with its own metrics file (`logger`, whose length the next
         checkpoints record); `names` renames the phases of a loop run a second time (the RLHF pipeline's
@@ -204,6 +214,16 @@ class RunControl:
             raise RunDiverged(f"{self.names.get(phase, phase)} step {step}: {self.skipped_in_a_row} consecutive steps with a non-finite loss "
                               f"or gradient were skipped; stopping ({saved}lower the learning rate or check the "
                               "rewards and data)")
+
+    def end_step(self, phase: str, step: int, finite: bool, snapshot: Callable[[], tuple[dict, dict]], progress=None,
+                 **postfix: str) -> None:
+        """The end of every training step, after its metrics are logged: the non-finite guard (`record_step`),
+        the checkpoint on its cadence or on a pending signal (`step_done`), and the progress bar with `postfix`."""
+        self.record_step(finite, phase, step, snapshot)
+        self.step_done(phase, step, snapshot)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(**postfix, refresh=False)
 
 
 class NoControl(RunControl):

@@ -26,6 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from posttrain.data.jsonl import iter_jsonl
+from posttrain.errors import DataError
+
 
 def _jsonable(value: Any, key: str) -> Any:
     """Return ``value`` as plain JSON types; ``key`` is the dotted path used in errors."""
@@ -141,23 +144,14 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Read a metrics.jsonl file into a list of dicts (blank lines are skipped).
+    """Read a metrics.jsonl file into a list of dicts (blank lines are skipped; posttrain.data.jsonl reads it).
 
     Raises:
-        ValueError: naming the file and 1-based line number of a line that is
-            not a JSON object.
+        DataError (a ValueError): naming the file and 1-based line number of a line that is not a JSON object.
     """
-    path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}): {line[:80]!r}") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    for where, record in iter_jsonl(Path(path)):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
     return records

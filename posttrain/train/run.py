@@ -80,6 +80,9 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
 
 
 def start_run(cfg: RunConfig, min_train: int = 1):
+    """(output dir, task, model, tokenizer) of a run: the task (deterministic from the seed), seeding and threads,
+    the policy on model.device, the task fitted to its tokenizer and context (`min_train` training problems at
+    least), then the output directory with config.yaml."""
     task = build_task(cfg.task, cfg.seed)
     seed_everything(cfg.seed, cfg.threads)
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed)

@@ -1,4 +1,4 @@
-"""Preference pairs: both row formats, every source type, the real HH-RLHF file, every error path."""
+"""Preference pairs: both row formats, every source type, real HH-RLHF rows, every error path."""
 
 import gzip
 import json
@@ -12,7 +12,8 @@ import pytest
 from posttrain.data import PreferencePair, load_preference_pairs, split_hh, split_pairs
 from posttrain.errors import DataError, PosttrainError
 
-HH_FILE = Path(__file__).resolve().parents[3] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+# The first 200 rows of HH-RLHF harmless-base/test, re-gzipped (samples/hh-rlhf/SOURCE.md).
+HH_FILE = Path(__file__).resolve().parent / "samples" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 ROWS = [
     {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
@@ -174,18 +175,18 @@ def test_row_errors_in_datasets_name_the_split_and_row(tmp_path):
 
 # ------------------------------------------------------------------------------------------ real data
 
-@pytest.mark.skipif(not HH_FILE.is_file(), reason=f"{HH_FILE} not present")
 def test_hh_rlhf_harmless_base_test_file():
     pairs = load_preference_pairs(HH_FILE)
     with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    assert len(pairs) == len(rows) == 2312  # no identical pairs in this file
+    assert len(pairs) == len(rows) == 200  # the sample's rows (the full file: 2312); no identical pairs in either
     for pair, row in zip(pairs, rows):
         assert pair.prompt.startswith("\n\nHuman:") and pair.prompt.endswith("\n\nAssistant:")
         assert pair.prompt + pair.chosen == row["chosen"] and pair.prompt + pair.rejected == row["rejected"]
         assert "\n\nAssistant:" not in os.path.commonprefix([pair.chosen, pair.rejected])  # the *last* shared turn
     blank = sum(not p.chosen.strip() or not p.rejected.strip() for p in pairs)
-    assert blank <= 5  # 4 rows have an empty chosen reply: "...\n\nAssistant: "
+    # Row 87 has an empty chosen reply: "...\n\nAssistant: " (the full file: 4 rows; the old bound was <= 5).
+    assert blank == 1
     assert len(load_preference_pairs(HH_FILE, limit=10)) == 10
 
 

@@ -41,6 +41,8 @@ from posttrain.rl.roles import InlineRoles  # noqa: E402
 from posttrain.rollout.engines import shard_seed  # noqa: E402
 from posttrain.tasks import ArithmeticTask  # noqa: E402
 
+pytestmark = pytest.mark.slow  # tens of seconds to minutes: `pytest -m "not slow"` skips it (make test runs all)
+
 VOLATILE = ("time/", "tokens_per_s", "ray/restarts")  # wall clock, and the restart count (1 in the Ray run)
 KILL_AT_STEP = 3
 
@@ -173,7 +175,7 @@ def test_the_run_completes_despite_a_killed_rollout_worker(ray_run):
     # (or, had it finished the share within microseconds of the kill, by the weight sync that follows)
     assert ray_run["pids"][1] != ray_run["killed"]["pid"]  # a fresh process holds worker 1
     assert [r["ray/restarts"] for r in ray_run["rows"]] == [0, 0, 1, 1, 1]
-    assert restart["seconds"] < 60
+    assert restart["seconds"] < 180  # a fresh actor (torch import, weights) within minutes even at 3x load
 
 
 def test_metrics_and_weights_equal_the_single_process_run(ray_run, env):
@@ -217,7 +219,7 @@ def test_a_hung_worker_is_reported_by_the_timeout(ray_run, env):
     with pytest.raises(WorkerTimeout) as err:
         role.gather([role.submit(0, "generate", ["1+2="], 7)])
     message = str(err.value)
-    assert "\n" not in message and 1.9 <= time.perf_counter() - t0 < 10
+    assert "\n" not in message and 1.9 <= time.perf_counter() - t0 < 30  # the timeout, not the 300 s sleep
     assert message.startswith(f"rollout worker 0 (pid {role.pids[0]}) did not answer generate within "
                               "ray.timeout_s=2 s"), message
 

@@ -26,7 +26,7 @@ from posttrain.rl.loop import RLRun, make_experience, train_rl
 from posttrain.rl.roles import InlineRoles, split_even
 from posttrain.rl.workers import merge_breakdowns
 from posttrain.train.optim import PhaseTimer
-from posttrain.rewards.base import Scores, reward_metrics
+from posttrain.rewards.base import RewardBreakdown, reward_metrics
 from posttrain.tasks import ArithmeticTask
 
 
@@ -155,7 +155,7 @@ def test_reward_metrics_of_the_shares_merge_into_the_whole_batchs():
     def part(rows):
         comps = {k: [v[i] for i in rows] for k, v in components.items()}
         errs = {k: sum(errors_per_row[i][k] for i in rows) for k in components}
-        return Scores([rewards[i] for i in rows], comps, errs, reward_metrics([rewards[i] for i in rows], comps, errs))
+        return RewardBreakdown([rewards[i] for i in rows], comps, errs, reward_metrics([rewards[i] for i in rows], comps, errs))
 
     whole = part(range(5)).metrics
     assert merge_breakdowns([part([0, 1]), part([2, 3, 4])]) == whole

@@ -17,6 +17,8 @@ from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 from tests.conftest import tiny_run_dict
 from tests.recipes.test_pipeline import tiny_rlhf
 
+pytestmark = pytest.mark.slow  # tens of seconds to minutes: `pytest -m "not slow"` skips it (make test runs all)
+
 TIMING = ("time/", "tokens_per_s")
 
 

@@ -17,7 +17,8 @@ from posttrain.recipes.reward_model import calibrate, evaluate_rm, pair_rewards,
 from posttrain.tasks.preference import synthetic_pairs
 from posttrain.tasks import ArithmeticTask
 
-HH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+# The first 200 rows of HH-RLHF harmless-base/test (tests/data/samples/hh-rlhf/SOURCE.md).
+HH = Path(__file__).resolve().parents[1] / "data" / "samples" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def test_synthetic_pairs_follow_the_gold_rule_and_are_deterministic(tmp_path, make_config, tiny_model, tokenizer):
@@ -72,7 +73,6 @@ def test_calibrated_scores_have_zero_mean_and_unit_std(tokenizer, tiny_model_cfg
     assert scores.std().item() == pytest.approx(1, abs=1e-4)
 
 
-@pytest.mark.skipif(not HH.exists(), reason="shared HH-RLHF data not present")
 def test_hh_rlhf_pairs_train_a_tiny_reward_model(tmp_path, make_config, tokenizer):
     cfg = make_config(tmp_path, "model.max_position_embeddings=160", "rm.steps=8", "rm.batch_size=8", "rm.lr=3e-3",
                       "rm.warmup_steps=1", "rm.eval_every=0", "rm.calibration_size=16", "rm.max_length=160")

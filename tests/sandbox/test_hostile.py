@@ -25,7 +25,8 @@ def run_timed(program: str, config: SandboxConfig = HOSTILE, tests=("assert True
     start = time.monotonic()
     r = run_program(program, tests=list(tests), config=config)
     elapsed = time.monotonic() - start
-    assert elapsed <= config.timeout_s + 1, f"took {elapsed:.2f} s: {r}"
+    # the limit was enforced: the program was stopped, not left to run (a bound that holds at 3x load on 2 cores)
+    assert elapsed <= 3 * (config.timeout_s + 1), f"took {elapsed:.2f} s: {r}"
     assert not r.passed, r
     return r
 
@@ -211,7 +212,7 @@ def test_background_process_does_not_outlive_the_run(config):
                "assert False, 'detached a child'\n")
     r = run_timed(program, config)
     assert r.status == "assertion_failed"
-    deadline = time.monotonic() + 1
+    deadline = time.monotonic() + 5  # the kill is sent at once; its reaping may lag on a loaded machine
     while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_with(f"sleep\0{marker}") == []

@@ -1,5 +1,6 @@
-"""Fixtures for the data tasks: the shared data files, small JSONL files, and a tiny local Hugging Face model
-whose byte-level BPE tokenizer is trained here, offline, on the tasks' own text."""
+"""Fixtures for the data tasks: samples of the real data files (tests/data/samples, carried in the repository), small
+JSONL files, and a tiny local Hugging Face model whose byte-level BPE tokenizer is trained here, offline, on the
+tasks' own text."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-GSM8K = DATA / "gsm8k" / "train.jsonl"
-MATH500 = DATA / "math500" / "dev100.jsonl"
-MBPP = DATA / "mbpp" / "mbpp.jsonl"
+# Samples of the real files (each folder's SOURCE.md says which rows): GSM8K train.jsonl's first 200 rows plus
+# line 346 (201 rows), all 100 MATH-500 dev rows, and the 182 MBPP rows with task_id 1-40, 367, 511-650, 927.
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+GSM8K = SAMPLES / "gsm8k" / "train.jsonl"
+MATH500 = SAMPLES / "math500" / "dev100.jsonl"
+MBPP = SAMPLES / "mbpp" / "mbpp.jsonl"
+GSM8K_SAMPLE_ROWS = 201
+# The MBPP sample's task_ids in each official split (train 601-974, validation 511-600, test 11-510, prompt 1-10).
+MBPP_TRAIN_IDS = set(range(601, 651)) | {927}
+MBPP_VALIDATION_IDS = set(range(511, 601))
+MBPP_TEST_IDS = set(range(11, 41)) | {367}
+MBPP_PROMPT_IDS = set(range(1, 11))
 
 GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
                "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
@@ -32,19 +41,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 def _corpus() -> list[str]:
-    """A few hundred lines of task text: the real files' first rows when present, else the small rows above."""
+    """A few hundred lines of task text: the samples' first rows, and the small rows above."""
     lines = []
     for path, keys in ((GSM8K, ("question", "answer")), (MBPP, ("text", "code", "test_list")),
                        (MATH500, ("problem", "solution"))):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:150]] if path.exists() \
-            else []
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:150]]
         lines += [str(row[k]) for row in rows for k in keys]
     for rows in (GSM8K_ROWS, MATH_ROWS, MBPP_ROWS):
         lines += [str(v) for row in rows for v in row.values()]

@@ -1,5 +1,5 @@
-"""Selecting a task from the config: build_task for every name, from the shared data files and from small JSONL
-files; one-line data errors; fit_task's tokenizer check and its policy for prompts longer than the context."""
+"""Selecting a task from the config: build_task for every name, from samples of the real data files and from small
+JSONL files; one-line data errors; fit_task's tokenizer check and its policy for prompts longer than the context."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import random
 import threading
 
 import pytest
-from tests.tasks.conftest import GSM8K, GSM8K_ROWS, MATH500, MATH_ROWS, MBPP, MBPP_ROWS, require, write_jsonl
+from tests.tasks.conftest import (GSM8K, GSM8K_ROWS, GSM8K_SAMPLE_ROWS, MATH500, MATH_ROWS, MBPP, MBPP_ROWS,
+                                  MBPP_TEST_IDS, MBPP_TRAIN_IDS, MBPP_VALIDATION_IDS, write_jsonl)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.config import build_config
@@ -29,23 +30,28 @@ def test_arithmetic_is_still_the_default():
     assert isinstance(task, ArithmeticTask) and len(task.eval_problems) == 500
 
 
-def test_gsm8k_from_the_shared_file():
-    task = task_of("task.name=gsm8k", f"task.path={require(GSM8K)}", "task.num_eval=100")
+def test_gsm8k_from_the_sample_file():
+    task = task_of("task.name=gsm8k", f"task.path={GSM8K}", "task.num_eval=100")
     assert isinstance(task, GSM8KTask)
-    assert (len(task.train_problems), len(task.eval_problems)) == (7473 - 100, 100)
+    # The sample's 201 rows, not the full file's 7473 (tests/data/samples/gsm8k/SOURCE.md).
+    assert (len(task.train_problems), len(task.eval_problems)) == (GSM8K_SAMPLE_ROWS - 100, 100)
 
 
-def test_math_from_the_shared_file():
-    task = task_of("task.name=math", f"task.path={require(MATH500)}", "task.num_eval=20")
+def test_math_from_the_sample_file():
+    task = task_of("task.name=math", f"task.path={MATH500}", "task.num_eval=20")
     assert isinstance(task, MathTask) and (len(task.train_problems), len(task.eval_problems)) == (80, 20)
     assert all(p.answer for p in task.eval_problems)
 
 
-def test_mbpp_from_the_shared_file_with_its_official_splits():
-    task = task_of("task.name=mbpp", f"task.path={require(MBPP)}")
-    assert isinstance(task, MBPPTask) and (len(task.train_problems), len(task.eval_problems)) == (374, 90)
+def test_mbpp_from_the_sample_file_with_its_official_splits():
+    # The sample keeps some rows of each split (all 90 validation rows), not the full file's 374 train and 500 test.
+    task = task_of("task.name=mbpp", f"task.path={MBPP}")
+    assert isinstance(task, MBPPTask)
+    assert (len(task.train_problems), len(task.eval_problems)) == (len(MBPP_TRAIN_IDS), len(MBPP_VALIDATION_IDS)) \
+        == (51, 90)
     test = task_of("task.name=mbpp", f"task.path={MBPP}", "task.hf_split=validation", "task.hf_eval_split=test")
-    assert (len(test.train_problems), len(test.eval_problems)) == (90, 500)
+    assert {p.task_id for p in test.train_problems} == MBPP_VALIDATION_IDS
+    assert {p.task_id for p in test.eval_problems} == MBPP_TEST_IDS
 
 
 def test_small_jsonl_files_for_each_task(tmp_path):
@@ -175,3 +181,50 @@ def test_arithmetic_with_the_character_tokenizer_is_unchanged(tiny_model, tokeni
     before = (list(task.train_problems), list(task.eval_problems))
     assert fit_task(task, cfg, tiny_model, tokenizer, min_train=4) == 0
     assert (task.train_problems, task.eval_problems) == before
+
+
+def test_a_new_task_is_one_class_and_one_registration(tmp_path):
+    """A task registered from outside the package: build_task finds it, its fields are checked, and the RL
+    loop trains on it (the reward is only its `reward`: no breakdown needed)."""
+    import random
+
+    from posttrain.config import build_config
+    from posttrain.errors import ConfigError
+    from posttrain.models import load_policy
+    from posttrain.rl.loop import RLRun
+    from posttrain.tasks import TASKS, Task, build_task, register_task
+    from posttrain.tasks.arithmetic import Problem
+
+    class OddLength(Task):
+        name = "odd_length"
+
+        def __init__(self, seed, n):
+            rng = random.Random(seed)
+            problems = [Problem(f"{a}+{b}=", str(a + b), a, "+", b) for a, b in ((rng.randrange(9), rng.randrange(9))
+                                                                       for _ in range(n))]
+            self.train_problems, self.eval_problems = problems[8:], problems[:8]
+
+        def reward(self, prompts, completions, problems):
+            return [float(len(c) % 2) for c in completions]
+
+        def sample_prompts(self, rng, n):
+            return rng.sample(self.train_problems, n)
+
+        def demonstration(self, problem, rng):
+            return "1"
+
+    register_task("odd_length", fields=("num_eval",))(lambda cfg, seed: OddLength(seed, cfg.num_eval))
+    try:
+        cfg = build_config(overrides=["task.name=odd_length", "task.num_eval=40", "rl.prompts_per_step=4",
+                                      "rl.group_size=4", "rl.max_new_tokens=4", "model.hidden_size=32",
+                                      "model.num_layers=1", "model.intermediate_size=64"])
+        task = build_task(cfg.task, cfg.seed)
+        assert isinstance(task, Task) and len(task.train_problems) == 32
+        with pytest.raises(ConfigError, match="task.max_operand applies only to task.name arithmetic, not "
+                                              "odd_length"):
+            build_task(build_config(overrides=["task.name=odd_length", "task.max_operand=5"]).task, 0)
+        model, tokenizer = load_policy(cfg.model, seed=0)
+        metrics = RLRun.local(cfg, model, tokenizer, task).step()
+        assert 0 <= metrics["reward_mean"] <= 1 and "reward/errors" not in metrics
+    finally:
+        TASKS.pop("odd_length", None)

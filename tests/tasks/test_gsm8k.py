@@ -1,5 +1,5 @@
-"""The gsm8k task on the real data: the split, prompts, gold answers, rewards, malformed rows, and loading
-through Hugging Face `datasets` (a local data directory, no network)."""
+"""The gsm8k task on real data (a sample of the train file, tests/data/samples/gsm8k): the split, prompts, gold
+answers, rewards, malformed rows, and loading through Hugging Face `datasets` (a local data directory, no network)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ import pytest
 
 from posttrain.errors import DataError, PosttrainError
 from posttrain.tasks.gsm8k import GSM8KTask
+from tests.tasks.conftest import GSM8K, GSM8K_SAMPLE_ROWS
 
-PATH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
+PATH = GSM8K
+
+# 50 held out of the sample's 201 rows (the full file's 7473 held out 200): enough left to draw 16 training prompts.
+NUM_EVAL = 50
 
 
 @pytest.fixture(scope="module")
 def task() -> GSM8KTask:
-    if not PATH.exists():
-        pytest.skip(f"{PATH} not found")
-    return GSM8KTask(PATH, seed=0, num_eval=200)
+    return GSM8KTask(PATH, seed=0, num_eval=NUM_EVAL)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -28,18 +30,20 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def test_split_is_disjoint_deterministic_and_complete(task):
-    assert (len(task.train_problems), len(task.eval_problems)) == (7473 - 200, 200)
+    assert (len(task.train_problems), len(task.eval_problems)) == (GSM8K_SAMPLE_ROWS - NUM_EVAL, NUM_EVAL)
     assert not {p.id for p in task.train_problems} & {p.id for p in task.eval_problems}
-    again = GSM8KTask(PATH, seed=0, num_eval=200)
+    again = GSM8KTask(PATH, seed=0, num_eval=NUM_EVAL)
     assert [p.id for p in again.eval_problems] == [p.id for p in task.eval_problems]
-    assert {p.id for p in GSM8KTask(PATH, seed=1, num_eval=200).eval_problems} != {p.id for p in task.eval_problems}
+    assert {p.id for p in GSM8KTask(PATH, seed=1, num_eval=NUM_EVAL).eval_problems} != \
+        {p.id for p in task.eval_problems}
 
 
 def test_problems_carry_prompt_gold_answer_and_solution(task):
     first = next(p for p in task.train_problems + task.eval_problems if p.id.endswith("train.jsonl:1"))
     assert first.answer == "72" and first.solution.endswith("#### 72")
     assert first.prompt.startswith("Natalia sold clips") and first.prompt.endswith('after "####".')
-    assert any("," in p.answer for p in task.train_problems + task.eval_problems)  # "1,080": kept as written
+    # "1,080" (the sample's last row, line 346 of the full file): kept as written
+    assert any("," in p.answer for p in task.train_problems + task.eval_problems)
 
 
 def test_reference_solutions_score_one_and_wrong_answers_zero(task):

@@ -1,23 +1,22 @@
-"""The math task on MATH-500 development rows: gold solutions score 1, malformed rows are one-line errors."""
+"""The math task on MATH-500 development rows (all 100, carried in tests/data/samples/math500): gold solutions
+score 1, malformed rows are one-line errors."""
 
 from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from posttrain.errors import DataError
 from posttrain.tasks.math import MathTask
+from tests.tasks.conftest import MATH500
 
-PATH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "math500" / "dev100.jsonl"
+PATH = MATH500
 
 
 @pytest.fixture(scope="module")
 def task() -> MathTask:
-    if not PATH.exists():
-        pytest.skip(f"{PATH} not found")
     return MathTask(PATH, seed=0, num_eval=20)
 
 

@@ -1,32 +1,31 @@
-"""The mbpp task on the real file: the official split, prompts, reference solutions passing in the sandbox,
-wrong ones failing, malformed rows."""
+"""The mbpp task on real rows (a sample of the file, tests/data/samples/mbpp): the official split, prompts,
+reference solutions passing in the sandbox, wrong ones failing, malformed rows."""
 
 from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
-
 import pytest
 
 from posttrain.errors import DataError
 from posttrain.tasks.mbpp import MBPPTask
+from tests.tasks.conftest import MBPP, MBPP_TEST_IDS, MBPP_TRAIN_IDS, MBPP_VALIDATION_IDS
 
-PATH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+PATH = MBPP
 
 
 @pytest.fixture(scope="module")
 def task() -> MBPPTask:
-    if not PATH.exists():
-        pytest.skip(f"{PATH} not found")
     return MBPPTask(PATH)
 
 
 def test_official_split(task):
-    assert (len(task.train_problems), len(task.eval_problems)) == (374, 90)
-    assert {p.task_id for p in task.train_problems} == set(range(601, 975))
-    assert {p.task_id for p in task.eval_problems} == set(range(511, 601))
-    assert len(MBPPTask(PATH, eval_split="test").eval_problems) == 500
+    # The sample holds all 90 validation rows but only some train and test rows (the full file: 374 and 500), so
+    # the ids are checked against the sample's: each row lands in the split its task_id names, and no other.
+    assert (len(task.train_problems), len(task.eval_problems)) == (51, 90)
+    assert {p.task_id for p in task.train_problems} == MBPP_TRAIN_IDS
+    assert {p.task_id for p in task.eval_problems} == MBPP_VALIDATION_IDS == set(range(511, 601))
+    assert {p.task_id for p in MBPPTask(PATH, eval_split="test").eval_problems} == MBPP_TEST_IDS
 
 
 def test_prompt_has_the_description_and_the_tests(task):

@@ -1,5 +1,6 @@
-"""`posttrain rl CONFIG` on the data tasks, end to end: two GRPO steps on gsm8k and on mbpp (rows of the shared
-data files, a tiny local HF model with a byte-level BPE tokenizer), and the one-line errors a user sees."""
+"""`posttrain rl CONFIG` on the data tasks, end to end: two GRPO steps on gsm8k and on mbpp (the samples of the real
+data files in tests/data/samples, a tiny local HF model with a byte-level BPE tokenizer), and the one-line errors a
+user sees."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from posttrain.cli import main
-from tests.tasks.conftest import GSM8K, MBPP, require
+from tests.tasks.conftest import GSM8K, MBPP
 
 
 def write_config(tmp_path, model_dir, task: dict) -> str:
@@ -36,9 +37,8 @@ def rl_records(tmp_path) -> list[dict]:
 
 
 def test_grpo_on_gsm8k(tmp_path, hf_model_dir, capsys):
-    data = tmp_path / "gsm8k_head.jsonl"  # the first 200 rows of the real file: real text, a quick start
-    data.write_text("".join(require(GSM8K).read_text(encoding="utf-8").splitlines(keepends=True)[:200]))
-    config = write_config(tmp_path, hf_model_dir, {"name": "gsm8k", "path": str(data), "num_eval": 4})
+    # The sample: the real file's first 200 rows (and one more): real text, a quick start.
+    config = write_config(tmp_path, hf_model_dir, {"name": "gsm8k", "path": str(GSM8K), "num_eval": 4})
     code, out, err = run(capsys, "rl", config)
     assert code == 0, err
     records = rl_records(tmp_path)
@@ -50,7 +50,7 @@ def test_grpo_on_gsm8k(tmp_path, hf_model_dir, capsys):
 
 
 def test_grpo_on_mbpp_runs_the_sandbox_and_leaves_nothing_running(tmp_path, hf_model_dir, capsys):
-    config = write_config(tmp_path, hf_model_dir, {"name": "mbpp", "path": str(require(MBPP)),
+    config = write_config(tmp_path, hf_model_dir, {"name": "mbpp", "path": str(MBPP),
                                                    "hf_eval_split": "prompt", "sandbox_timeout_s": 3.0})
     code, _, err = run(capsys, "rl", config)
     assert code == 0, err
