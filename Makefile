@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: demo demo-real test bench install clean real-model
+.PHONY: demo demo-real test test-fast bench install clean real-model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the fast loop while developing: everything but the tests marked slow (runs, Ray, kill/resume)
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 # posttrain against TRL on identical work (issue 8): one table of ratios, also written to benchmarks/RESULTS.md
 bench: $(STAMP)
