@@ -109,6 +109,7 @@ class Roles:
         self.sha256: str | None = None
         self.recompute_in_forward = cfg.ray.engine != "torch"  # an external engine: log pi_old from the trainer
         self.report_restarts = report_restarts  # the Ray layout logs ray/restarts
+        self.from_reward_model = cfg.rl.reward == "reward_model"  # the raw scores are a reward model's
 
     # the loop's calls ----------------------------------------------------------------------------------------
     def rollout(self, problems: list, seeds: list[int] | None, timer: PhaseTimer) -> ScoredRollouts:
@@ -126,7 +127,7 @@ class Roles:
         with timer("score"):
             scored = self.reward_workers.gather(score_calls)
         parts_scored = [ScoredRollouts(b, part, x.gold, x.raw, x.penalty, x.overlong,
-                                       from_reward_model=self.cfg.rl.reward == "reward_model")
+                                       from_reward_model=self.from_reward_model)
                         for b, part, x in zip(batches, parts, scored, strict=True)]
         return ScoredRollouts.cat(parts_scored, self.tokenizer.pad_token_id,
                                   merge_breakdowns([x.breakdown for x in scored]))
