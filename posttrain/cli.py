@@ -1,4 +1,4 @@
-"""Command line: `posttrain demo|sft|rm|rl|dpo|rft|bon|convert ...`, each subcommand a plain function.
+"""Command line: `posttrain demo|sft|rm|rl|dpo|rft|bon|eval|convert ...`, each subcommand a plain function.
 
 Every user error (bad argument, config, path, data) prints one line and exits with code 2. Dotted overrides
 may come before or after the flags (`posttrain rl CONFIG --resume rl.lr=1e-4`). Each command writes to
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     bon.add_argument("--output-dir", default=None, help="run directory (default runs/bon, or runs/bon_<config "
                      "name> with --config)")
     bon.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. bon.temperature=0.7")
+    ev = sub.add_parser("eval", help="held-out accuracy of a model on a task: greedy, and pass@k and majority "
+                        "vote with --samples (the recipes' evaluation)")
+    ev.add_argument("model_dir", help="model directory, e.g. runs/demo/final (a run's final/: its config.yaml is "
+                    "the default config)")
+    ev.add_argument("--task", default=None, help="task.name (default: the run's task, else arithmetic)")
+    ev.add_argument("--config", default=None, help="YAML config (task, eval, bon sampling settings)")
+    ev.add_argument("--samples", type=int, default=0, help="samples per problem for pass@k and majority vote "
+                    "(0: greedy only)")
+    ev.add_argument("--output", default=None, help="JSON results file (default runs/eval_<run or model name>.json)")
+    ev.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. task.num_eval=100")
     conv = sub.add_parser("convert", help="a GGUF file to a Hugging Face model directory (needs the extra 'real')")
     conv.add_argument("gguf_file", help="GGUF file, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
     conv.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
@@ -103,6 +112,30 @@ def _convert(args) -> int:
     except KeyboardInterrupt:
         print("posttrain convert: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _eval(args) -> int:
+    """`posttrain eval`: a table on the terminal, JSON to --output; one line and exit 2 on a user error."""
+    from posttrain.errors import PosttrainError
+
+    try:
+        from posttrain import api
+        from posttrain.recipes.evaluate import format_result
+
+        model = Path(args.model_dir)
+        name = model.parent.name if model.name == "final" else model.name
+        output = args.output or f"runs/eval_{name or 'model'}.json"
+        result = api.evaluate(model, args.config, task=args.task, samples=args.samples, output=output,
+                              overrides=args.overrides)
+    except (PosttrainError, FileNotFoundError) as err:
+        print(f"posttrain eval: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("posttrain eval: interrupted", file=sys.stderr)
+        return 130
+    print(format_result(result))
+    print(f"posttrain eval: results in {output}")
     return 0
 
 
@@ -148,102 +181,52 @@ def _bon_overrides(args) -> list[str]:
     return [*args.overrides, *extra]
 
 
-DEVICE_COMMANDS = ("sft", "rl", "demo")  # the commands that honour model.device (the rest run on the CPU)
-
-
-def _local_only(command: str, cfg) -> None:
-    """backend ray runs the RL loop only (posttrain/distributed); every other command runs in one process. Only
-    DEVICE_COMMANDS run off the CPU."""
-    from posttrain.errors import ConfigError
-
-    if cfg.backend != "local" and command != "rl":
-        raise ConfigError(f"backend {cfg.backend} runs only posttrain rl; posttrain {command} runs in one "
-                          "process (remove backend=ray)")
-    if cfg.model.device != "cpu" and command not in DEVICE_COMMANDS:
-        raise ConfigError(f"model.device={cfg.model.device}: posttrain {command} runs on the CPU only for now "
-                          f"(model.device is honoured by {', '.join(DEVICE_COMMANDS)}); remove model.device")
-
-
-def _remove_partial_output(out: Path, existed: bool) -> None:
-    """A user error leaves nothing behind: delete the output directory this command created, unless it holds
-    a checkpoint (a run stopped mid-way keeps its state)."""
-    if existed or not out.is_dir():
-        return
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        return
-    shutil.rmtree(out, ignore_errors=True)
-
-
-def _command(args) -> tuple[object, Callable[[], object]]:
-    """The command's validated config and the call that runs it (nothing is written yet)."""
+def _command(args) -> tuple[object, Callable[[str], object]]:
+    """The command's validated config and the call that runs it, given the holder's name for the run
+    directory's lock (nothing is written before that call). Every command runs through posttrain.api."""
+    from posttrain import api
     from posttrain.config import load_config, read_yaml
 
-    if args.command == "demo":  # its own defaults: runs/demo, runs/rlhf (the pipeline's)
-        extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
-        extra += [f"seed={args.seed}"] if args.seed is not None else []
-        flags = {"resume": args.resume, "overwrite": args.overwrite}
-        if args.pipeline == "real":
-            from posttrain.recipes.demo_real import real_config
+    if args.command != "demo":
+        overrides = _bon_overrides(args) if args.command == "bon" else args.overrides
+        cfg = load_config(args.config, [*_output_dir_override(args.command, args.config, overrides), *overrides])
+        flags = {"resume": args.resume, "overwrite": args.overwrite} if args.command in RESUMABLE else {}
+        return cfg, lambda holder: api.run(args.command, cfg, holder=holder, **flags)
+    # the demo has its own defaults: runs/demo, runs/rlhf (the pipeline's)
+    extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
+    extra += [f"seed={args.seed}"] if args.seed is not None else []
+    flags = {"resume": args.resume, "overwrite": args.overwrite}
+    if args.pipeline == "real":
+        from posttrain.recipes.demo_real import real_config, run_demo_real
 
-            cfg = real_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
+        cfg = real_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
+        job = lambda: run_demo_real(cfg, **flags)  # noqa: E731
+    elif args.pipeline == "rlhf":
+        from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 
-            def run_real():
-                from posttrain.recipes.demo_real import run_demo_real
+        cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
+        job = lambda: run_rlhf(cfg, None if args.no_ablation else ablation, **flags)  # noqa: E731
+    else:
+        from posttrain.recipes.demo import run_demo
 
-                return run_demo_real(cfg, **flags)
-            return cfg, run_real
-        if args.pipeline == "rlhf":
-            from posttrain.recipes.pipeline import rlhf_config, run_rlhf
-
-            cfg, ablation = rlhf_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
-            return cfg, lambda: run_rlhf(cfg, None if args.no_ablation else ablation, **flags)
         cfg = load_config(args.config, [*args.overrides, *extra])
-
-        def run():
-            from posttrain.recipes.demo import run_demo
-
-            return run_demo(cfg, **flags)
-        return cfg, run
-    overrides = _bon_overrides(args) if args.command == "bon" else args.overrides
-    cfg = load_config(args.config, [*_output_dir_override(args.command, args.config, overrides), *overrides])
-    flags = {"resume": args.resume, "overwrite": args.overwrite} if args.command in RESUMABLE else {}
-
-    def run():
-        import importlib  # noqa: PLC0415 (a command imports only its own recipe)
-
-        module, function = RECIPES[args.command]
-        return getattr(importlib.import_module(module), function)(cfg, **flags)
-    return cfg, run
-
-
-# command -> (module, function) of the recipe it runs: each takes the resolved config (and --resume/--overwrite)
-RECIPES = {"sft": ("posttrain.recipes.sft", "run_sft"), "rm": ("posttrain.recipes.reward_model", "run_rm"),
-           "rl": ("posttrain.recipes.rl", "run_rl"), "dpo": ("posttrain.recipes.dpo", "run_dpo"),
-           "bon": ("posttrain.recipes.best_of_n", "run_bon"), "rft": ("posttrain.recipes.rft", "run_rft")}
+        job = lambda: run_demo(cfg, **flags)  # noqa: E731
+    api.check_command("demo", cfg)
+    return cfg, lambda holder: api.execute(cfg, job, holder)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "convert":
         return _convert(args)
+    if args.command == "eval":
+        return _eval(args)
     from posttrain.errors import PosttrainError, RunInterrupted
 
     try:
         cfg, run = _command(args)
-        _local_only(args.command, cfg)
-        out = Path(cfg.output_dir)
-        existed = out.exists()
         words = sys.argv[1:] if argv is None else argv
-        from posttrain.models.precision import precision
-        from posttrain.train.control import lock_run_dir
-
-        with lock_run_dir(out, shlex.join(["posttrain", *map(str, words)])):  # before anything is touched
-            try:
-                with precision(cfg.model):  # model.dtype: bf16 autocast, or nothing for float32
-                    run()
-            except (PosttrainError, FileNotFoundError):
-                _remove_partial_output(out, existed)  # while the lock is held: no other run is in there
-                raise
+        run(shlex.join(["posttrain", *map(str, words)]))
     except (PosttrainError, FileNotFoundError) as err:
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR

@@ -139,6 +139,11 @@ class TaskConfig(_Section):
         "prompts as written. Generation stops at EOS and at the template's end-of-turn token either way.")
     system_prompt: str | None = Field(None, description="With a chat template: a system message put before "
                                       "every prompt. None: none (the template may add its own default).")
+    prompt_field: str = Field("prompt", min_length=1, description="custom: the column holding the prompt (text, "
+                              "or a list of chat messages); a row without it may have a 'messages' column "
+                              "instead (chat format, the last assistant turn being the SFT demonstration).")
+    completion_field: str = Field("completion", min_length=1, description="custom: the column holding the SFT "
+                                  "demonstration (when 'messages' does not end with the assistant's turn).")
 
     @model_validator(mode="after")
     def _applies(self) -> "TaskConfig":
@@ -199,6 +204,13 @@ class RLConfig(_AdamW, _Sampling):
         "task", description="'task': the task's verifiable reward. 'reward_model': a trained reward model "
         "(rl.reward_model_path); the task's reward is then logged as the gold score.")
     reward_model_path: str | None = Field(None, description="Directory written by `posttrain rm`.")
+    reward_funcs: tuple[str, ...] = Field((), description="Reward functions by name, as 'module:function', "
+                                          "'module:factory(args)' or 'file.py:function' (posttrain/rewards/resolve.py)"
+                                          ": their weighted sum is the task's reward in training and evaluation, "
+                                          "the data's columns passed by name. Empty: the task's own verifier. "
+                                          "Required by task.name=custom.")
+    reward_weights: tuple[float, ...] | None = Field(None, description="One weight per rl.reward_funcs entry "
+                                                     "(None: 1 each).")
     missing_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a response that "
                                        "hit max_new_tokens without EOS.")
     # KL to the reference.
@@ -302,6 +314,17 @@ class RewardModelConfig(_AdamW, _CosineDecay):
                                   "normalisation mean and std stored with the model.")
     eval_every: int = Field(100, ge=0, description="Held-out accuracy every N steps (0: only at the end).")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+
+
+class LoggingConfig(_Section):
+    report_to: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = Field(
+        ("jsonl",), description="Where metrics go: metrics.jsonl always; 'tensorboard': event files in "
+        "OUTPUT_DIR/tensorboard (the tensorboard package); 'wandb': a Weights & Biases run (the wandb package; "
+        "offline when there is no network or WANDB_MODE=offline).")
+    wandb_project: str = Field("posttrain", min_length=1, description="wandb: the project name.")
+    sample_generations: int = Field(4, ge=0, description="Held-out prompts whose greedy responses and rewards "
+                                    "are logged as a table at each evaluation (TensorBoard text, W&B table; 0: "
+                                    "none).")
 
 
 class EvalConfig(_Section):
@@ -464,6 +487,7 @@ class RunConfig(_Section):
     bon: BestOfNConfig = Field(default_factory=BestOfNConfig)
     rft: RFTConfig = Field(default_factory=RFTConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _task_size(self) -> "RunConfig":
@@ -598,11 +622,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
+    """`base` with `extra` on top, nested mappings merged key by key."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -617,7 +642,7 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None, s
     except ConfigError as err:
         raise ConfigError(f"{COMMAND_LINE}: {err}") from None
     try:
-        return RunConfig.model_validate(_merge(_merge(defaults or {}, data or {}), tree))
+        return RunConfig.model_validate(merge_trees(merge_trees(defaults or {}, data or {}), tree))
     except ValidationError as err:
         raise ConfigError(_describe(err, _key_paths(tree), _key_paths(data or {}), source)) from None
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from posttrain.config import ConfigError, RunConfig, build_config, dump_config, load_config, parse_overrides
@@ -163,7 +164,15 @@ def test_every_shipped_config_loads(path):
 
 def test_shipped_demo_config_equals_the_embedded_defaults():
     """configs/demo.yaml documents the default run; it must not drift from posttrain/config.py."""
-    assert load_config(Path(__file__).parent.parent / "configs" / "demo.yaml") == RunConfig()
+    path = Path(__file__).parent.parent / "configs" / "demo.yaml"
+    assert load_config(path) == RunConfig()
+
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        return {k for key, v in tree.items() for k in (keys(v, f"{prefix}{key}.") if isinstance(v, dict)
+                                                        else {f"{prefix}{key}"})}
+
+    # every key is spelled out (output_dir is the demo's own, runs/demo)
+    assert keys(yaml.safe_load(path.read_text())) | {"output_dir"} == keys(RunConfig().model_dump(mode="json"))
 
 
 # The data tasks' keys (task.path, ...); building the tasks is tested in tests/tasks/test_build_task.py.
@@ -205,7 +214,7 @@ def test_unknown_task_name_lists_the_tasks():
 def test_task_fields_that_do_not_apply_are_named():
     assert "task.max_operand applies only to task.name arithmetic, not gsm8k" in \
         task_error_of("task.name=gsm8k", "task.max_operand=20")
-    assert "task.path applies only to task.name gsm8k or math or mbpp, not arithmetic" in task_error_of("task.path=x")
+    assert "task.path applies only to task.name custom or gsm8k or math or mbpp, not arithmetic" in task_error_of("task.path=x")
     msg = task_error_of("task.name=math", "task.workers=4", "task.sandbox_timeout_s=1")
     assert "task.workers" in msg and "task.sandbox_timeout_s" in msg
     assert "task.num_eval applies only" in task_error_of("task.name=mbpp", "task.num_eval=20")

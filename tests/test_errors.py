@@ -5,7 +5,6 @@ leaves no output directory behind. docs/errors.md lists the same cases with thei
 from __future__ import annotations
 
 import gzip
-import json
 import sys
 from pathlib import Path
 
@@ -49,6 +48,9 @@ def files(d: Path) -> dict[str, Path]:
     (d / "finished").mkdir(exist_ok=True)  # a run that completed: config.yaml, summary.json, no checkpoints
     (d / "finished" / "config.yaml").write_text("seed: 0\n")
     (d / "finished" / "summary.json").write_text("{}\n")
+    (d / "custom.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n' * 4)
+    (d / "custom_no_prompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
+    (d / "case_rewards.py").write_text("def needs_gold(prompts, completions, gold):\n    return [0.0] * len(completions)\n")
     (d / "busy").mkdir(exist_ok=True)  # a run directory another command holds (here: this process, another fd)
     hold = lock_run_dir(d / "busy", "posttrain sft ok.yaml output_dir=busy")
     hold.__enter__()
@@ -139,8 +141,20 @@ CASES = [
     ("rm-path-is-a-policy", lambda f, out: ["rl", str(f["ok.yaml"]), "rl.reward=reward_model", f"rl.reward_model_path={f['a_policy']}"], "holds a LlamaForCausalLM, not a reward model"),
     ("ray-bf16", lambda f, out: ["rl", str(f["ok.yaml"]), "backend=ray", "model.dtype=bfloat16"], "model.dtype=bfloat16 is not available with backend=ray"),
     ("ifeval-without-a-model", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=ifeval", "task.num_eval=8"], "task ifeval needs a tokenizer that covers its text"),
+    ("reward-module-missing", lambda f, out: ["rl", str(f["ok.yaml"]), *custom(f), "rl.reward_funcs=[nomodule:fn]"], "rl.reward_funcs[0]: no module named 'nomodule'"),
+    ("reward-function-missing", lambda f, out: ["rl", str(f["ok.yaml"]), *custom(f), "rl.reward_funcs=[case_rewards:nofn]"], "rl.reward_funcs[0]: module case_rewards has no 'nofn'"),
+    ("reward-column-missing", lambda f, out: ["rl", str(f["ok.yaml"]), *custom(f), "rl.reward_funcs=[case_rewards:needs_gold]"], "custom.jsonl does not have (it has answer)"),
+    ("reward-weights-mismatch", lambda f, out: ["rl", str(f["ok.yaml"]), *custom(f), "rl.reward_funcs=[posttrain.rewards:math_reward]", "rl.reward_weights=[1, 2]"], "rl.reward_weights has 2 values for 1 rl.reward_funcs"),
+    ("custom-task-without-reward", lambda f, out: ["rl", str(f["ok.yaml"]), *custom(f)], "task custom has no reward of its own: set rl.reward_funcs"),
+    ("custom-task-row-without-prompt", lambda f, out: ["rl", str(f["ok.yaml"]), "task.name=custom", f"task.path={f['custom_no_prompt.jsonl']}", "rl.reward_funcs=[posttrain.rewards:math_reward]"], "custom_no_prompt.jsonl:1: missing field 'prompt' (task.prompt_field), and no 'messages' column"),
+    ("eval-model-missing", lambda f, out: ["eval", "nowhere"], "model.path: directory not found: nowhere"),
     ("prompt-too-long", lambda f, out: ["sft", str(f["ok.yaml"]), "model.max_position_embeddings=8"], "context"),
 ]
+
+
+def custom(f: dict) -> list[str]:
+    """A custom task on custom.jsonl (8 rows: prompt, answer)."""
+    return ["task.name=custom", f"task.path={f['custom.jsonl']}", "task.num_eval=2"]
 
 
 def run_case(argv_fn, tmp_path, capsys):

@@ -20,6 +20,7 @@ LAYERS = [
     ["rl"],  # the one RL loop and its roles
     ["distributed"],  # the roles on Ray
     ["recipes"],  # one function per command
+    ["api"],  # every command as a function (the CLI calls it)
     ["cli", "__main__", ""],  # the command line, the package itself
 ]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain import cli
+from posttrain import api, cli
 from posttrain.train.checkpoint import latest_checkpoint, verify_checkpoint
 from posttrain.config import build_config
 from posttrain.errors import ConfigError, PosttrainError
@@ -71,7 +71,7 @@ def test_every_command_takes_the_lock_before_touching_the_directory(argv, tmp_pa
     (run / "checkpoints" / "000001-sft-000001").mkdir(parents=True)  # the holder's state: must stay
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     called = []
-    for module, name in cli.RECIPES.values():
+    for module, name in api.RECIPES.values():
         monkeypatch.setattr(f"{module}.{name}", lambda *a, **k: called.append(a))
     monkeypatch.setattr("posttrain.recipes.demo.run_demo", lambda *a, **k: called.append(a))
     monkeypatch.setattr("posttrain.recipes.pipeline.run_rlhf", lambda *a, **k: called.append(a))
@@ -147,7 +147,7 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, capsys):
 def capture_runs(monkeypatch) -> list:
     """Replace every recipe by one that records (command, config, flags)."""
     seen = []
-    for name, (module, function) in cli.RECIPES.items():
+    for name, (module, function) in api.RECIPES.items():
         monkeypatch.setattr(f"{module}.{function}", lambda cfg, name=name, **flags: seen.append((name, cfg, flags)))
     monkeypatch.setattr("posttrain.recipes.demo.run_demo", lambda cfg, **flags: seen.append(("demo", cfg, flags)))
     monkeypatch.setattr("posttrain.recipes.pipeline.run_rlhf",

@@ -49,13 +49,17 @@ def hh_messages(text: str) -> list[dict] | None:
     return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1:-2:2], parts[2:-2:2])]
 
 
-def prompt_messages(text: str, system_prompt: str | None = None) -> list[dict]:
-    """The messages a prompt text stands for: an HH-RLHF dialogue's turns, else one user turn."""
-    messages = hh_messages(text) or [{"role": "user", "content": text}]
+def prompt_messages(text: str | list[dict], system_prompt: str | None = None) -> list[dict]:
+    """The messages a prompt stands for: a list of chat messages as given, an HH-RLHF dialogue's turns, else one
+    user turn."""
+    if isinstance(text, list):
+        messages = list(text)
+    else:
+        messages = hh_messages(text) or [{"role": "user", "content": text}]
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
 
 
-def render_prompt(tokenizer, text: str, system_prompt: str | None = None) -> str:
+def render_prompt(tokenizer, text: str | list[dict], system_prompt: str | None = None) -> str:
     """The template's text for `text` as the user's turn, ending with the generation prompt (the assistant's
     turn opened, as `add_generation_prompt=True` writes it)."""
     return tokenizer.apply_chat_template(prompt_messages(text, system_prompt), tokenize=False,

@@ -23,10 +23,11 @@ import torch
 from posttrain.config import RunConfig
 from posttrain.models.chat import decode_responses, encode_prompts, stop_token_ids
 from posttrain.rollout import generate
-from posttrain.train.evaluate import evaluate
-from posttrain.train.metrics import MetricsLogger
+from posttrain.train.control import metrics_logger
+from posttrain.train.evaluate import evaluate_problems
 from posttrain.train.optim import PhaseTimer
 from posttrain.train.run import progress_bar, start_run, write_json
+from posttrain.train.tracking import log_samples
 
 Scorer = Callable[[list[str], list[str], list[bool], list], list[float]]
 
@@ -187,13 +188,15 @@ def run_bon(cfg: RunConfig) -> dict:
     c = cfg.bon
     scorer = build_scorer(c.scorer, task)
     problems = task.eval_problems[:c.num_prompts]
-    greedy = evaluate(model, tokenizer, task, problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    greedy_eval = evaluate_problems(model, tokenizer, task, problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    greedy = greedy_eval.accuracy
     with progress_bar(len(problems), f"best-of-{c.n}", cfg.progress) as bar:
         result = best_of_n(cfg, model, tokenizer, task, problems, scorer, bar)
-    with MetricsLogger(out / "metrics.jsonl") as logger:
+    with metrics_logger(out, None, cfg) as logger:
         for row in result.table:
             logger.log({"step": row["n"], "phase": "bon", **row})
         logger.log({"step": c.n, "phase": "bon", "greedy_accuracy": greedy, **result.seconds})
+        log_samples(logger, "bon", c.n, greedy_eval.samples(cfg.logging.sample_generations))  # the greedy ones
     with open(out / "best.jsonl", "w", encoding="utf-8") as f:
         for row in best_rows(problems, result):
             f.write(json.dumps(row) + "\n")

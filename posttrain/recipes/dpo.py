@@ -35,9 +35,9 @@ from posttrain.errors import ConfigError
 from posttrain.models.chat import encode_texts, end_of_turn_id
 from posttrain.models.logprobs import response_logprobs
 from posttrain.recipes.reward_model import preference_splits
+from posttrain.train import tracking
 from posttrain.train.checkpoint import restore_training, training_snapshot
 from posttrain.train.control import NoControl, RunControl
-from posttrain.train.evaluate import evaluate_per_problem
 from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
 from posttrain.train.run import (
     pin_starting_model,
@@ -212,10 +212,9 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
     model.train()
     result, first = ctl.restore_phase("dpo", lambda w, s: dpo_restore(state, w, s), {}, progress)
 
-    def held_out() -> dict:
+    def held_out(step: int) -> dict:
         with timer("eval"):
-            gold = evaluate_per_problem(model, state.tokenizer, state.task, state.task.eval_problems,
-                                        cfg.eval.batch_size, cfg.eval.max_new_tokens)
+            gold = tracking.held_out(cfg, model, state.tokenizer, state.task, logger, "dpo", step).scores
             return {"accuracy": sum(gold) / len(gold), **evaluate_pairs(state, cfg.dpo.batch_size), "gold": gold}
 
     for step in range(first, c.steps + 1):
@@ -229,7 +228,7 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
             state.scheduler.step()
         evaluate_now = (c.eval_every and step % c.eval_every == 0) or step == c.steps
         if evaluate_now:
-            result = held_out()
+            result = held_out(step)
         if evaluate_now or step % c.log_every == 0 or not finite:
             logger.log({"step": step, "phase": "dpo", "loss": loss.item(), "accuracy_train": metrics["accuracy"],
                         **{k: v for k, v in metrics.items() if k != "accuracy"}, "grad_norm": grad_norm.item(),
@@ -240,7 +239,7 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
         ctl.end_step("dpo", step, finite, snapshot, progress, loss=f"{loss.item():.3f}",
                      acc=f"{result.get('accuracy', float('nan')):.3f}")
     if c.steps == 0:
-        result = held_out()
+        result = held_out(0)
         logger.log({"step": 0, "phase": "dpo", **{k: v for k, v in result.items() if k != "gold"}})
     return result
 
@@ -248,7 +247,6 @@ def train_dpo(cfg: RunConfig, state: DPOState, logger, progress=None, ctl: RunCo
 def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """DPO (or IPO, SLiC-HF, SimPO: `dpo.loss`) from `model.path` (typically the SFT model) on `dpo.data` pairs
     (resume: from the newest valid checkpoint; the starting model, which is also the reference, must be unchanged)."""
-    from posttrain.train.evaluate import evaluate_per_problem
     from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
 
     from posttrain.recipes.pipeline import confidence_interval
@@ -260,10 +258,9 @@ def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
         print("note: model.path is not set, so DPO starts from a randomly initialised tiny model")
     train_pairs, eval_pairs = load_dpo_pairs(cfg, task, model, tokenizer)
     print(f"{cfg.dpo.loss}: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         if resumed is None:
-            before = evaluate_per_problem(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size,
-                                          cfg.eval.max_new_tokens)
+            before = tracking.held_out(cfg, model, tokenizer, task, logger, "dpo", 0).scores
             logger.log({"step": 0, "phase": "dpo", "accuracy": sum(before) / len(before)})
         else:
             before = list(resumed.state["initial_gold"])
@@ -280,7 +277,7 @@ def run_dpo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
         "improvement_ci95": [lo, hi], "eval_problems": len(before), "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs), **{k: v for k, v in result.items() if k.startswith("eval_")},
         "loss": loss.name, "beta": loss.beta, "margin": loss.margin, "reference": loss.use_reference,
-        "length_normalize": loss.length_normalize, "sft_coef": loss.sft_coef}, start, task)
+        "length_normalize": loss.length_normalize, "sft_coef": loss.sft_coef}, start, task, method="dpo")
     finish_run(out)
     print(f"{loss.name} held-out accuracy {initial:.3f} -> {result['accuracy']:.3f} ({mean:+.3f}, 95% CI "
           f"{lo:+.3f} .. {hi:+.3f}) on {len(before)} problems; held-out pair accuracy "

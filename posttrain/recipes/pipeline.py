@@ -56,6 +56,7 @@ from posttrain.train.run import (
     progress_bar,
     seed_everything,
     write_json,
+    write_model_card,
 )
 
 # The pipeline's defaults on top of RunConfig's (configs/rlhf_demo.yaml holds the same values).
@@ -75,11 +76,11 @@ def rlhf_config(data: dict | None, overrides: list[str], source: str | None = No
     """(main, ablation) configs: RLHF_DEFAULTS < `data` (a YAML file's contents, read from `source`) <
     overrides, with the reward model read from <output_dir>/rm unless set; the ablation differs only in beta
     and lambda_ptx."""
-    from posttrain.config import COMMAND_LINE, _merge, parse_overrides
+    from posttrain.config import COMMAND_LINE, merge_trees, parse_overrides
     from posttrain.errors import ConfigError
 
     try:
-        merged = _merge(_merge(RLHF_DEFAULTS, data or {}), parse_overrides(overrides))
+        merged = merge_trees(merge_trees(RLHF_DEFAULTS, data or {}), parse_overrides(overrides))
     except ConfigError as err:
         raise ConfigError(f"{COMMAND_LINE}: {err}") from None
     if not merged.get("rl", {}).get("reward_model_path"):
@@ -131,7 +132,7 @@ def _ppo(cfg: RunConfig, policy, tokenizer, task, out: Path, label: str, ctl: Ru
     """Train with PPO, logging to out/metrics.jsonl (cut back to the checkpoint when `resumed` is inside this
     stage); return the RL records."""
     out.mkdir(parents=True, exist_ok=True)
-    with metrics_logger(out, resumed) as logger:
+    with metrics_logger(out, resumed, cfg) as logger:
         ctl.stage(logger, names)
         roles = InlineRoles.local(cfg, policy, tokenizer, task)
         with progress_bar(cfg.rl.steps, label, cfg.progress) as bar:
@@ -160,7 +161,7 @@ def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None, resume: bool = Fals
     with RunControl.for_run(cfg, out, None, resumed) as ctl:
         times = ctl.extra["times"] = dict(resumed.state.get("times", {})) if resumed is not None else {}
         if at <= 1:
-            with metrics_logger(out, resumed) as logger:
+            with metrics_logger(out, resumed, cfg) as logger:
                 ctl.stage(logger)
                 if at <= 0:
                     sft_state = setup_sft(cfg, policy, tokenizer, task)
@@ -232,6 +233,9 @@ def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None, resume: bool = Fals
     summary.update({k: round(v, 1) for k, v in times.items()})
     summary["pipeline_seconds"] = round(pipeline_seconds, 1)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    write_model_card(cfg, out, "rlhf", {k: v for k, v in summary.items() if k != "ablation"}, task)
+    if ablation_cfg is not None:
+        write_model_card(ablation_cfg, out, "rlhf", summary["ablation"], task, model_dir="ablation/final")
     write_json(out / "summary.json", summary)
     finish_run(out)
     print(rlhf_table(summary))

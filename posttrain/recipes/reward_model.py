@@ -39,6 +39,7 @@ from posttrain.train.run import (
     progress_bar,
     start_run,
     write_json,
+    write_model_card,
 )
 
 
@@ -181,7 +182,7 @@ def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
     print(f"reward model: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
     rm = RewardModel(build_scalar_model(cfg.model, tokenizer, cfg.seed), tokenizer, cfg.rm.max_length)
     del policy
-    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         pin_starting_model(cfg, ctl, "start_sha256")
         state = setup_rm(cfg, rm, train_pairs, eval_pairs)
         with progress_bar(cfg.rm.steps, "RM", cfg.progress) as bar:
@@ -193,6 +194,7 @@ def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dic
     summary = {**result, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), **dropped_prompts(task),
                "seed": cfg.seed,
                "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_model_card(cfg, out, "rm", summary, task)
     write_json(out / "summary.json", summary)
     finish_run(out)
     print(f"reward model held-out accuracy {result['eval_accuracy']:.3f}, mean margin {result['eval_margin']:.3f} "

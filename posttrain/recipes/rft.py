@@ -34,10 +34,10 @@ from posttrain.recipes.best_of_n import (
 )
 from posttrain.train.checkpoint import global_rng_state, set_global_rng_state
 from posttrain.train.control import NoControl, RunControl
-from posttrain.train.evaluate import evaluate
 from posttrain.train.losses import sft_loss
 from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
 from posttrain.train.run import initial_accuracy, progress_bar, start_run, write_outputs
+from posttrain.train.tracking import held_out
 
 
 @dataclass
@@ -157,8 +157,7 @@ def train_rft(cfg: RunConfig, state: RFTState, logger, progress=None, ctl: RunCo
             progress.update(c.steps)
         inside = None
         with timer("eval"):
-            accuracy = evaluate(state.policy, state.tokenizer, task, task.eval_problems, cfg.eval.batch_size,
-                                cfg.eval.max_new_tokens)
+            accuracy = held_out(cfg, state.policy, state.tokenizer, task, logger, "rft", run["step"]).accuracy
         logger.log({"step": run["step"], "phase": "rft", "round": round_, "accuracy": accuracy, **sampled,
                     **timer.pop()})
         run["accuracies"].append(accuracy)
@@ -180,14 +179,14 @@ def run_rft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
     if cfg.model.path is None:
         print("note: model.path is not set, so RFT starts from a randomly initialised tiny model")
     c = cfg.rft
-    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         state = setup_rft(cfg, model, tokenizer, task)
         initial = initial_accuracy(cfg, ctl, logger, model, tokenizer, task, "rft", round=0)
         with progress_bar(c.rounds * c.steps, "RFT", cfg.progress) as bar:
             result = train_rft(cfg, state, logger, bar, ctl)
     summary = write_outputs(cfg, out, model, tokenizer, {"initial_accuracy": initial, "rft_accuracy":
                                                    result["round_accuracies"][-1], **result,
-                                                   "eval_problems": len(task.eval_problems)}, start, task)
+                                                   "eval_problems": len(task.eval_problems)}, start, task, method="rft")
     finish_run(out)
     rounds = " -> ".join(f"{a:.3f}" for a in [initial, *result["round_accuracies"]])
     print(f"RFT held-out accuracy by round {rounds} on {len(task.eval_problems)} problems (kept "

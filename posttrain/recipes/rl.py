@@ -86,7 +86,7 @@ def _run_once(cfg: RunConfig, resume: bool, overwrite: bool, roles_for, budget: 
     if cfg.model.path is None:
         print("note: model.path is not set, so RL starts from a randomly initialised tiny model")
     label = (cfg.rl.preset or cfg.rl.advantage).upper() + (" (ray)" if cfg.backend == "ray" else "")
-    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         initial = initial_accuracy(cfg, ctl, logger, model, tokenizer, task, "rl")
         pin_starting_model(cfg, ctl)
         with roles_for(cfg, model, tokenizer, task, out, budget) as roles, \
@@ -97,7 +97,7 @@ def _run_once(cfg: RunConfig, resume: bool, overwrite: bool, roles_for, budget: 
         r = cfg.ray
         summary.update(backend="ray", ray={"rollout_workers": r.num_rollout_workers, "learners": r.num_learners,
                                            "reward_workers": r.num_reward_workers, "restarts": list(budget.log)})
-    summary = write_outputs(cfg, out, model, tokenizer, summary, start, task)
+    summary = write_outputs(cfg, out, model, tokenizer, summary, start, task, method="rl")
     finish_run(out)
     print(f"RL held-out accuracy {initial:.3f} -> {accuracy:.3f} on {len(task.eval_problems)} problems; "
           f"model in {out / 'final'}")

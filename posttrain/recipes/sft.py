@@ -18,10 +18,10 @@ from posttrain.config import RunConfig
 from posttrain.data.sampling import ShuffledBatches
 from posttrain.train.checkpoint import restore_training, training_snapshot
 from posttrain.train.control import NoControl, RunControl
-from posttrain.train.evaluate import evaluate
 from posttrain.train.losses import sft_loss
 from posttrain.train.optim import PhaseTimer, guarded_step, make_optimizer
 from posttrain.train.run import progress_bar, start_run, write_outputs
+from posttrain.train.tracking import held_out
 
 
 @dataclass
@@ -78,16 +78,14 @@ def train_sft(cfg: RunConfig, state: SFTState, logger, progress=None, ctl: RunCo
                       "tokens_per_s": tokens / max(times["time/update"], 1e-9), **record, **times}
             tokens = 0
         if (c.eval_every and step % c.eval_every == 0) or step == c.steps:  # steps == 0: see below
-            accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
-                                cfg.eval.batch_size, cfg.eval.max_new_tokens)
+            accuracy = held_out(cfg, model, state.tokenizer, state.task, logger, "sft", step).accuracy
             record = {"step": step, "phase": "sft", **record, "accuracy": accuracy}
         if record:
             logger.log(record)
         snapshot = lambda: sft_snapshot(state, accuracy)  # noqa: E731
         ctl.end_step("sft", step, finite, snapshot, progress, loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
     if c.steps == 0:
-        accuracy = evaluate(model, state.tokenizer, state.task, state.task.eval_problems,
-                            cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        accuracy = held_out(cfg, model, state.tokenizer, state.task, logger, "sft", 0).accuracy
         logger.log({"step": 0, "phase": "sft", "accuracy": accuracy})
     return accuracy
 
@@ -99,12 +97,12 @@ def run_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> di
     start = time.perf_counter()
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = start_run(cfg)
-    with metrics_logger(out, resumed) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
+    with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         state = setup_sft(cfg, model, tokenizer, task)
         with progress_bar(cfg.sft.steps, "SFT", cfg.progress) as bar:
             accuracy = train_sft(cfg, state, logger, bar, ctl)
     summary = write_outputs(cfg, out, model, tokenizer,
-                      {"sft_accuracy": accuracy, "eval_problems": len(task.eval_problems)}, start, task)
+                      {"sft_accuracy": accuracy, "eval_problems": len(task.eval_problems)}, start, task, method="sft")
     finish_run(out)  # after final/ is written: a crash before this point resumes at the last step
     print(f"SFT held-out accuracy {accuracy:.3f} on {len(task.eval_problems)} problems; model in {out / 'final'}")
     return summary

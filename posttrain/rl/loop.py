@@ -20,8 +20,8 @@ this process (`backend: local`) or as Ray actors (`backend: ray`, posttrain/dist
       update      ppo_epochs x mini_batches optimizer steps on the learner ranks (rl/learner.py)
       kl          the adaptive KL controller follows KL(pi_old || pi_ref)
       sync        the new weights to the rollout workers, checked by sha256 (nothing to send in one process)
-      log/eval    the metrics line with every phase's time; held-out greedy accuracy every eval_every steps;
-                  the non-finite guard and the checkpoint
+      log/eval    the metrics line with every phase's time; held-out greedy accuracy every eval_every steps (a
+                  table of samples to the trackers); the non-finite guard and the checkpoint
 
 A "step" is one rollout batch of prompts_per_step * group_size sequences and the optimizer steps taken on it;
 learning-rate schedules count steps. Departures from the papers, all configurable: log pi_old is the one
@@ -51,8 +51,8 @@ from posttrain.rl.roles import InlineRoles, Roles
 from posttrain.rollout.engines import shard_seed
 from posttrain.tasks.registry import Task
 from posttrain.train.control import NoControl, RunControl
-from posttrain.train.evaluate import evaluate
 from posttrain.train.optim import PhaseTimer
+from posttrain.train.tracking import held_out
 
 
 @dataclass
@@ -186,11 +186,16 @@ def train_rl(cfg: RunConfig, roles: Roles, task, logger, progress=None, ctl: Run
     """Run `cfg.rl.steps` rollout steps (from a checkpoint's step when `ctl` resumes) and return the final
     held-out accuracy; the policy the roles were built with then holds the final weights. `ctl` saves
     checkpoints and handles signals and non-finite steps. `evaluator`: the held-out evaluation (default: greedy
-    accuracy on the task's eval problems), e.g. one that keeps per-prompt scores."""
+    accuracy on the task's eval problems, its first samples logged as a table: train/tracking.py `held_out`),
+    e.g. one that keeps per-prompt scores."""
     ctl = ctl or NoControl()
     run = RLRun.create(cfg, roles, task)
-    evaluate_now = evaluator or (lambda: evaluate(roles.policy(), roles.tokenizer, task, task.eval_problems,
-                                                  cfg.eval.batch_size, cfg.eval.max_new_tokens))
+
+    def evaluate_now(step: int) -> float:
+        if evaluator is not None:
+            return evaluator()
+        return held_out(cfg, roles.policy(), roles.tokenizer, task, logger, "rl", step).accuracy
+
     timer = PhaseTimer()
     accuracy, first = ctl.restore_phase("rl", run.restore, float("nan"), progress)
     for step in range(first, cfg.rl.steps + 1):
@@ -200,13 +205,13 @@ def train_rl(cfg: RunConfig, roles: Roles, task, logger, progress=None, ctl: Run
                   **roles.metrics()}
         if (cfg.rl.eval_every and step % cfg.rl.eval_every == 0) or step == cfg.rl.steps:
             with timer("eval"):
-                accuracy = evaluate_now()
+                accuracy = evaluate_now(step)
             record["accuracy"] = accuracy
         logger.log({**record, **timer.pop()})
         ctl.end_step("rl", step, record["skipped_steps"] == 0, lambda: run.snapshot(accuracy), progress,
                      reward=f"{record['reward_mean']:.3f}", acc=f"{accuracy:.3f}", kl=f"{record.get('kl', 0.0):.3f}")
     if cfg.rl.steps == 0:
-        accuracy = evaluate_now()
+        accuracy = evaluate_now(0)
         logger.log({"step": 0, "phase": "rl", "accuracy": accuracy})
     roles.policy()  # the caller's model: the final weights
     return accuracy

@@ -18,7 +18,7 @@ from posttrain.config import RunConfig, TaskConfig
 from posttrain.errors import ConfigError, DataError, ModelLoadError
 from posttrain.models.chat import encode_texts, render_prompt, uses_chat_template
 from posttrain.tasks.arithmetic import ArithmeticTask, Problem, exact_match_reward
-from posttrain.tasks.registry import TASKS, Task, check_task_config, register_task
+from posttrain.tasks.registry import TASKS, Task, check_task_config, problem_columns, register_task, use_rewards
 
 __all__ = ["TASKS", "ArithmeticTask", "Problem", "Task", "build_task", "context_length", "exact_match_reward",
            "fit_task", "register_task"]
@@ -35,11 +35,28 @@ _SOURCES = {
 _DATA = ("path", "hf_dataset", "hf_config", "hf_split", "hf_eval_split")
 
 
-def build_task(cfg: TaskConfig, seed: int) -> Task:
+def build_task(cfg: TaskConfig, seed: int, reward_funcs=(), reward_weights=None) -> Task:
     """The task named by `cfg.name` (the registry, posttrain/tasks/registry.py), deterministic from `seed`. A
     task.* field the task does not read, a data task's missing file or malformed row: a one-line error naming
-    the field, or the file and line (or the dataset and row)."""
-    return check_task_config(cfg).build(cfg, seed)
+    the field, or the file and line (or the dataset and row).
+
+    `reward_funcs` (rl.reward_funcs: specs, posttrain/rewards/resolve.py) replace the task's reward with their
+    weighted sum, given the problems' columns by name; a function that asks for a column the task's problems do
+    not have is a ConfigError here, before any model loads."""
+    spec = check_task_config(cfg)
+    if spec.needs_rewards and not reward_funcs:
+        raise ConfigError(f"task {cfg.name} has no reward of its own: set rl.reward_funcs, e.g. "
+                          "[\"my_rewards:exact_match\"] (a function fn(prompts, completions, **columns))")
+    from posttrain.rewards.resolve import require_columns, resolve_rewards  # noqa: PLC0415
+
+    rewards = resolve_rewards(reward_funcs, reward_weights) if reward_funcs else None  # before reading data
+    task = spec.build(cfg, seed)
+    if rewards is not None:
+        where = cfg.path or cfg.hf_dataset or f"task {cfg.name}"
+        columns = getattr(task, "columns", None) or list(problem_columns(task.train_problems[:1]))
+        require_columns(rewards, columns, where)
+        use_rewards(task, rewards)
+    return task
 
 
 def _data_source(cfg: TaskConfig) -> dict:
@@ -88,6 +105,18 @@ def _math_task(task_class):
         splits = {k: v for k, v in (("hf_split", cfg.hf_split), ("hf_eval_split", cfg.hf_eval_split)) if v}
         return task_class()(cfg.path, seed, num_eval=cfg.num_eval, eval_path=cfg.eval_path, **splits, **source)
     return build
+
+
+@register_task("custom", fields=(*_DATA, "eval_path", "num_eval", "prompt_field", "completion_field"),
+               description="your rows (task.path or task.hf_dataset) and your reward functions (rl.reward_funcs)",
+               needs_rewards=True)
+def _custom(cfg: TaskConfig, seed: int) -> Task:
+    from posttrain.tasks.custom import CustomTask  # noqa: PLC0415
+
+    if cfg.path is None and cfg.hf_dataset is None:
+        raise DataError("task custom has no data: set task.path to a JSON Lines file (one object per line, e.g. "
+                        "{\"prompt\": ..., \"answer\": ...}) or task.hf_dataset to a Hugging Face dataset")
+    return CustomTask(cfg, seed)
 
 
 def _gsm8k_class():
@@ -142,7 +171,8 @@ def fit_task(task, cfg: RunConfig, model, tokenizer, min_train: int = 1) -> int:
     if name != "arithmetic" and cfg.model.path is None:
         raise ConfigError(needs)
     if uses_chat_template(tokenizer, cfg.task.chat_template):
-        chat = lambda p: replace(p, prompt=render_prompt(tokenizer, p.prompt, cfg.task.system_prompt))  # noqa: E731
+        chat = lambda p: replace(p, prompt=render_prompt(  # noqa: E731 (a custom row's chat messages as given)
+            tokenizer, list(getattr(p, "messages", None) or ()) or p.prompt, cfg.task.system_prompt))
         task.train_problems = [chat(p) for p in task.train_problems]
         task.eval_problems = [chat(p) for p in task.eval_problems]
     splits = {"training": list(task.train_problems), "held-out": list(task.eval_problems)}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.rewards import RewardSet, RewardBreakdown
+from posttrain.rewards import RewardBreakdown, RewardSet, extract_answer, normalize_answer
 from posttrain.tasks.data import Row, load_rows, split_eval
 
 
@@ -31,6 +31,13 @@ class MathProblem:
     question: str
     solution: str  # the worked reference solution (the SFT demonstration)
     id: str  # where it came from: "train.jsonl:12", or the dataset's own id
+
+
+def math_answer_key(completion: str) -> str:
+    """The final answer a completion gives, normalised (rewards/math.py), else its stripped text: what
+    majority voting (`posttrain eval --samples`) counts."""
+    answer = extract_answer(completion)
+    return normalize_answer(answer) if answer else completion.strip()
 
 
 class DatasetTask:

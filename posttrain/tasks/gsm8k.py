@@ -13,7 +13,7 @@ from pathlib import Path
 from posttrain.errors import DataError
 from posttrain.rewards import RewardSet, math_reward
 from posttrain.rewards.math import extract_hashes, normalize_answer, number_value
-from posttrain.tasks.base import DatasetTask, MathProblem
+from posttrain.tasks.base import DatasetTask, MathProblem, math_answer_key
 from posttrain.tasks.data import Row, field
 
 PROMPT = "{question}\nLet's think step by step and output the final answer after \"####\"."
@@ -21,6 +21,7 @@ PROMPT = "{question}\nLet's think step by step and output the final answer after
 
 class GSM8KTask(DatasetTask):
     name = "gsm8k"
+    answer_key = staticmethod(math_answer_key)  # majority voting counts final answers
 
     def __init__(self, path: str | Path | None = None, seed: int = 0, num_eval: int = 500,
                  eval_path: str | Path | None = None, hf_dataset: str | None = None, hf_config: str | None = "main",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from posttrain.errors import DataError
 from posttrain.rewards import RewardSet, extract_boxed, math_reward
-from posttrain.tasks.base import DatasetTask, MathProblem
+from posttrain.tasks.base import DatasetTask, MathProblem, math_answer_key
 from posttrain.tasks.data import Row, field
 
 PROMPT = "{problem}\nLet's think step by step and output the final answer within \\boxed{{}}."
@@ -20,6 +20,7 @@ PROMPT = "{problem}\nLet's think step by step and output the final answer within
 
 class MathTask(DatasetTask):
     name = "math"
+    answer_key = staticmethod(math_answer_key)  # majority voting counts final answers
 
     def __init__(self, path: str | Path | None = None, seed: int = 0, num_eval: int = 20,
                  eval_path: str | Path | None = None, hf_dataset: str | None = None, hf_config: str | None = None,

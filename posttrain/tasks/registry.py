@@ -12,6 +12,7 @@ default is refused with one line naming the field and the tasks it applies to (`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import random
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from posttrain.config import TaskConfig
 from posttrain.errors import ConfigError
-from posttrain.rewards.base import RewardBreakdown
+from posttrain.rewards.base import RewardBreakdown, RewardSet
 
 
 @runtime_checkable
@@ -53,26 +54,68 @@ def breakdown(task: Task) -> Callable[[list[str], list[str], Sequence], RewardBr
     return lambda prompts, completions, problems: RewardBreakdown(task.reward(prompts, completions, problems), {}, {}, {})
 
 
+def problem_columns(problems: Sequence) -> dict[str, list]:
+    """The columns reward functions get by name (rl.reward_funcs): a custom task's row columns, or every field of
+    a built-in task's problem dataclass but the prompt (gsm8k: answer, question, solution, id)."""
+    if not problems:
+        return {}
+    first = problems[0]
+    if isinstance(getattr(first, "columns", None), dict):
+        names = sorted(set().union(*(p.columns for p in problems)))
+        return {c: [p.columns.get(c) for p in problems] for c in names}
+    if dataclasses.is_dataclass(first):
+        names = [f.name for f in dataclasses.fields(first) if f.name not in ("prompt", "messages")]
+        return {c: [getattr(p, c) for p in problems] for c in names}
+    return {}
+
+
+@dataclass(frozen=True)
+class _ScoreWith:
+    """A task's `score` replaced by a RewardSet over its problems' columns (picklable, for backend ray)."""
+
+    rewards: RewardSet
+
+    def __call__(self, prompts: list[str], completions: list[str], problems: Sequence) -> RewardBreakdown:
+        return self.rewards.score(prompts, completions, **problem_columns(problems))
+
+
+@dataclass(frozen=True)
+class _RewardWith:
+    score: _ScoreWith
+
+    def __call__(self, prompts: list[str], completions: list[str], problems: Sequence) -> list[float]:
+        return self.score(prompts, completions, problems).rewards
+
+
+def use_rewards(task: Task, rewards: RewardSet) -> Task:
+    """`task` with its reward (`score` and `reward`) replaced by `rewards` over the problems' columns."""
+    task.rewards = rewards
+    task.score = _ScoreWith(rewards)
+    task.reward = _RewardWith(task.score)
+    return task
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     build: Callable[[TaskConfig, int], Task]  # (cfg.task, seed) -> the task, deterministic from the seed
     fields: frozenset[str]  # the task.* fields it reads; every other one must keep its default
     description: str = ""
+    needs_rewards: bool = False  # no verifier of its own: rl.reward_funcs must name one
 
 
 TASKS: dict[str, TaskSpec] = {}
 COMMON_FIELDS = frozenset({"name", "chat_template", "system_prompt"})  # fields every task honours
 
 
-def register_task(name: str, fields: Sequence[str] = (), description: str = ""):
+def register_task(name: str, fields: Sequence[str] = (), description: str = "", needs_rewards: bool = False):
     """Register the decorated `build(cfg, seed)` as task `name`, reading the task.* `fields`."""
     unknown = set(fields) - set(TaskConfig.model_fields)
     if unknown:
         raise ValueError(f"task {name}: {sorted(unknown)} are not task.* config fields")
 
     def decorate(build: Callable[[TaskConfig, int], Task]):
-        TASKS[name] = TaskSpec(name, build, frozenset(fields) | COMMON_FIELDS, description)
+        TASKS[name] = TaskSpec(name, build, frozenset(fields) | COMMON_FIELDS, description, needs_rewards)
         return build
 
     return decorate

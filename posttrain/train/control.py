@@ -98,6 +98,15 @@ def lock_run_dir(out: str | Path, command: str = "") -> Iterator[Path]:
             os.close(fd)  # releases the lock
 
 
+def lock_holder(out: str | Path) -> str | None:
+    """The command line of the process holding OUTPUT_DIR/.lock, as `lock_run_dir` recorded it (None: none)."""
+    try:
+        holder = (Path(out) / LOCK_FILE).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return holder.partition(" ")[2] or None
+
+
 @dataclass
 class Resumed:
     phase: str
@@ -243,11 +252,20 @@ class NoControl(RunControl):
         return None
 
 
-def metrics_logger(out: Path, resumed: Resumed | None):
-    """metrics.jsonl of the run: new, or cut back to the checkpoint's length when resuming."""
-    from posttrain.train.metrics import MetricsLogger  # noqa: PLC0415
+def metrics_logger(out: Path, resumed: Resumed | None, cfg):
+    """metrics.jsonl of the run: new, or cut back to the checkpoint's length when resuming; with the trackers
+    `cfg.logging.report_to` names (train/tracking.py), which follow the file: new with it, or cut back to what it
+    kept."""
+    from posttrain.train.metrics import MetricsLogger, read_metrics  # noqa: PLC0415
+    from posttrain.train.tracking import open_sinks  # noqa: PLC0415
 
-    return MetricsLogger(out / "metrics.jsonl", resume_at=resumed.state["metrics_offset"] if resumed else None)
+    logger = MetricsLogger(out / "metrics.jsonl", resume_at=resumed.state["metrics_offset"] if resumed else None)
+    try:
+        logger.sinks = open_sinks(cfg, out, read_metrics(logger.path) if resumed else None)
+    except BaseException:
+        logger.close()
+        raise
+    return logger
 
 
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -314,7 +332,7 @@ def open_run(cfg, resume: bool = False, overwrite: bool = False) -> tuple[Path, 
 
 # What a run writes into its directory besides config.yaml and checkpoints/ (recipes/*.py, report*.py).
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "report.png", "rlhf.png", "bon.png", "best.jsonl", "final", "sft",
-               "rm", "ppo", "ablation")
+               "rm", "ppo", "ablation", "tensorboard")  # wandb/ stays: offline runs not yet uploaded
 
 
 def clear_previous_outputs(cfg) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from posttrain.models.chat import decode_responses, encode_prompts, stop_token_ids
@@ -25,14 +27,38 @@ def greedy_completions(model, tokenizer, prompts: list[str], batch_size: int,
     return completions, finished
 
 
-def evaluate_per_problem(model, tokenizer, task, problems, batch_size: int, max_new_tokens: int) -> list[float]:
+@dataclass(frozen=True)
+class Evaluation:
+    """Greedy completions of held-out problems and the task's reward of each."""
+
+    prompts: list[str]
+    completions: list[str]
+    scores: list[float]
+
+    @property
+    def accuracy(self) -> float:
+        """Mean reward (for a 0/1 verifier: the share solved)."""
+        return sum(self.scores) / len(self.scores)
+
+    def samples(self, n: int) -> list[dict]:
+        """The first `n` as rows {prompt, response, reward}: what a tracker shows as a table."""
+        return [{"prompt": p, "response": c, "reward": r}
+                for p, c, r in zip(self.prompts[:n], self.completions[:n], self.scores[:n])]
+
+
+def evaluate_problems(model, tokenizer, task, problems, batch_size: int, max_new_tokens: int) -> Evaluation:
     """The task's reward of the greedy completion of every problem."""
     prompts = [p.prompt for p in problems]
     completions, _ = greedy_completions(model, tokenizer, prompts, batch_size, max_new_tokens)
-    return [float(r) for r in task.reward(prompts, completions, problems)]
+    scores = [float(r) for r in task.reward(prompts, completions, problems)]
+    return Evaluation(prompts, completions, scores)
+
+
+def evaluate_per_problem(model, tokenizer, task, problems, batch_size: int, max_new_tokens: int) -> list[float]:
+    """The task's reward of the greedy completion of every problem."""
+    return evaluate_problems(model, tokenizer, task, problems, batch_size, max_new_tokens).scores
 
 
 def evaluate(model, tokenizer, task, problems, batch_size: int, max_new_tokens: int) -> float:
-    """Held-out exact-match accuracy with greedy decoding."""
-    scores = evaluate_per_problem(model, tokenizer, task, problems, batch_size, max_new_tokens)
-    return sum(scores) / len(problems)
+    """Held-out accuracy (mean reward) with greedy decoding."""
+    return evaluate_problems(model, tokenizer, task, problems, batch_size, max_new_tokens).accuracy

@@ -13,6 +13,10 @@ Values are made JSON-safe before anything is written:
 Each line is flushed as soon as it is written, so a crash loses at most the
 line being written; ``read_metrics`` reads the file back.
 
+``sinks`` (train/tracking.py: TensorBoard, W&B) get every record after its line
+is written, and the sample tables of ``log_samples``, which metrics.jsonl does
+not hold; closing the logger closes them.
+
 This module shadows the standard ``logging`` only inside relative imports;
 ``import logging`` elsewhere still gets the standard library.
 """
@@ -83,12 +87,15 @@ class MetricsLogger:
         append: keep existing lines and add after them (for resumed runs). An
             incomplete last line left by a crash is dropped with a warning.
             When False the file is truncated.
+        resume_at: cut the file back to this many bytes (a checkpoint's offset) and append.
+        sinks: trackers with ``log(record, step)``, ``samples(phase, step, rows)`` and ``close()``.
 
     Use as a context manager or call ``close()``. ``lines_written`` counts the
     lines this logger wrote, not lines already in an appended file.
     """
 
-    def __init__(self, path: str | Path, append: bool = False, resume_at: int | None = None) -> None:
+    def __init__(self, path: str | Path, append: bool = False, resume_at: int | None = None,
+                 sinks: list | tuple = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_at is not None:  # a resumed run: drop what was written after its checkpoint
@@ -100,6 +107,7 @@ class MetricsLogger:
             _drop_torn_tail(self.path)
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")
         self._lines = 0
+        self.sinks = list(sinks)
 
     @property
     def lines_written(self) -> int:
@@ -125,6 +133,13 @@ class MetricsLogger:
         self._file.write(line + "\n")
         self._file.flush()
         self._lines += 1
+        for sink in self.sinks:
+            sink.log(clean, clean.get("step", self._lines))
+
+    def log_samples(self, phase: str | None, step: int, rows: list[dict]) -> None:
+        """Send a table of rows {prompt, response, reward} to the sinks (nothing goes to metrics.jsonl)."""
+        for sink in self.sinks:
+            sink.samples(phase, step, rows)
 
     def offset(self) -> int:
         """Bytes written so far, flushed and fsynced (a checkpoint records it to resume the file exactly)."""
@@ -133,8 +148,11 @@ class MetricsLogger:
         return os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
-        """Close the file; safe to call twice."""
+        """Close the file and the sinks; safe to call twice."""
         self._file.close()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -1,6 +1,6 @@
 """A run's lifecycle below the recipes: seeding and threads, the output directory, the task and model a recipe
 starts from, the held-out accuracy before training, and the outputs every command writes at its end
-(final/, report.png, summary.json)."""
+(final/ with its model card, report.png, summary.json)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from tqdm import tqdm
 from posttrain.config import RunConfig, dump_config
 from posttrain.models import load_policy, save_pretrained
 from posttrain.tasks import build_task, fit_task
-from posttrain.train.control import clear_previous_outputs
-from posttrain.train.evaluate import evaluate
+from posttrain.train.control import clear_previous_outputs, lock_holder
+from posttrain.train.model_card import model_card
+from posttrain.train.tracking import held_out, require_trackers
 
 
 def seed_everything(seed: int, threads: int | str) -> None:
@@ -80,10 +81,11 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
 
 
 def start_run(cfg: RunConfig, min_train: int = 1):
-    """(output dir, task, model, tokenizer) of a run: the task (deterministic from the seed), seeding and threads,
-    the policy on model.device, the task fitted to its tokenizer and context (`min_train` training problems at
-    least), then the output directory with config.yaml."""
-    task = build_task(cfg.task, cfg.seed)
+    """(output dir, task, model, tokenizer) of a run: the trackers' packages checked, the task (deterministic from
+    the seed), seeding and threads, the policy on model.device, the task fitted to its tokenizer and context
+    (`min_train` training problems at least), then the output directory with config.yaml."""
+    require_trackers(cfg.logging.report_to)  # a tracker's missing package: before anything loads
+    task = build_task(cfg.task, cfg.seed, cfg.rl.reward_funcs, cfg.rl.reward_weights)
     seed_everything(cfg.seed, cfg.threads)
     model, tokenizer = load_policy(cfg.model, seed=cfg.seed)
     fit_task(task, cfg, model, tokenizer, min_train)  # tokenizer covers the prompts; overlong ones dropped
@@ -95,7 +97,7 @@ def initial_accuracy(cfg: RunConfig, ctl, logger, model, tokenizer, task, phase:
     """Held-out accuracy before training, logged as the phase's step 0 (with `record`); a resumed run reads it
     from its checkpoint. Kept in every checkpoint for the summary."""
     if ctl.resumed is None:
-        initial = evaluate(model, tokenizer, task, task.eval_problems, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        initial = held_out(cfg, model, tokenizer, task, logger, phase, 0).accuracy
         logger.log({"step": 0, "phase": phase, **record, "accuracy": initial})
     else:
         initial = ctl.resumed.state["initial_accuracy"]
@@ -116,7 +118,24 @@ def dropped_prompts(task) -> dict:
     return {"dropped_prompts": dict(getattr(task, "dropped_prompts", {}))}
 
 
-def write_outputs(cfg: RunConfig, out, model, tokenizer, summary: dict, start: float, task=None) -> dict:
+def write_model_card(cfg: RunConfig, out: Path, method: str, summary: dict, task=None,
+                     model_dir: str = "final") -> None:
+    """OUTPUT_DIR/`model_dir`/README.md, the model card (train/model_card.py), naming the command line that holds
+    the run directory's lock as the one that made it."""
+    sizes = {}
+    if task is not None and method not in ("dpo", "rm"):  # those two train on preference pairs (in the summary)
+        sizes["training problems"] = len(task.train_problems)
+    if task is not None and method != "rm":
+        sizes["held-out problems"] = len(task.eval_problems)
+    path = Path(out) / model_dir / "README.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(model_card(cfg, method, summary, lock_holder(out), sizes), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(cfg: RunConfig, out, model, tokenizer, summary: dict, start: float, task=None, *,
+                  method: str) -> dict:
+    """final/ (the model and its card, `method` naming the recipe), report.png and summary.json."""
     save_pretrained(model, tokenizer, out / "final")
     from posttrain.train.report import (
         plot_report,  # matplotlib: imported when a run ends, not at start
@@ -125,5 +144,6 @@ def write_outputs(cfg: RunConfig, out, model, tokenizer, summary: dict, start: f
     plot_report(out / "metrics.jsonl", out / "report.png")
     summary = {**summary, **dropped_prompts(task), "seed": cfg.seed,
                "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_model_card(cfg, out, method, summary, task)
     write_json(out / "summary.json", summary)
     return summary

@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("if_verifiable")
 
 from posttrain.cli import main  # noqa: E402
-from posttrain.recipes.demo_real import REAL_DEFAULTS, ensure_model, examples, real_config  # noqa: E402
+from posttrain.recipes.demo_real import ensure_model, examples, real_config  # noqa: E402
 from posttrain.tasks.instructions import KINDS, InstructionsTask, follows, instruction_reward  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

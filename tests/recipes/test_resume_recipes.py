@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from posttrain.config import build_config
 from posttrain.train.metrics import MetricsLogger
-from posttrain.cli import RECIPES
+from posttrain.api import RECIPES
 from posttrain.train.control import RunDiverged, find_resume_point
 from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 from tests.conftest import tiny_run_dict
