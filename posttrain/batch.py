@@ -17,16 +17,22 @@ class RolloutBatch:
     prompt_mask: Tensor  # (B, P) long: 1 on real prompt tokens
     response_ids: Tensor  # (B, T) long: sampled tokens a_t, EOS included, right-padded
     response_mask: Tensor  # (B, T) float: 1 on a_t up to and including EOS, 0 after
-    logprobs: Tensor  # (B, T) float: log pi_old(a_t | s_t) at the sampling temperature, 0 off the mask
+    rollout_logprobs: Tensor  # (B, T) float: log pi_rollout(a_t | s_t) as the rollout engine returned it, at the
+    #                           sampling temperature, 0 off the mask
     finished: Tensor  # (B,) bool: the response ended with EOS (False: truncated at max_new_tokens)
     # (B, T) float: 1 on the tokens the policy chose (what a loss trains on and an estimator assigns credit to);
     # None: every response token (a single-turn rollout). In a multi-turn rollout the tool output inside the
     # response is under response_mask (the model reads it) but not under loss_mask, so it has holes.
     loss_mask: Tensor | None = None
+    # (B, T) float: log pi_old(a_t | s_t) by the trainer's forward pass (an external engine: the learner's forward
+    # phase); None: the rollout's own, the very same tensor (posttrain's engine in fp32 is the trainer's forward)
+    old_logprobs: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
             self.loss_mask = self.response_mask
+        if self.old_logprobs is None:
+            self.old_logprobs = self.rollout_logprobs
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)

@@ -28,11 +28,18 @@ class Experience:
     response_mask: Tensor  # (B, T) float: 1 on response tokens (what the forward pass reads)
     loss_mask: Tensor  # (B, T) float: 1 on the tokens the losses train on (holes allowed; 0 on truncated rows
     #                    under rl.mask_truncated); every loss, aggregation and count uses this mask
-    old_logprobs: Tensor  # (B, T) log pi_old(a_t | s_t), the policy that generated the batch
+    old_logprobs: Tensor  # (B, T) log pi_old(a_t | s_t) by the trainer's forward pass (the ratio's denominator)
     advantages: Tensor  # (B, T) A_t (whitened if configured)
     returns: Tensor  # (B, T) R_t = A_t + V_old(s_t) (critic targets; equal to advantages without a critic)
     ref_logprobs: Tensor | None = None  # (B, T) log pi_ref(a_t | s_t); None without a reference model
     values: Tensor | None = None  # (B, T) V_old(s_t) from the critic at rollout time; None without a critic
+    # (B, T) log pi_rollout(a_t | s_t) as the rollout engine returned it (the samples' true behaviour policy; the
+    # rollout correction weighs the loss by pi_old / pi_rollout); None: the same tensor as old_logprobs
+    rollout_logprobs: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.rollout_logprobs is None:
+            self.rollout_logprobs = self.old_logprobs
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)

@@ -189,13 +189,17 @@ class RLConfig(_AdamW, _Sampling):
                            "needs values (gae) makes the loop train a critic; one that needs a baseline reward "
                            "(remax) makes it decode each prompt greedily and score that.")
     adv_eps: float = Field(1e-6, gt=0, description="Epsilon in the group-std normalisation.")
-    policy_loss: str = Field("ppo_clip", description="Policy loss (posttrain.algos.policy_losses).")
+    policy_loss: str = Field("ppo_clip", description="Policy loss (posttrain.algos.policy_losses): ppo_clip, gspo, "
+                             "reinforce, cispo, gmpo, sapo.")
     loss_agg: str = Field("token-mean", description="Loss aggregation mode (posttrain.algos.aggregation).")
     clip_eps_low: float = Field(0.2, gt=0, lt=1, description="PPO clip: ratio lower bound is 1 - clip_eps_low.")
     clip_eps_high: float = Field(0.2, gt=0, description="PPO clip: ratio upper bound is 1 + clip_eps_high.")
-    kl_coef: float = Field(0.01, ge=0, description="KL-to-reference coefficient in the loss; 0 loads no "
-                           "reference model at all.")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator.")
+    kl_coef: float = Field(0.01, ge=0, description="KL-to-reference coefficient beta (in the loss or the reward, "
+                           "rl.kl_placement); 0 loads no reference model at all.")
+    kl_estimator: str = Field("k3+", description="Per-token KL estimator (posttrain.algos.kl): k1, k2, k3, k3+ (k3's "
+                              "value, k2's gradient). In the loss k2 and k3+ give the gradient of KL(pi || pi_ref), k3 "
+                              "that of the forward KL(pi_ref || pi), k1 none (refused); in the reward only k1 is "
+                              "unbiased (docs/algorithms.md).")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass (the batch is split evenly).")
     max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
@@ -236,6 +240,19 @@ class RLConfig(_AdamW, _Sampling):
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (subtracted from the loss).")
     dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound c (> 1) for negative "
                                       "advantages; None: off.")
+    sapo_tau_pos: float = Field(1.0, gt=0, description="policy_loss sapo: gate temperature of tokens with a "
+                                "positive advantage (the paper's 1.0).")
+    sapo_tau_neg: float = Field(1.05, gt=0, description="policy_loss sapo: gate temperature of the other tokens "
+                                "(the paper's 1.05).")
+    # Rollout/trainer mismatch (posttrain/algos/rollout_correction.py).
+    rollout_correction: str = Field("none", description="Importance weight on the policy loss for the gap between "
+                                    "the rollout engine's log-probs and the trainer's (vLLM, bf16): none, tis "
+                                    "(min(rho, C)), mis (rho, 0 above C), icepop (rho, 0 outside [1/C, C]).")
+    rollout_correction_level: Literal["token", "sequence"] = Field(
+        "token", description="rho per token, or per sequence (the product of its tokens' ratios).")
+    rollout_correction_cap: float = Field(2.0, gt=1, description="C of the rollout correction.")
+    rollout_mismatch_threshold: float = Field(0.1, gt=0, description="|log pi_old - log pi_rollout| above which a "
+                                              "token counts in the logged rollout_logprob_diff_frac.")
     # Pretraining mix (InstructGPT's PPO-ptx).
     ptx_coef: float = Field(0.0, ge=0, description="lambda_ptx: weight of the next-token loss on a ptx "
                             "minibatch added to the actor's loss at every optimizer step (0: off).")
@@ -285,12 +302,20 @@ class RLConfig(_AdamW, _Sampling):
         if self.overlong_buffer_frac > 0 and round(self.overlong_buffer_frac * self.max_new_tokens) < 1:
             raise ValueError(f"rl.overlong_buffer_frac ({self.overlong_buffer_frac}) of rl.max_new_tokens "
                              f"({self.max_new_tokens}) is less than one token")
-        from posttrain.algos import ADVANTAGES, AGG_MODES, POLICY_LOSSES  # noqa: PLC0415 (light module)
+        from posttrain.algos import (ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES,  # noqa: PLC0415 (light)
+                                     ROLLOUT_CORRECTIONS)
+        from posttrain.algos.kl import KL_GRADIENT  # noqa: PLC0415
         for key, value, valid in (("advantage", self.advantage, list(ADVANTAGES.names())),
                                   ("policy_loss", self.policy_loss, POLICY_LOSSES.names()),
-                                  ("loss_agg", self.loss_agg, list(AGG_MODES))):
+                                  ("loss_agg", self.loss_agg, list(AGG_MODES)),
+                                  ("kl_estimator", self.kl_estimator, list(KL_ESTIMATORS.names())),
+                                  ("rollout_correction", self.rollout_correction,
+                                   ["none", *ROLLOUT_CORRECTIONS.names()])):
             if value not in valid:
                 raise ValueError(f"rl.{key} must be one of {', '.join(valid)}{_suggest(value, valid)}")
+        if self.kl_coef > 0 and self.kl_placement == "loss" and KL_GRADIENT[self.kl_estimator]["loss"] == "zero":
+            raise ValueError(f"rl.kl_estimator={self.kl_estimator} in the loss has expected gradient 0 (it only adds "
+                             "noise); use rl.kl_estimator=k3+ (or k2) in the loss, or rl.kl_placement=reward")
         return self
 
 

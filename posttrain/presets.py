@@ -10,13 +10,17 @@ lengths) keep RunConfig's defaults. docs/algorithms.md gives each preset's equat
 from __future__ import annotations
 
 _COMMON = {"policy_loss": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2, "dual_clip_c": None,
-           "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, "whiten_advantages": False,
+           "kl_placement": "loss", "kl_estimator": "k3+", "kl_coef": 0.0, "whiten_advantages": False,
            "dynamic_sampling": False, "overlong_buffer_frac": 0.0, "mask_truncated": False, "gamma": 1.0}
 
 PRESETS: dict[str, dict] = {
     # DeepSeekMath (Shao et al. 2024) sec. 4.1: group-normalised outcome advantage, PPO clip 0.2, KL to the
-    # reference in the loss with the k3 estimator and beta = 0.04, per-sequence token averages.
-    "grpo": {**_COMMON, "advantage": "grpo", "loss_agg": "seq-mean-token-mean", "kl_coef": 0.04},
+    # reference in the loss with the k3 estimator and beta = 0.04, per-sequence token averages. Kept as the paper
+    # has it: k3 in the loss has the expected gradient of the *forward* KL(pi_ref || pi), not of the reverse
+    # KL(pi || pi_ref) the paper's eq. 3 writes; rl.kl_estimator=k3+ keeps k3's value with the reverse KL's
+    # gradient (docs/algorithms.md, "KL estimators").
+    "grpo": {**_COMMON, "advantage": "grpo", "loss_agg": "seq-mean-token-mean", "kl_estimator": "k3",
+             "kl_coef": 0.04},
     # Liu et al. 2025 ("Understanding R1-Zero-Like Training"): no std division, no 1/|o_i| (token sums over a
     # constant, the longest response), no KL term.
     "dr_grpo": {**_COMMON, "advantage": "dr_grpo", "loss_agg": "seq-mean-token-sum-norm"},

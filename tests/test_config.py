@@ -67,6 +67,16 @@ def test_registry_names_are_checked_with_a_suggestion():
     assert "rl.advantage" in msg and "did you mean 'grpo'" in msg
     assert "rl.policy_loss" in error_of("rl.policy_loss=ppo")
     assert "rl.loss_agg" in error_of("rl.loss_agg=mean")
+    assert "did you mean 'k3'" in error_of("rl.kl_estimator=k4")
+    assert "did you mean 'tis'" in error_of("rl.rollout_correction=tiss")
+
+
+def test_k1_in_the_loss_is_refused_with_why_and_what_to_use():
+    """k1's expected gradient in the loss is 0 (tests/algos/test_kl_gradients.py); in the reward it is exact."""
+    msg = error_of("rl.kl_estimator=k1", "rl.kl_placement=loss", "rl.kl_coef=0.05")
+    assert "rl.kl_estimator=k1" in msg and "gradient 0" in msg and "k3+" in msg and "rl.kl_placement=reward" in msg
+    assert build_config(overrides=["rl.kl_estimator=k1", "rl.kl_placement=reward"]).rl.kl_estimator == "k1"
+    assert build_config(overrides=["rl.kl_estimator=k1", "rl.kl_coef=0"]).rl.kl_coef == 0  # no KL term: no error
 
 
 def test_several_errors_are_reported_on_one_line():

@@ -58,14 +58,14 @@ def test_generation_logprobs_equal_the_training_forward_pass(model, tokenizer, p
     assert out.finished.any() and not out.finished.all()
 
     logprobs, _ = response_logprobs(model, ids, mask, out.response_ids, out.response_mask, temperature=temperature)
-    torch.testing.assert_close(out.logprobs, logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.rollout_logprobs, logprobs, atol=1e-5, rtol=0)
     on = out.response_mask.bool()
-    assert (out.logprobs[on] < 0).all()  # real log-probabilities, not placeholders
-    assert (out.logprobs[~on] == 0).all()
+    assert (out.rollout_logprobs[on] < 0).all()  # real log-probabilities, not placeholders
+    assert (out.rollout_logprobs[~on] == 0).all()
 
     # Hence the first PPO ratio of an on-policy update is exactly 1 and nothing is clipped.
     adv = torch.randn(out.response_mask.shape, generator=torch.Generator().manual_seed(1))
-    _, metrics = POLICY_LOSSES.get("ppo_clip")(logprobs, out.logprobs, adv, out.response_mask)
+    _, metrics = POLICY_LOSSES.get("ppo_clip")(logprobs, out.rollout_logprobs, adv, out.response_mask)
     assert abs(float(metrics["ratio_max"]) - 1.0) < 1e-5
     assert float(metrics["clip_frac"]) == 0.0
 
@@ -74,7 +74,7 @@ def test_logprobs_are_at_the_sampling_temperature(model, tokenizer, prompts):
     ids, mask = prompts
     out = sample(model, tokenizer, prompts, temperature=0.7)
     at_one, _ = response_logprobs(model, ids, mask, out.response_ids, out.response_mask, temperature=1.0)
-    assert (out.logprobs - at_one).abs().max() > 1e-2
+    assert (out.rollout_logprobs - at_one).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -131,7 +131,7 @@ def test_same_generator_seed_gives_identical_samples(model, tokenizer, prompts):
     b = sample(model, tokenizer, prompts, seed=7)
     c = sample(model, tokenizer, prompts, seed=8)
     assert torch.equal(a.response_ids, b.response_ids)
-    assert torch.equal(a.logprobs, b.logprobs)
+    assert torch.equal(a.rollout_logprobs, b.rollout_logprobs)
     assert not torch.equal(a.response_ids, c.response_ids)
 
 
@@ -219,7 +219,7 @@ def test_finished_rows_leave_the_decode_batch_with_the_same_samples(model, token
     assert all(n <= max(1, math.ceil(a / gen.COMPACT_BELOW)) + 1 or n == len(PROMPTS) for n, a in zip(compact_sizes, live))
     assert torch.equal(compact.response_ids, full.response_ids)
     assert torch.equal(compact.response_mask, full.response_mask)
-    torch.testing.assert_close(compact.logprobs, full.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compact.rollout_logprobs, full.rollout_logprobs, atol=1e-5, rtol=0)
 
 
 def test_sampled_tokens_follow_the_distribution_and_skip_zero_probability():

@@ -1,4 +1,5 @@
-"""Pure torch algorithm pieces: advantage estimators, policy/value losses, KL, the loss reduction."""
+"""Pure torch algorithm pieces: advantage estimators, policy/value losses, KL, rollout corrections, the loss
+reduction."""
 
 from .advantages import ADVANTAGES
 from .aggregation import AGG_MODES, aggregate
@@ -6,6 +7,7 @@ from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .policy_losses import POLICY_LOSSES
 from .preference import PREFERENCE_LOSSES, PREFERENCE_SPECS
 from .registry import Registry, UnknownNameError
+from .rollout_correction import ROLLOUT_CORRECTIONS
 from .utils import masked_mean, masked_whiten
 from .value_losses import VALUE_LOSSES
 
@@ -16,6 +18,7 @@ __all__ = [
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "PREFERENCE_SPECS",
+    "ROLLOUT_CORRECTIONS",
     "VALUE_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",

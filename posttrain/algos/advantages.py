@@ -4,14 +4,19 @@ Every estimator is called as
 
     advantages, returns = ADVANTAGES.get(name)(
         token_rewards, response_mask, *, values=None, group_ids=None, baseline_rewards=None,
-        gamma=1.0, lam=1.0, eps=1e-6)
+        scores=None, loss_mask=None, gamma=1.0, lam=1.0, eps=1e-6)
 
-    token_rewards     (B, T)  reward of each response token (an outcome reward sits on the last one)
-    response_mask     (B, T)  {0, 1} float or bool: 1 on response tokens
+    token_rewards     (B, T)  reward of each response token (an outcome reward sits on the last one; with the KL
+                              in the reward, -beta KL_t on every token)
+    response_mask     (B, T)  {0, 1} float or bool: 1 on the tokens that get credit (the policy's own tokens)
     values            (B, T)  V(s_t) from the critic (gae only)
     group_ids         (B,)    long: responses to the same prompt share an id (grpo, dr_grpo, rloo,
                               reinforce_pp_baseline)
     baseline_rewards  (B,)    reward of the greedy rollout of the same prompt (remax)
+    scores            (B,)    each response's outcome score, without any KL penalty (reinforce_pp_baseline)
+    loss_mask         (B, T)  the tokens the loss trains on, a subset of response_mask (DAPO's overlong
+                              filter clears truncated rows); the batch whitening of reinforce_pp and
+                              reinforce_pp_baseline takes its statistics over these. None: response_mask
     -> advantages (B, T), returns (B, T): both zero outside the mask, no grad.
 
 Outcome-reward (critic-free) estimators reduce the rewards to a sequence score
@@ -117,6 +122,8 @@ def gae_estimator(
     values: Tensor | None = None,
     group_ids: Tensor | None = None,
     baseline_rewards: Tensor | None = None,
+    scores: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
@@ -134,6 +141,8 @@ def grpo(
     values: Tensor | None = None,
     group_ids: Tensor | None = None,
     baseline_rewards: Tensor | None = None,
+    scores: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
@@ -166,6 +175,8 @@ def dr_grpo(
     values: Tensor | None = None,
     group_ids: Tensor | None = None,
     baseline_rewards: Tensor | None = None,
+    scores: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
@@ -198,6 +209,8 @@ def rloo(
     values: Tensor | None = None,
     group_ids: Tensor | None = None,
     baseline_rewards: Tensor | None = None,
+    scores: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
@@ -221,15 +234,15 @@ def rloo(
     return _broadcast(r - baseline, m)
 
 
-def _reinforce_pp(token_rewards: Tensor, response_mask: Tensor, group_ids: Tensor | None, gamma: float,
-                  eps: float) -> tuple[Tensor, Tensor]:
+def _reinforce_pp(token_rewards: Tensor, response_mask: Tensor, baseline: Tensor | None, loss_mask: Tensor | None,
+                  gamma: float, eps: float) -> tuple[Tensor, Tensor]:
+    """G_t (minus a per-row baseline (B,)), whitened with the statistics of the loss mask's tokens (B, T); zero
+    outside the loss mask."""
     m = as_bool(response_mask)
     r = zero_outside(token_rewards, m)
     returns, _ = gae(r, torch.zeros_like(r), m, gamma=gamma, lam=1.0)  # G_t: V = 0, lambda = 1
-    a = returns
-    if group_ids is not None:
-        a = a - _group_stats(r.sum(-1), group_ids)[2][:, None]
-    adv = masked_whiten(a, m, eps=eps)
+    a = returns if baseline is None else returns - baseline[:, None].to(r.dtype)
+    adv = masked_whiten(a, m if loss_mask is None else m & as_bool(loss_mask), eps=eps)
     return adv, adv.clone()
 
 
@@ -242,6 +255,8 @@ def reinforce_pp(
     values: Tensor | None = None,
     group_ids: Tensor | None = None,
     baseline_rewards: Tensor | None = None,
+    scores: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
@@ -252,21 +267,21 @@ def reinforce_pp(
         G_{i,t} = sum_{s >= t} gamma^(s - t) r_{i,s}          (s over the response tokens of sequence i)
         A_{i,t} = (G_{i,t} - mu) / sqrt(var + eps)
 
-    mu and var are the mean and population variance of G over all *valid tokens* of the batch (each
-    sequence weighted by its length), as OpenRLHF's global advantage normalisation; see `masked_whiten`.
+    mu and var are the mean and population variance of G over the trained tokens of the batch (`loss_mask`;
+    each sequence weighted by its length), as OpenRLHF's global advantage normalisation; see `masked_whiten`.
     With an outcome reward only (on the last token) and gamma = 1, G_{i,t} = r_i for every t; with
     per-token KL penalties in the reward (kl_placement "reward", the paper's setting) G_{i,t} sums only
     the penalties from t on. `group_ids` is ignored: see `reinforce_pp_baseline`.
 
     Args:
-        token_rewards: (B, T); response_mask: (B, T); gamma: discount.
+        token_rewards: (B, T); response_mask: (B, T); loss_mask: (B, T) or None; gamma: discount.
     Returns:
         advantages (B, T) = returns (B, T), zero outside the mask.
     """
-    return _reinforce_pp(token_rewards, response_mask, None, gamma, eps)
+    return _reinforce_pp(token_rewards, response_mask, None, loss_mask, gamma, eps)
 
 
-@ADVANTAGES.register("reinforce_pp_baseline", requires=("group_ids",))
+@ADVANTAGES.register("reinforce_pp_baseline", requires=("group_ids", "scores"))
 @torch.no_grad()
 def reinforce_pp_baseline(
     token_rewards: Tensor,
@@ -275,24 +290,36 @@ def reinforce_pp_baseline(
     values: Tensor | None = None,
     group_ids: Tensor | None = None,
     baseline_rewards: Tensor | None = None,
+    scores: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """REINFORCE++-baseline (Hu et al. 2025, later versions of the paper): subtract the group's mean sequence return
-    before the global normalisation of `reinforce_pp`:
+    """REINFORCE++ w/ Baseline (Hu et al., "REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global
+    Normalization", arXiv 2501.03262v9, Nov 2025; OpenRLHF's `reinforce_baseline`): the group mean of the outcome
+    *score* is the baseline, subtracted before the KL penalties join the return, then the global normalisation of
+    `reinforce_pp`:
 
-        R_j     = sum_t r_{j,t}                                   (a sequence's total reward)
-        a_{i,t} = G_{i,t} - mean_{j in g(i)} R_j                  (group of size 1: mean 0)
-        A_{i,t} = (a_{i,t} - mu) / sqrt(var + eps)                (mu, var over all valid tokens)
+        s_j     = outcome score of response j (no KL)             (`scores`)
+        G_{i,t} = sum_{u >= t} gamma^(u - t) r_{i,u}               (token rewards: score on the last token, -beta KL_u
+                                                                    on every token with kl_placement "reward")
+        a_{i,t} = G_{i,t} - mean_{j in g(i)} s_j                   (group of size 1: mean 0)
+        A_{i,t} = (a_{i,t} - mu) / sqrt(var + eps)                 (mu, var over the trained tokens, `loss_mask`)
+
+    This equals OpenRLHF's order: the score minus its group mean, then the KL reward, then the return-to-go (the
+    baseline passes through the sum unchanged). Subtracting the group mean of the total reward, KL included, would
+    be another baseline (verl uses the sequence's summed token rewards); without a KL in the reward they agree.
 
     Args:
-        token_rewards: (B, T); response_mask: (B, T); group_ids: (B,) long, required; gamma: discount.
+        token_rewards: (B, T); response_mask: (B, T); group_ids: (B,) long, required; scores: (B,), required;
+        loss_mask: (B, T) or None; gamma: discount.
     Returns:
         advantages (B, T) = returns (B, T), zero outside the mask.
     """
     group_ids = _require("reinforce_pp_baseline", "group_ids", group_ids)
-    return _reinforce_pp(token_rewards, response_mask, group_ids, gamma, eps)
+    s = _require("reinforce_pp_baseline", "scores", scores).to(token_rewards.dtype)
+    return _reinforce_pp(token_rewards, response_mask, _group_stats(s, group_ids)[2], loss_mask, gamma, eps)
 
 
 @ADVANTAGES.register("remax", requires=("baseline_rewards",))
@@ -304,6 +331,8 @@ def remax(
     values: Tensor | None = None,
     group_ids: Tensor | None = None,
     baseline_rewards: Tensor | None = None,
+    scores: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,

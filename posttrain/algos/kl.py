@@ -3,9 +3,23 @@
 Estimators (Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html), per
 token, for actions sampled from pi. With log r = ref_logprobs - logprobs = log pi_ref(a) / pi(a):
 
-    k1 = -log r                      unbiased, high variance, can be negative
-    k2 = 0.5 * (log r)^2             biased, low variance, >= 0
-    k3 = (r - 1) - log r             unbiased, low variance, >= 0
+    k1  = -log r                     value: unbiased, high variance, can be negative
+    k2  = 0.5 * (log r)^2            value: biased (>= 0, exact to second order), low variance
+    k3  = (r - 1) - log r            value: unbiased, low variance, >= 0
+    k3+ = k3's value, k2's gradient  (straight-through: k2 - sg(k2) + sg(k3); verl's "k3+")
+
+An estimator's *value* being unbiased says nothing about its *gradient* (Tang & Munos 2025, "On a few pitfalls
+in KL divergence gradient estimation for RL"). On-policy (samples from pi, no gradient through the sampling),
+the expected gradient with respect to the policy's parameters is, exactly:
+
+    placement  k1                 k2                 k3                        k3+
+    loss       0 (only noise)     grad KL(pi||ref)   grad KL(ref||pi) (forward)  grad KL(pi||ref)
+    reward     grad KL(pi||ref)   biased             biased                    biased (= k3's)
+
+("loss": beta * k_t added to the per-token loss, E_pi[grad k]; "reward": r_t -= beta * k_t before the
+advantages, E_pi[k grad log pi], REINFORCE's score-function term.) `KL_GRADIENT` holds this table; the config
+refuses k1 in the loss and the loop warns about k2/k3/k3+ in the reward. tests/algos/test_kl_gradients.py
+computes each case on a 7-way categorical.
 
 Registry signature: fn(logprobs (B, T), ref_logprobs (B, T)) -> (B, T). Masking and reduction are the
 caller's (`aggregate`, or `masked_mean` for a metric).
@@ -22,6 +36,15 @@ KL_ESTIMATORS = Registry("KL estimator")
 
 K3_LOG_RATIO_CLAMP = 20.0
 
+# name -> placement -> the expected gradient it gives on-policy: "reverse" (of KL(pi || pi_ref), what the
+# penalty means), "forward" (of KL(pi_ref || pi)), "zero", or "biased" (the gradient of no KL)
+KL_GRADIENT: dict[str, dict[str, str]] = {
+    "k1": {"loss": "zero", "reward": "reverse"},
+    "k2": {"loss": "reverse", "reward": "biased"},
+    "k3": {"loss": "forward", "reward": "biased"},
+    "k3+": {"loss": "reverse", "reward": "biased"},
+}
+
 
 @KL_ESTIMATORS.register("k1")
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -31,7 +54,9 @@ def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 @KL_ESTIMATORS.register("k2")
 def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k2 = 0.5 * (logprobs - ref_logprobs)^2.  (B, T), (B, T) -> (B, T)."""
+    """k2 = 0.5 * (logprobs - ref_logprobs)^2.  (B, T), (B, T) -> (B, T).
+
+    grad k2 = (logprobs - ref_logprobs) grad logprobs, whose expectation under pi is grad KL(pi || pi_ref)."""
     return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
@@ -39,12 +64,24 @@ def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """k3 = exp(ref - logp) - (ref - logp) - 1.  (B, T), (B, T) -> (B, T).
 
+    grad k3 = (1 - pi_ref/pi) grad logprobs, whose expectation under pi is -sum_a pi_ref(a) grad log pi(a) =
+    grad KL(pi_ref || pi): in the loss, k3 pulls along the forward KL's gradient, not the reverse KL's.
+
     The log-ratio (ref - logp) is clamped to [-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP] = [-20, 20] first
     so a token the policy has made near-impossible under pi_ref cannot overflow exp() into inf/NaN; this
     only changes tokens with |log ratio| > 20 (and zeroes their gradient).
     """
     log_r = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
     return torch.exp(log_r) - log_r - 1.0
+
+
+@KL_ESTIMATORS.register("k3+")
+def kl_k3_straight_through(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k3+ = k2 - sg(k2) + sg(k3): the value of k3 (unbiased, >= 0), the gradient of k2 (the reverse KL's in
+    expectation). (B, T), (B, T) -> (B, T). verl's "k3+" (low_var_kl with the straight-through trick); Tang &
+    Munos 2025. The value is k3's exactly (k2 - sg(k2) is 0 in floating point)."""
+    k2 = kl_k2(logprobs, ref_logprobs)
+    return k2 - k2.detach() + kl_k3(logprobs, ref_logprobs).detach()
 
 
 def _as_float(x: float | Tensor) -> float:

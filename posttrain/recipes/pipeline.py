@@ -119,7 +119,7 @@ def held_out(cfg: RunConfig, policy, tokenizer, task, rm: RewardModel, reference
     ref_logprobs, _ = response_logprobs(reference, ids, mask, sample.response_ids, sample.response_mask,
                                         temperature=cfg.rl.temperature)
     policy.train(was_training)
-    kl = ((sample.logprobs - ref_logprobs) * sample.response_mask).sum(-1).mean().item()
+    kl = ((sample.rollout_logprobs - ref_logprobs) * sample.response_mask).sum(-1).mean().item()
     examples = [p + c for p, c in zip(prompts[:6], completions[:6], strict=True)]
     return {"gold": gold, "accuracy": sum(gold) / len(gold), "rm_score": rm_score, "kl": kl, "examples": examples}
 

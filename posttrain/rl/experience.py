@@ -7,6 +7,7 @@ B = sequences (prompts_per_step * group_size, contiguous groups), T = longest re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,11 +16,14 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import ADVANTAGES, KL_ESTIMATORS, masked_mean, masked_whiten
+from posttrain.algos.kl import KL_GRADIENT
 from posttrain.algos.shaping import informative_groups, truncation_loss_mask
 from posttrain.batch import RolloutBatch, cat_padded, last_token_index
 from posttrain.buffer import Experience
 from posttrain.config import RLConfig
 from posttrain.invariants import check_finite, check_mask_not_empty
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,7 +118,7 @@ class ExperienceRecipe:
     # (scores (B,), batch, ref_logprobs (B, T) | None, kl_coef) -> token rewards (B, T)
     token_rewards: Callable[[Tensor, RolloutBatch, Tensor | None, float], Tensor]
     # the registered estimator with its hyperparameters bound: (token_rewards, mask, values=, group_ids=,
-    # baseline_rewards=) -> (advantages, returns)
+    # baseline_rewards=, scores=, loss_mask=) -> (advantages, returns)
     estimator: Callable[..., tuple[Tensor, Tensor]]
     normalize: Callable[[Tensor, Tensor], Tensor]  # (advantages, mask) -> advantages: whitening or identity
     train_mask: Callable[[Tensor, Tensor], Tensor]  # (loss_mask, finished) -> loss mask: DAPO's filter or identity
@@ -123,8 +127,13 @@ class ExperienceRecipe:
     @classmethod
     def from_config(cls, c: RLConfig) -> "ExperienceRecipe":
         if c.kl_placement == "reward" and c.kl_coef > 0:
+            if KL_GRADIENT[c.kl_estimator]["reward"] != "reverse":
+                log.warning("rl.kl_estimator=%s in the reward biases the gradient: E[%s * grad log pi] is not the "
+                            "gradient of KL(pi || pi_ref); use rl.kl_estimator=k1 in the reward, or "
+                            "rl.kl_placement=loss with k3+ (docs/algorithms.md)", c.kl_estimator, c.kl_estimator)
+
             def token_rewards(scores, batch, ref_logprobs, kl_coef):
-                return kl_penalty_rewards(scores, batch.logprobs, ref_logprobs, batch.loss_mask, kl_coef,
+                return kl_penalty_rewards(scores, batch.old_logprobs, ref_logprobs, batch.loss_mask, kl_coef,
                                           c.kl_estimator)
         else:
             def token_rewards(scores, batch, ref_logprobs, kl_coef):
@@ -139,18 +148,21 @@ class ExperienceRecipe:
 def build_experience(recipe: ExperienceRecipe, data: ScoredRollouts, batch: RolloutBatch, *, baseline: Tensor | None,
                      ref_logprobs: Tensor | None, values: Tensor | None, kl_coef: float) -> tuple[Experience, Tensor]:
     """Token rewards, advantages (normalised, checked) and the Experience of scored rollouts `data` whose
-    rollouts (with log pi_old) are `batch`, given the optional ReMax baseline (B,), log pi_ref and V_old (B, T).
+    rollouts (with log pi_old and log pi_rollout) are `batch`, given the optional ReMax baseline (B,), log pi_ref
+    and V_old (B, T). The estimator credits every chosen token (batch.loss_mask: a truncated response still counts
+    in its group); the whitening takes its statistics over the tokens trained on (after DAPO's filter).
     -> (experience, returns before the loss mask (B, T), for the critic's explained variance)."""
     mask = batch.loss_mask
+    train_mask = recipe.train_mask(mask, batch.finished)
     token_rewards = recipe.token_rewards(data.scores, batch, ref_logprobs, kl_coef)
     group_ids = torch.arange(len(batch) // recipe.group_size).repeat_interleave(recipe.group_size)
     advantages, returns = recipe.estimator(token_rewards, mask, values=values, group_ids=group_ids,
-                                           baseline_rewards=baseline)
-    advantages = recipe.normalize(advantages, mask)
-    train_mask = recipe.train_mask(mask, batch.finished)
+                                           baseline_rewards=baseline, scores=data.scores, loss_mask=train_mask)
+    advantages = recipe.normalize(advantages, train_mask)
     recipe.check(train_mask, advantages, returns)
     exp = Experience(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, train_mask,
-                     batch.logprobs * train_mask, advantages * train_mask, returns * train_mask, ref_logprobs, values)
+                     batch.old_logprobs * train_mask, advantages * train_mask, returns * train_mask, ref_logprobs,
+                     values, batch.rollout_logprobs * train_mask)
     return exp, returns
 
 
@@ -165,7 +177,7 @@ def explained_variance(values, returns, mask) -> float:
 def policy_kl(batch: RolloutBatch, ref_logprobs: Tensor) -> float:
     """KL(pi_old || pi_ref) of a rollout batch: k1 summed over each response's trained tokens, batch mean. What
     the adaptive KL controller follows."""
-    return ((batch.logprobs - ref_logprobs) * batch.loss_mask).sum(-1).mean().item()
+    return ((batch.old_logprobs - ref_logprobs) * batch.loss_mask).sum(-1).mean().item()
 
 
 def experience_metrics(data: ScoredRollouts, allgen: ScoredRollouts, batch: RolloutBatch, *, group_size: int,

@@ -13,9 +13,11 @@ rank takes the same clipped step, so their weights stay identical (checked by ch
 One `Learner` computes one share (a Ray rank) or all M shares in turn (in one process: its gradient
 accumulates g_0 + g_1 + ..., which for M = 2 is bitwise what a two-rank all-reduce returns).
 
-Per minibatch, one actor step: the policy loss [+ beta * KL_t (kl_placement "loss")] [- entropy_coef *
-entropy], reduced by `aggregate`, accumulated over micro-batches, + ptx_coef * the next-token loss on a ptx
-minibatch (rank 0); invariant: the ratio is 1 on the first minibatch. Then one critic step (value loss).
+Per minibatch, one actor step: the policy loss [x the rollout correction's weight w_t(pi_old / pi_rollout)]
+[+ beta * KL_t (kl_placement "loss")] [- entropy_coef * entropy], reduced by `aggregate`, accumulated over
+micro-batches, + ptx_coef * the next-token loss on a ptx minibatch (rank 0); invariant: the ratio is 1 on the first
+minibatch. Then one critic step (value loss). Every update also measures the rollout/trainer mismatch of its batch
+(log pi_old, the trainer's, against log pi_rollout, the engine's: posttrain/algos/rollout_correction.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from posttrain.algos import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, VALUE_LOSSES, aggregate, masked_mean
+from posttrain.algos import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS, VALUE_LOSSES, aggregate,
+                             masked_mean)
+from posttrain.algos.rollout_correction import LEVELS, correction_metrics, rollout_mismatch
 from posttrain.batch import RolloutBatch, map_micro_batches
 from posttrain.buffer import Experience, ExperienceBuffer
 from posttrain.config import RLConfig, RunConfig
@@ -55,12 +59,34 @@ def _no_entropy_bonus(loss_tok: Tensor, entropy: Tensor) -> Tensor:
     return loss_tok
 
 
+def _no_correction(loss_tok: Tensor, old: Tensor, rollout: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+    return loss_tok, {}
+
+
+def _rollout_correction(c: RLConfig):
+    """(loss_tok, old_logprobs, rollout_logprobs, loss_mask) -> (w * loss_tok, metrics): rl.rollout_correction at
+    rl.rollout_correction_level with cap rl.rollout_correction_cap (posttrain/algos/rollout_correction.py)."""
+    if c.rollout_correction == "none":
+        return _no_correction
+    weigh, level = ROLLOUT_CORRECTIONS.get(c.rollout_correction), LEVELS[c.rollout_correction_level]
+
+    def correct(loss_tok: Tensor, old: Tensor, rollout: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+        log_ratio = level(old, rollout, mask)
+        weights = weigh(log_ratio, mask, cap=c.rollout_correction_cap)
+        return loss_tok * weights, correction_metrics(weights, log_ratio, mask)
+
+    return correct
+
+
 @dataclass(frozen=True)
 class ActorLoss:
     """The actor's per-token loss as cfg.rl selects it, resolved once:
-    l_t = policy_loss_t [+ beta * KL_t(pi || pi_ref)] [- entropy_coef * H_t], reduced by `reduce`."""
+    l_t = w_t policy_loss_t [+ beta * KL_t(pi || pi_ref)] [- entropy_coef * H_t], reduced by `reduce`; w_t the
+    rollout correction's weight (1: none)."""
 
     policy_loss: Callable  # (logprobs, old_logprobs, advantages, loss_mask) -> (loss (B, T), metrics)
+    # (loss_tok, old_logprobs, rollout_logprobs, loss_mask) -> (loss_tok, metrics): the rollout correction or nothing
+    correction: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, dict]]
     kl_term: Callable[[Tensor, Tensor, Tensor | None, float], Tensor]  # (loss_tok, logprobs, ref, beta) -> loss_tok
     entropy_term: Callable[[Tensor, Tensor], Tensor]  # (loss_tok, entropy) -> loss_tok
     reduce: Callable  # (loss_tok, loss_mask, global_num_tokens=, global_num_seqs=) -> scalar
@@ -73,8 +99,10 @@ class ActorLoss:
         entropy_term = ((lambda loss_tok, entropy: loss_tok - c.entropy_coef * entropy) if c.entropy_coef > 0
                         else _no_entropy_bonus)
         return cls(partial(POLICY_LOSSES.get(c.policy_loss), clip_eps_low=c.clip_eps_low,
-                           clip_eps_high=c.clip_eps_high, dual_clip_c=c.dual_clip_c),
-                   kl_term, entropy_term, partial(aggregate, mode=c.loss_agg, norm_constant=float(c.max_new_tokens)))
+                           clip_eps_high=c.clip_eps_high, dual_clip_c=c.dual_clip_c, sapo_tau_pos=c.sapo_tau_pos,
+                           sapo_tau_neg=c.sapo_tau_neg),
+                   _rollout_correction(c), kl_term, entropy_term,
+                   partial(aggregate, mode=c.loss_agg, norm_constant=float(c.max_new_tokens)))
 
 
 @dataclass
@@ -166,6 +194,8 @@ def actor_backward(cfg: RunConfig, state: LearnerState, mb: Experience | GlobalS
             worst = check_ratio_is_one(logprobs, micro.old_logprobs, m, c.ratio_tolerance)
             stats["first_log_ratio_max"] = max(stats.get("first_log_ratio_max", 0.0), worst)
         loss_tok, metrics = loss_fn.policy_loss(logprobs, micro.old_logprobs, micro.advantages, m)
+        loss_tok, corrected = loss_fn.correction(loss_tok, micro.old_logprobs, micro.rollout_logprobs, m)
+        metrics.update(corrected)
         loss_tok = loss_fn.entropy_term(loss_fn.kl_term(loss_tok, logprobs, micro.ref_logprobs, state.kl_coef), entropy)
         loss = loss_fn.reduce(loss_tok, m, global_num_tokens=n_tok, global_num_seqs=n_seq)
         loss.backward()
@@ -211,6 +241,7 @@ def trainer_old_logprobs(cfg: RunConfig, state: LearnerState, minibatches: list[
     c = cfg.rl
     for mb in minibatches:
         k = len(mb) // world
+        mb.old_logprobs = mb.old_logprobs.clone()  # written in place below; never the rollout_logprobs tensor
         for r in range(world):
             rows = GlobalShare(mb, r, world).rows
             old = map_micro_batches(rows, c.micro_batch_size, lambda m: response_logprobs(
@@ -289,7 +320,8 @@ class Learner:
     def update(self, exp: Experience, kl_coef: float) -> dict:
         """ppo_epochs passes over shuffled minibatches of `exp`, one reduced actor (and critic) step per minibatch
         with KL coefficient `kl_coef`; then the schedulers advance. Returns per optimizer step each share's
-        metrics and the gradient norms, the skipped steps and the learning rate."""
+        metrics and the gradient norms, the skipped steps, the learning rate and the rollout/trainer mismatch of
+        the whole batch (`rollout_mismatch`, once log pi_old is final)."""
         cfg, state, c = self.cfg, self.state, self.cfg.rl
         state.kl_coef = kl_coef
         for opt in (state.optimizer, state.critic_optimizer):  # gradients left over from elsewhere (an SFT loop)
@@ -299,6 +331,9 @@ class Learner:
         first_epoch = state.buffer.minibatches(c.mini_batches, state.sampler)
         if state.recompute_old_logprobs:
             trainer_old_logprobs(cfg, state, first_epoch, self.world)
+        mismatch = rollout_mismatch(*(torch.cat([getattr(mb, f) for mb in first_epoch])
+                                      for f in ("old_logprobs", "rollout_logprobs", "loss_mask")),
+                                    threshold=c.rollout_mismatch_threshold)
         steps, skipped = [], 0
         for epoch in range(c.ppo_epochs):
             minibatches = first_epoch if epoch == 0 else state.buffer.minibatches(c.mini_batches, state.sampler)
@@ -321,7 +356,8 @@ class Learner:
         state.scheduler.step()
         if state.critic_scheduler is not None:
             state.critic_scheduler.step()
-        return {"steps": steps, "skipped": skipped, "lr": state.scheduler.get_last_lr()[0]}
+        return {"steps": steps, "skipped": skipped, "lr": state.scheduler.get_last_lr()[0],
+                "mismatch": {key: float(value) for key, value in mismatch.items()}}
 
     # weights and checkpoints --------------------------------------------------------------------------------
     def checksum(self) -> str:
@@ -374,7 +410,8 @@ def _cpu(tree):
 
 def combine_update(results: list[dict]) -> dict[str, float]:
     """The learners' update results -> the update's metrics: per optimizer step the shares' metrics summed in
-    share order (first_log_ratio_max: the largest), then averaged over the optimizer steps."""
+    share order (first_log_ratio_max: the largest), then averaged over the optimizer steps; the rollout/trainer
+    mismatch of the batch (the same on every rank) from rank 0."""
     totals: dict[str, float] = {}
     n_steps = len(results[0]["steps"])
     for i in range(n_steps):
@@ -393,4 +430,5 @@ def combine_update(results: list[dict]) -> dict[str, float]:
                 stats["critic_grad_norm"] = records[0]["critic_grad_norm"]
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value
-    return {**{key: value / max(n_steps, 1) for key, value in totals.items()}, "skipped_steps": results[0]["skipped"]}
+    return {**{key: value / max(n_steps, 1) for key, value in totals.items()}, "skipped_steps": results[0]["skipped"],
+            **results[0].get("mismatch", {})}

@@ -26,12 +26,14 @@ this process (`backend: local`) or as Ray actors (`backend: ray`, posttrain/dist
 A "step" is one rollout batch of prompts_per_step * group_size sequences and the optimizer steps taken on it;
 learning-rate schedules count steps. Departures from the papers, all configurable: log pi_old is the one
 generation returns (equal to a fresh forward pass to ~1e-6, checked every step by the ratio invariant; in bf16
-recomputed by the trainer), which saves a forward pass; the critic has its own optimizer rather than a shared
-trunk with a value-loss coefficient (as OpenRLHF and verl).
+and for an external engine recomputed by the trainer, the engine's kept as rollout_logprobs: the mismatch is
+logged every step and rl.rollout_correction weighs it), which saves a forward pass; the critic has its own
+optimizer rather than a shared trunk with a value-loss coefficient (as OpenRLHF and verl).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -109,8 +111,7 @@ class RLRun:
             with timer("reference"):
                 fwd = roles.forward(batch)
             if fwd["logprobs"] is not None:  # an external engine: pi_old from the training forward pass
-                batch = RolloutBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
-                                     fwd["logprobs"], batch.finished, batch.loss_mask)
+                batch = dataclasses.replace(batch, old_logprobs=fwd["logprobs"])
             return batch, fwd["ref_logprobs"], fwd["values"]
 
         needs = ADVANTAGES.requires(c.advantage)

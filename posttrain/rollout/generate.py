@@ -149,4 +149,4 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
         raw = raw.index_copy(0, rows, stepper.step(tok[rows], (next_pos + t)[rows], masks[-1][rows]))
     return RolloutBatch(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
                         response_ids=torch.stack(tokens, 1).cpu(), response_mask=torch.stack(masks, 1).float().cpu(),
-                        logprobs=torch.stack(logps, 1).cpu(), finished=(~alive).cpu())
+                        rollout_logprobs=torch.stack(logps, 1).cpu(), finished=(~alive).cpu())

@@ -13,9 +13,11 @@ tests/distributed/test_vllm_engine.py (marked gpu) skips without CUDA and vllm. 
 - Sampling: each row gets its own seed drawn from `generator`, so a share is reproducible from its shard seed;
   temperature, top_k, top_p as configured; greedy is temperature 0. Generation stops at EOS (kept in the
   response, as posttrain's generation does) or after max_new_tokens.
-- log pi_old: vLLM's sampler computes log-probabilities its own way (fused kernels, often bf16), so the loop
-  recomputes them with the learner's training forward pass (experience.learner_forward, when ray.engine is not
-  torch) and the ratio invariant keeps its fp32 tolerance; the engine returns zeros there.
+- Log-probabilities: vLLM returns the sampled token's log-probability (SamplingParams(logprobs=0), after
+  temperature, top-k and top-p: logprobs_mode="processed_logprobs", vLLM >= 0.10.2) as `rollout_logprobs`. They
+  differ from the trainer's (fused kernels, often bf16), so the loop recomputes log pi_old with the learner's
+  training forward pass (`learner_forward` in rl/loop.py, when ray.engine is not torch), the ratio invariant keeps
+  its fp32 tolerance, the mismatch is logged (rollout_kl, ...) and rl.rollout_correction can weigh it.
 - Weight sync: `load_weights` sends (name, tensor) pairs with HF names to vLLM's model runner, whose model
   `load_weights` maps them onto its fused layout (qkv, gate_up); prefix caching is off, so no stale KV cache.
   The checksum returned is that of the tensors received: vLLM's fused parameters cannot be hashed against the
@@ -65,7 +67,7 @@ class VLLMEngine:
             tokenizer.save_pretrained(path)
             self.llm = vllm.LLM(model=path, tokenizer=path, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                                 gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False,
-                                worker_extension_cls=f"{__name__}.WeightSync")
+                                logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.WeightSync")
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -81,21 +83,26 @@ class VLLMEngine:
                    for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
         params = [self._vllm.SamplingParams(n=1, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
                                             top_k=top_k if top_k > 0 else -1, top_p=top_p, seed=None if greedy else s,
-                                            stop_token_ids=[eos_token_id], detokenize=False)
+                                            stop_token_ids=[eos_token_id], detokenize=False, logprobs=0)
                   for s in seeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        responses, finished = [], []
+        responses, finished, logprobs = [], [], []
         for out in outputs:
             completion = out.outputs[0]
             ids = list(completion.token_ids)[:max_new_tokens]
+            logps = [step[tok].logprob for tok, step in zip(ids, completion.logprobs or [], strict=False)]
             stopped = completion.finish_reason == "stop"
             if stopped and (not ids or ids[-1] != eos_token_id) and len(ids) < max_new_tokens:
                 ids.append(eos_token_id)  # EOS belongs to the response (and its loss), as in posttrain.rollout
             responses.append(ids)
+            logprobs.append(logps + [0.0] * (len(ids) - len(logps)))  # an appended EOS was not sampled: 0
             finished.append(stopped)
         response_ids, response_mask = right_pad(responses, pad_token_id)
+        rollout_logprobs = torch.zeros_like(response_mask)
+        for i, logps in enumerate(logprobs):
+            rollout_logprobs[i, :len(logps)] = torch.tensor(logps, dtype=rollout_logprobs.dtype)
         return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                            response_mask=response_mask, logprobs=torch.zeros_like(response_mask),
+                            response_mask=response_mask, rollout_logprobs=rollout_logprobs,
                             finished=torch.tensor(finished, dtype=torch.bool))
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> str:

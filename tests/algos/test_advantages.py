@@ -154,26 +154,33 @@ def test_rloo_matches_loop(seed):
 @pytest.mark.parametrize("name", ["reinforce_pp", "reinforce_pp_baseline"])
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 @pytest.mark.parametrize("holes", [False, True])
-def test_reinforce_pp_matches_loop(seed, name, gamma, holes):
+@pytest.mark.parametrize("filtered", [False, True])
+def test_reinforce_pp_matches_loop(seed, name, gamma, holes, filtered):
+    """`scores` (the outcome scores, apart from the token rewards) give the baseline; the whitening statistics
+    are those of `loss_mask` (filtered: rows 2 and 5 left out of the loss, as DAPO's overlong filter does)."""
     rewards, mask, _, group_ids, _ = make_batch(seed, holes)
+    scores = torch.randn(B, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    loss_mask = mask.clone()
+    if filtered:
+        loss_mask[[2, 5]] = 0
     eps = 1e-6
-    adv, ret = ADVANTAGES.get(name)(rewards, mask, group_ids=group_ids, gamma=gamma, eps=eps)
-    r, m = rewards.tolist(), mask.tolist()
+    adv, ret = ADVANTAGES.get(name)(rewards, mask, group_ids=group_ids, scores=scores, gamma=gamma, eps=eps,
+                                    loss_mask=loss_mask if filtered else None)
+    r, m, lm = rewards.tolist(), mask.tolist(), loss_mask.tolist()
     a = [[0.0] * T for _ in range(B)]
     for i in range(B):  # return-to-go over the valid tokens only: G_t = sum_{s >= t} gamma^(#valid between) r_s
         valid = [t for t in range(T) if m[i][t]]
         for k, t in enumerate(valid):
             a[i][t] = sum(gamma ** (j - k) * r[i][valid[j]] for j in range(k, len(valid)))
     if name == "reinforce_pp_baseline":
-        totals = seq_scores(r, m)
         for members in groups(group_ids.tolist()).values():
-            mean = sum(totals[j] for j in members) / len(members) if len(members) > 1 else 0.0
+            mean = sum(scores[j].item() for j in members) / len(members) if len(members) > 1 else 0.0
             for i in members:
                 a[i] = [x - mean for x in a[i]]
-    tokens = [a[i][t] for i in range(B) for t in range(T) if m[i][t]]  # token-level statistics
+    tokens = [a[i][t] for i in range(B) for t in range(T) if lm[i][t]]  # token-level statistics of the loss mask
     mu = sum(tokens) / len(tokens)
     var = sum((x - mu) ** 2 for x in tokens) / len(tokens)
-    expected = [[(a[i][t] - mu) / math.sqrt(var + eps) if m[i][t] else 0.0 for t in range(T)] for i in range(B)]
+    expected = [[(a[i][t] - mu) / math.sqrt(var + eps) if lm[i][t] else 0.0 for t in range(T)] for i in range(B)]
     check(adv, expected)
     check(ret, expected)
 
@@ -211,16 +218,17 @@ def test_remax_matches_loop(seed):
 
 @pytest.mark.parametrize("name,arg", [("gae", "values"), ("grpo", "group_ids"), ("dr_grpo", "group_ids"),
                                       ("rloo", "group_ids"), ("remax", "baseline_rewards"),
-                                      ("reinforce_pp_baseline", "group_ids")])
+                                      ("reinforce_pp_baseline", "group_ids"), ("reinforce_pp_baseline", "scores")])
 def test_missing_required_input_names_estimator_and_argument(name, arg):
-    rewards, mask, *_ = make_batch(0)
+    rewards, mask, _, group_ids, _ = make_batch(0)
+    given = {"group_ids": group_ids} if arg == "scores" else {}
     with pytest.raises(ValueError, match=rf"{name}.*{arg}"):
-        ADVANTAGES.get(name)(rewards, mask)
+        ADVANTAGES.get(name)(rewards, mask, **given)
 
 
 def all_inputs(seed=0):
     rewards, mask, values, group_ids, baseline = make_batch(seed)
-    return rewards, mask, dict(values=values, group_ids=group_ids, baseline_rewards=baseline)
+    return rewards, mask, dict(values=values, group_ids=group_ids, baseline_rewards=baseline, scores=baseline + 1)
 
 
 @pytest.mark.parametrize("name", ADVANTAGES.names())

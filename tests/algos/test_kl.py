@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.algos import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from posttrain.algos.kl import kl_k1, kl_k2, kl_k3
+from posttrain.algos.kl import kl_k1, kl_k2, kl_k3, kl_k3_straight_through
 
 B, T = 5, 7
 
@@ -14,10 +14,11 @@ LOOPS = {
     "k1": lambda lp, ref: lp - ref,
     "k2": lambda lp, ref: 0.5 * (lp - ref) ** 2,
     "k3": lambda lp, ref: math.exp(ref - lp) - (ref - lp) - 1,
+    "k3+": lambda lp, ref: math.exp(ref - lp) - (ref - lp) - 1,  # k3's value (its gradient: test_kl_gradients.py)
 }
 
 
-@pytest.mark.parametrize("name", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("name", ["k1", "k2", "k3", "k3+"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_estimators_match_loop(name, seed):
     g = torch.Generator().manual_seed(seed)
@@ -29,11 +30,11 @@ def test_estimators_match_loop(name, seed):
 
 
 def test_public_functions_are_the_registered_ones():
-    assert KL_ESTIMATORS.names() == ("k1", "k2", "k3")
-    assert [KL_ESTIMATORS.get(n) for n in ("k1", "k2", "k3")] == [kl_k1, kl_k2, kl_k3]
+    assert KL_ESTIMATORS.names() == ("k1", "k2", "k3", "k3+")
+    assert [KL_ESTIMATORS.get(n) for n in KL_ESTIMATORS.names()] == [kl_k1, kl_k2, kl_k3, kl_k3_straight_through]
 
 
-def test_k1_and_k3_are_unbiased_on_samples_from_pi():
+def test_the_values_of_k1_and_k3_are_unbiased_on_samples_from_pi():
     g = torch.Generator().manual_seed(0)
     logits_pi, logits_ref = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
     logp, logref = logits_pi.log_softmax(-1), logits_ref.log_softmax(-1)

@@ -168,3 +168,93 @@ def test_zero_length_and_padding_garbage_give_no_nan(name):
 def test_dual_clip_c_must_exceed_one():
     with pytest.raises(ValueError, match="dual_clip_c"):
         POLICY_LOSSES.get("ppo_clip")(*make_batch(0), dual_clip_c=1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lo,hi", [(0.2, 0.2), (0.2, 0.28), (0.9, 0.1)])
+def test_cispo_matches_loop(seed, lo, hi):
+    logprobs, old, adv, mask = make_batch(seed)
+    loss, grad, metrics = run("cispo", logprobs, old, adv, mask, clip_eps_low=lo, clip_eps_high=hi)
+    lp, o, a, m = logprobs.tolist(), old.tolist(), adv.tolist(), mask.tolist()
+    exp_loss, exp_grad = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    clipped, ratios = [], [[math.exp(lp[i][t] - o[i][t]) for t in range(T)] for i in range(B)]
+    for i in range(B):
+        for t in range(T):
+            if m[i][t]:
+                w = min(max(ratios[i][t], 1 - lo), 1 + hi)  # a constant: no gradient through the weight
+                exp_loss[i][t], exp_grad[i][t] = -w * a[i][t] * lp[i][t], -w * a[i][t]
+                clipped.append(w != ratios[i][t])
+    check(loss, exp_loss)
+    check(grad, exp_grad)
+    assert abs(metrics["clip_frac"].item() - sum(clipped) / len(clipped)) < 1e-6
+    for k, v in loop_ratio_metrics(lp, o, ratios, m).items():
+        assert abs(metrics[k].item() - v) < 1e-6, k
+    assert 0 < sum(clipped) < len(clipped)  # both branches
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lo,hi", [(0.2, 0.2), (0.4, 0.4), (0.1, 0.3)])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gmpo_matches_loop(seed, lo, hi, per_token):
+    logprobs, old, adv, mask = make_batch(seed)
+    if not per_token:  # the paper's setting: one advantage per sequence
+        adv = adv[:, :1].expand(B, T).clone()
+    loss, grad, metrics = run("gmpo", logprobs, old, adv, mask, clip_eps_low=lo, clip_eps_high=hi)
+    lp, o, a, m = logprobs.tolist(), old.tolist(), adv.tolist(), mask.tolist()
+    exp_loss, exp_grad = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    active = []
+    for i in range(B):
+        valid = [t for t in range(T) if m[i][t]]
+        if not valid:
+            continue
+        c = {}
+        for t in valid:  # PPO's pessimistic side, in log space
+            d = lp[i][t] - o[i][t]
+            clip = min(max(d, -lo), hi)
+            c[t] = min(d, clip) if a[i][t] >= 0 else max(d, clip)
+            active.append(c[t] != d)
+        s = math.exp(sum(c.values()) / len(valid))  # geometric mean of the (clipped) ratios
+        total_a = sum(a[i][t] for t in valid)
+        for t in valid:
+            exp_loss[i][t] = -a[i][t] * s
+            unclipped = c[t] == lp[i][t] - o[i][t]
+            exp_grad[i][t] = -total_a * s / len(valid) if unclipped else 0.0  # d sum_t loss_t / d logprob_t
+    check(loss, exp_loss)
+    check(grad, exp_grad)
+    assert abs(metrics["clip_frac"].item() - sum(active) / len(active)) < 1e-6
+    assert 0 < sum(active) < len(active)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tau_pos,tau_neg", [(1.0, 1.05), (0.5, 2.0)])
+def test_sapo_matches_loop(seed, tau_pos, tau_neg):
+    logprobs, old, adv, mask = make_batch(seed, scale=1.0)
+    loss, grad, metrics = run("sapo", logprobs, old, adv, mask, sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg)
+    lp, o, a, m = logprobs.tolist(), old.tolist(), adv.tolist(), mask.tolist()
+    exp_loss, exp_grad = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    gates, ratios = [], [[math.exp(lp[i][t] - o[i][t]) for t in range(T)] for i in range(B)]
+    for i in range(B):
+        for t in range(T):
+            if m[i][t]:
+                rho, tau = ratios[i][t], tau_pos if a[i][t] > 0 else tau_neg
+                sig = 1 / (1 + math.exp(-tau * (rho - 1)))
+                exp_loss[i][t] = -sig * 4 / tau * a[i][t]  # -f(rho) A, f(x) = sigmoid(tau (x - 1)) 4 / tau
+                exp_grad[i][t] = -4 * sig * (1 - sig) * rho * a[i][t]  # f'(rho) * d rho / d logprob
+                gates.append(4 * sig * (1 - sig))
+    check(loss, exp_loss)
+    check(grad, exp_grad)
+    assert abs(metrics["gate_mean"].item() - sum(gates) / len(gates)) < 1e-6
+    for k, v in loop_ratio_metrics(lp, o, ratios, m).items():
+        assert abs(metrics[k].item() - v) < 1e-6, k
+
+
+@pytest.mark.parametrize("name", ["cispo", "gmpo", "sapo"])
+def test_new_losses_give_the_vanilla_policy_gradient_on_policy(name):
+    """At ratio 1 (the first minibatch) every one of them has PPO's on-policy gradient -A grad log pi of the
+    summed per-token loss (GMPO: each of a sequence's |o_i| tokens carries -A_i s_i, whose gradient is
+    -A_i / |o_i| on every token, |o_i| times)."""
+    _, old, adv, mask = make_batch(0)
+    adv = adv[:, :1].expand(B, T).clone()  # per-sequence advantages (GMPO's setting)
+    _, grad, metrics = run(name, old.clone(), old, adv, mask)
+    torch.testing.assert_close(grad, -adv * mask)
+    assert metrics["approx_kl"].item() == 0.0

@@ -38,7 +38,9 @@ def test_vllm_greedy_matches_posttrain_and_follows_weight_syncs():
     reference = TorchEngine(model)
     got, batch = greedy(engine, tokenizer, prompts)
     assert got == greedy(reference, tokenizer, prompts)[0]
-    assert batch.response_ids.shape == batch.response_mask.shape == batch.logprobs.shape
+    assert batch.response_ids.shape == batch.response_mask.shape == batch.rollout_logprobs.shape
+    on = batch.response_mask.bool()
+    assert (batch.rollout_logprobs[on] <= 0).all() and (batch.rollout_logprobs[~on] == 0).all()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

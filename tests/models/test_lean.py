@@ -88,7 +88,7 @@ def test_generation_matches_the_hf_decode_loop(model, tokenizer, monkeypatch):
     *_, hf = sample(model, tokenizer, prompts, seed=3)
     assert torch.equal(lean.response_ids, hf.response_ids)
     assert torch.equal(lean.response_mask, hf.response_mask)
-    torch.testing.assert_close(lean.logprobs, hf.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lean.rollout_logprobs, hf.rollout_logprobs, atol=1e-5, rtol=0)
 
 
 def test_critic_values_equal_the_hf_forward(tokenizer, monkeypatch):
@@ -110,7 +110,7 @@ def test_other_models_fall_back_to_their_hf_forward(tokenizer):
     assert lean_backbone(gpt2) is None
     ids, mask, out = sample(gpt2, tokenizer, PROMPTS)
     logprobs, _ = response_logprobs(gpt2, ids, mask, out.response_ids, out.response_mask)
-    torch.testing.assert_close(out.logprobs, logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.rollout_logprobs, logprobs, atol=1e-5, rtol=0)
 
 
 def test_hooks_gradient_checkpointing_and_the_switch_select_the_hf_forward(tokenizer, monkeypatch):
@@ -185,7 +185,7 @@ def test_a_wrapped_projection_falls_back_to_the_hf_forward_and_trains_the_adapte
     assert "layers.1.self_attn.q_proj (AdapterLinear)" in caplog.text and "transformers' forward" in caplog.text
     prompt_ids, prompt_mask, out = sample(model, tokenizer, ["1+2=", "30+4="])
     logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, out.response_ids, out.response_mask)
-    torch.testing.assert_close(logprobs * out.response_mask, out.logprobs, atol=1e-5, rtol=0)  # ratio 1
+    torch.testing.assert_close(logprobs * out.response_mask, out.rollout_logprobs, atol=1e-5, rtol=0)  # ratio 1
     (logprobs * out.response_mask).sum().backward()
     assert layer.q_proj.lora_a.grad is not None and layer.q_proj.lora_a.grad.abs().sum() > 0
     # with every module plain again the lean path is taken
