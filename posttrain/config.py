@@ -48,6 +48,33 @@ class _Sampling(_Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
 
 
+# The projections of a Llama / Qwen2 / Mistral decoder layer: attention and MLP (the defaults of model.lora).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(_Section):
+    """model.peft=lora: low-rank adapters (Hu et al. 2021) through the peft library (posttrain/models/adapters.py,
+    docs/peft.md). Only the adapters train; the base weights stay frozen."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter (W + (alpha / r) B A, A: r x in, B: out x r).")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is (alpha / r) B A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training (RL runs "
+                           "the policy in eval mode, so it applies to sft, rm, dpo and rft only).")
+    target_modules: tuple[str, ...] = Field(LORA_TARGETS, min_length=1, description="Module names (the last part "
+                                            "of the dotted name) that get an adapter; default: the attention and "
+                                            "MLP projections of Llama / Qwen2. Checked against the model when it "
+                                            "loads: a name it lacks is an error listing the names it has.")
+
+
+class PromptTuningConfig(_Section):
+    """model.peft=prompt_tuning: learned soft-prompt embeddings put before every prompt (Lester et al. 2021),
+    through the peft library; the whole model stays frozen."""
+
+    num_virtual_tokens: int = Field(16, ge=1, description="Soft-prompt length in embedding vectors.")
+    init_text: str | None = Field(None, min_length=1, description="Initialise the soft prompt from this text's "
+                                  "token embeddings (repeated or cut to num_virtual_tokens); None: random.")
+
+
 class ModelConfig(_Section):
     path: str | None = Field(None, description="Local Hugging Face causal-LM directory (config, weights, "
                              "tokenizer). None builds the tiny model below with the character tokenizer.")
@@ -67,6 +94,12 @@ class ModelConfig(_Section):
                         "cpu). Honoured by sft, rl and the demo's SFT and GRPO (backend local; backend ray places "
                         "its learners with ray.learner_gpus); the other commands run on the CPU and refuse another "
                         "device.")
+
+    peft: Literal["lora", "prompt_tuning"] | None = Field(
+        None, description="Parameter-efficient training with the peft library: 'lora' (model.lora), "
+        "'prompt_tuning' (model.prompt_tuning); None: every weight trains. docs/peft.md.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig)
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -538,6 +571,9 @@ class RunConfig(_Section):
         """backend ray: every rollout worker and learner rank gets an equal share (posttrain/distributed)."""
         if self.backend != "ray":
             return self
+        if self.model.peft is not None:
+            raise ValueError(f"model.peft={self.model.peft} is not available with backend=ray yet (its rollout "
+                             "workers would need the adapter weights sent and applied); use backend=local")
         if self.model.dtype != "float32":
             raise ValueError(f"model.dtype={self.model.dtype} is not available with backend=ray yet (its actors "
                              "compute in float32); set model.dtype=float32 or backend=local")

@@ -118,6 +118,8 @@ def test_reward_specs_factories_files_and_their_errors(user_dir):
                           ("my_rewards:factory(x + 1)", "must be literals"), ("missing.py:f", "no such file")):
         with pytest.raises(ConfigError, match=message):
             resolve_reward(spec)
+    with pytest.raises(ConfigError, match="a function of the Python script that started that run"):
+        resolve_reward("__main__:a_function_of_some_other_script")
     with pytest.raises(ConfigError, match="2 values for 1"):
         resolve_rewards(["my_rewards:short"], [1.0, 2.0])
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posttrain.models.adapters import hf_module
+
 # Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
 # o_proj, residual, RMSNorm, SwiGLU MLP (no bias), residual.
 _BACKBONES = {"LlamaModel", "Qwen2Model"}
@@ -104,7 +106,9 @@ def _hooked(model) -> bool:
 
 
 def lean_backbone(model) -> "LeanBackbone | None":
-    """The lean view of `model` (a causal LM or a scalar-head model around a supported backbone), or None."""
+    """The lean view of `model` (a causal LM or a scalar-head model around a supported backbone), or None. A peft
+    model is looked at through its base model, whose LoRA layers `unrecognised_module` refuses."""
+    model = hf_module(model)
     backbone = getattr(model, "model", None) if not type(model).__name__.endswith("Model") else model
     if backbone is None or not _backbone_supported(backbone) or _hooked(model):
         return None

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from posttrain.config import ModelConfig
 from posttrain.errors import ModelLoadError
+from posttrain.models.adapters import apply_peft, is_peft, save_merged
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # no per-file bars when loading or saving a 1M-parameter model
@@ -34,9 +35,10 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
 
 
 def load_policy(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The policy (on model.device) and its tokenizer: `cfg.path` through the HF Auto classes, or the tiny model."""
+    """The policy (on model.device) and its tokenizer: `cfg.path` through the HF Auto classes, or the tiny model;
+    with model.peft, wrapped in its adapter (posttrain/models/adapters.py: only the adapter trains)."""
     model, tokenizer = _load_policy(cfg, seed)
-    return model.to(resolve_device(cfg)), tokenizer
+    return apply_peft(model, cfg, seed).to(resolve_device(cfg)), tokenizer
 
 
 def _load_policy(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -96,9 +98,13 @@ def architectures(path: Path) -> list[str]:
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Save model (safetensors) and tokenizer so the HF Auto classes load them back."""
+    """Save model (safetensors) and tokenizer so the HF Auto classes load them back; a peft model is saved merged
+    (its adapter alone in out_dir/adapter/)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if is_peft(model):
+        save_merged(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.adapters import hf_module
 from posttrain.models.lean import lean_backbone, positions_from_mask
 
 
 def causal_lm_logits(model, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
     """(B, L) left-padded ids and mask -> (B, keep, V) logits of the last `keep` positions, positions counted
     over real tokens (the HF forward; `response_logprobs` takes the lean one where it can)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
-                 logits_to_keep=keep, use_cache=False).logits
+    return hf_module(model)(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=positions_from_mask(attention_mask), logits_to_keep=keep, use_cache=False).logits
 
 
 def response_hidden_states(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from transformers.utils import logging as hf_logging
 
 from posttrain.errors import ModelLoadError
+from posttrain.models.adapters import hf_module, plain_state_dict
 from posttrain.models.logprobs import positions_from_mask, response_hidden_states
 
 
@@ -109,11 +110,13 @@ def response_values(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Ten
 
 def critic_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     """A scalar-head model with the policy's architecture and a copy of its backbone weights; the head
-    starts at zero (every value 0)."""
+    starts at zero (every value 0). A LoRA policy gives its base weights (the critic trains fully)."""
     config = copy.deepcopy(policy.config)
     config.num_labels = 1
     config.architectures = None
     model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    model.base_model.load_state_dict(policy.base_model.state_dict())
+    prefix = hf_module(policy).base_model_prefix + "."
+    model.base_model.load_state_dict({k.removeprefix(prefix): v for k, v in plain_state_dict(policy).items()
+                                      if k.startswith(prefix)})
     torch.nn.init.zeros_(_head(model).weight)
     return model

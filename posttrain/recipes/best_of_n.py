@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.models.adapters import refuse_peft as _no_peft
 from posttrain.config import RunConfig
 from posttrain.models.chat import decode_responses, encode_prompts, stop_token_ids
 from posttrain.rollout import generate
@@ -175,6 +176,8 @@ def format_table(table: list[dict]) -> str:
 
 def run_bon(cfg: RunConfig) -> dict:
     """Best-of-n on the task's held-out problems with `model.path` and `bon.scorer`: table, plot, best.jsonl."""
+    _no_peft(cfg.model, "bon", "it trains nothing, so the adapter would be zero; point model.path at a run's "
+             "merged final/")
     import json
 
     from posttrain.train.report_offline import plot_best_of_n

@@ -4,6 +4,7 @@ the exact-match verifier, evaluate again, and write config, metrics, checkpoints
 
 from __future__ import annotations
 
+from posttrain.models.adapters import refuse_peft as _no_peft
 from posttrain.train.run import start_run
 
 import time
@@ -31,6 +32,7 @@ def run_demo(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> d
 
     resume: continue from the run directory's newest valid checkpoint (in SFT or in RL); see `open_run`.
     """
+    _no_peft(cfg.model, "demo", "its SFT and GRPO phases hand full weights to each other")
     start = time.perf_counter()
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, model, tokenizer = start_run(cfg, min_train=cfg.rl.prompts_per_step)

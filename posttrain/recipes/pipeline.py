@@ -18,6 +18,7 @@ interval over the held-out problems) or was gamed (reward-model score up, gold s
 
 from __future__ import annotations
 
+from posttrain.models.adapters import refuse_peft as _no_peft
 from posttrain.train.run import start_run
 
 import copy
@@ -152,6 +153,7 @@ def run_rlhf(cfg: RunConfig, ablation_cfg: RunConfig | None, resume: bool = Fals
     newest valid one, loading the models of the stages finished before it (sft/, the reward model, final/)
     after checking that their content hashes are the ones the checkpoint recorded.
     """
+    _no_peft(cfg.model, "demo rlhf", "its phases reload full weights from each other's outputs")
     start = time.perf_counter()
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, policy, tokenizer = start_run(cfg, min_train=cfg.rl.prompts_per_step)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.models.adapters import refuse_peft as _no_peft
 from posttrain.algos.preference import bradley_terry
 from posttrain.config import RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
@@ -170,6 +171,8 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
 def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Reward model (Bradley-Terry) from `model.path` (typically the SFT model) on `rm.data` pairs (resume:
     from the newest valid checkpoint; the starting model, which also samples synthetic pairs, must be unchanged)."""
+    _no_peft(cfg.model, "rm", "the scalar-head model is built apart from the policy; LoRA on its backbone is not "
+             "written")
     from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
 
     from posttrain.models.reward import RewardModel

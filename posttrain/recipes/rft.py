@@ -26,6 +26,7 @@ import torch
 from posttrain.config import RunConfig
 from posttrain.data.sampling import ShuffledBatches, as_random_state
 from posttrain.errors import ConfigError
+from posttrain.models.adapters import load_trainable_state_dict, trainable_state_dict
 from posttrain.recipes.best_of_n import (
     Scorer,
     build_scorer,
@@ -80,7 +81,7 @@ def rft_snapshot(state: RFTState, run: dict, round_: int, round_done: bool, insi
     snap = {"round": round_, "round_done": round_done, "step": run["step"], "accuracies": list(run["accuracies"]),
             "kept": list(run["kept"]), "rng": state.rng.getstate(), "sampler": state.sampler.get_state(),
             "global_rng": global_rng_state(), **(inside or {})}
-    return {"policy": state.policy.state_dict()}, snap
+    return {"policy": trainable_state_dict(state.policy)}, snap
 
 
 def fine_tune(cfg: RunConfig, state: RFTState, data: list[tuple[str, str]], logger, round_: int, run: dict,
@@ -124,7 +125,7 @@ def train_rft(cfg: RunConfig, state: RFTState, logger, progress=None, ctl: RunCo
     first_round, inside = 1, None
     if (resumed := ctl.resume_step("rft")) is not None:
         snap = resumed.state
-        state.policy.load_state_dict(resumed.weights["policy"])
+        load_trainable_state_dict(state.policy, resumed.weights["policy"])
         state.rng.setstate(as_random_state(snap["rng"]))
         state.sampler.set_state(snap["sampler"])
         set_global_rng_state(snap["global_rng"])

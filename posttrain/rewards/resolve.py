@@ -120,6 +120,10 @@ def resolve_reward(spec: str, key: str = "rl.reward_funcs[0]") -> Callable:
     if not isinstance(target, (ast.Name, ast.Attribute)):
         raise ConfigError(f"{key}: {rest!r} is not a function name or a call such as 'factory(arg)'")
     path = ast.unparse(target)
+    if module == "__main__" and not hasattr(sys.modules.get("__main__"), path.split(".")[0]):
+        raise ConfigError(f"{key}: {spec!r} is a function of the Python script that started that run; this process "
+                          "has no such function: put it in a module and name it as module:function, or call "
+                          "posttrain.fit / posttrain.evaluate from the script")
     loaded = _import(module, key)
     try:
         fn = _attribute(loaded, path)

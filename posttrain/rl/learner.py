@@ -22,7 +22,6 @@ minibatch. Then one critic step (value loss). Every update also measures the rol
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from posttrain.config import RLConfig, RunConfig
 from posttrain.data.text import PtxSampler, load_ptx_texts
 from posttrain.errors import ModelLoadError
 from posttrain.invariants import check_ratio_is_one
+from posttrain.models.adapters import AdapterOff, load_trainable_state_dict, reference_of, trainable_state_dict
 from posttrain.models.logprobs import response_logprobs
 from posttrain.models.precision import recompute_old_logprobs
 from posttrain.models.reward import RewardModel
@@ -108,7 +108,8 @@ class ActorLoss:
 @dataclass
 class LearnerState:
     policy: torch.nn.Module  # the actor
-    reference: torch.nn.Module | None  # frozen copy of the starting policy; None when kl_coef == 0
+    reference: torch.nn.Module | AdapterOff | None  # the starting policy, frozen (a copy, or a LoRA policy with
+    # its adapter switched off); None when kl_coef == 0
     critic: torch.nn.Module | None  # scalar-head value model; None unless the estimator needs values
     tokenizer: object
     optimizer: torch.optim.Optimizer
@@ -142,7 +143,7 @@ def _critic(c: RLConfig, policy, tokenizer):
 def setup_learner(cfg: RunConfig, policy, tokenizer, task) -> LearnerState:
     """The learner's state for `policy` (trained in place): reference, critic, optimizers, ptx data."""
     c = cfg.rl
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 else None
+    reference = reference_of(policy) if c.kl_coef > 0 else None  # a LoRA policy: itself, adapter off
     critic = _critic(c, policy, tokenizer)
     critic_opt = critic_sched = None
     if critic is not None:
@@ -371,7 +372,7 @@ class Learner:
     def snapshot(self) -> tuple[dict, dict]:
         """Everything this rank needs to continue exactly: ({model: weights}, state), tensors on CPU."""
         s = self.state
-        weights = {"policy": s.policy.state_dict()}
+        weights = {"policy": trainable_state_dict(s.policy)}  # a LoRA policy: the adapter
         snap = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
                 "sampler": s.sampler.get_state(), "global_rng": global_rng_state()}
         if s.critic is not None:
@@ -385,7 +386,7 @@ class Learner:
     def restore(self, weights: dict, snap: dict) -> None:
         """Load a `snapshot` into this freshly set-up learner."""
         s = self.state
-        s.policy.load_state_dict(weights["policy"])
+        load_trainable_state_dict(s.policy, weights["policy"])
         s.optimizer.load_state_dict(snap["optimizer"])
         s.scheduler.load_state_dict(snap["scheduler"])
         s.sampler.set_state(snap["sampler"])

@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from posttrain.batch import RolloutBatch
+from posttrain.models.adapters import hf_module
 from posttrain.models.lean import LeanDecoder, lean_backbone
 from posttrain.models.logprobs import positions_from_mask
 
@@ -66,6 +67,7 @@ class _HFStepper:
     """Decoding through the model's own forward and a transformers DynamicCache (any causal LM)."""
 
     def __init__(self, model, prompt_ids: Tensor, attn: Tensor) -> None:
+        model = hf_module(model)  # a LoRA model: its base model, with the LoRA layers in it
         self.model, self.attn, self.cache = model, attn, DynamicCache()
         self.cache_arg = cache_argument(model)
         out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions_from_mask(attn),

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from posttrain.models.adapters import load_trainable_state_dict, trainable_state_dict
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 STATE = "state.pt"
@@ -204,13 +206,13 @@ def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
 def training_snapshot(key: str, model, optimizer, scheduler, batches, **extra) -> tuple[dict, dict]:
     """({key: weights}, state) of a supervised loop (sft, rm, dpo): optimizer, schedule, data position and the
     global RNGs, plus `extra` (the last evaluation): everything its resume needs to continue exactly."""
-    return {key: model.state_dict()}, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    return {key: trainable_state_dict(model)}, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                        "batches": batches.state_dict(), "global_rng": global_rng_state(), **extra}
 
 
 def restore_training(key: str, model, optimizer, scheduler, batches, weights: dict, snap: dict) -> dict:
     """Load a `training_snapshot` into freshly set-up state; returns the snapshot (for its `extra` entries)."""
-    model.load_state_dict(weights[key])
+    load_trainable_state_dict(model, weights[key])
     optimizer.load_state_dict(snap["optimizer"])
     scheduler.load_state_dict(snap["scheduler"])
     batches.load_state_dict(snap["batches"])

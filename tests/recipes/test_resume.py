@@ -1,6 +1,7 @@
 """Exact resume inside the training loops: a run that crashes and resumes from its newest checkpoint ends
 with the same weights and the same metrics.jsonl (timings aside) as an uninterrupted run, bit for bit."""
 
+import importlib.util
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from posttrain.train.metrics import MetricsLogger
 from posttrain.models import build_tiny_model
+from posttrain.models.adapters import apply_peft
 from posttrain.train.control import RunControl, RunDiverged, find_resume_point
 from posttrain.rl.roles import InlineRoles
 from posttrain.rl.loop import train_rl
@@ -40,7 +42,7 @@ def strip_timing(path):
 
 
 def run(cfg, tokenizer, task_cls, recipe, out, crash_after=None, resume=False):
-    model = build_tiny_model(cfg.model, tokenizer, seed=0)
+    model = apply_peft(build_tiny_model(cfg.model, tokenizer, seed=0), cfg.model)  # model.peft=lora: the adapter
     torch.manual_seed(0)
     resumed = find_resume_point(out) if resume else None
     offset = resumed.state["metrics_offset"] if resumed else None
@@ -59,13 +61,19 @@ PPO = ["rl.advantage=gae", "rl.group_size=1", "rl.prompts_per_step=8", "rl.kl_pl
        "rl.critic_init=policy", "rl.mini_batches=2", "rl.ppo_epochs=2", "rl.ptx_coef=0.1", "rl.ptx_batch_size=4",
        "rl.kl_target=0.5", "rl.kl_horizon=100"]
 
+# model.peft=lora: checkpoints hold the adapter and its optimizer state; the base is rebuilt from the seed
+LORA = ["model.peft=lora", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.1"]
+NEEDS_PEFT = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (the test extra)")
+
 
 @pytest.mark.parametrize("recipe,overrides,crash_after", [
     ("sft", ["sft.steps=7", "sft.log_every=1", "sft.eval_every=3"], 6),
     ("rl", ["rl.steps=5", "rl.eval_every=2"], 4),
     ("rl", ["rl.steps=5", *PPO], 3),
     ("rl", ["rl.steps=5", "rl.dynamic_sampling=true", "rl.mini_batches=2"], 4),
-], ids=["sft", "grpo", "ppo-ptx-adaptive-kl", "dapo-dynamic-sampling"])
+    pytest.param("sft", ["sft.steps=7", "sft.log_every=1", "sft.eval_every=3", *LORA], 6, marks=NEEDS_PEFT),
+    pytest.param("rl", ["rl.steps=5", "rl.eval_every=2", "rl.kl_coef=0.1", *LORA], 4, marks=NEEDS_PEFT),
+], ids=["sft", "grpo", "ppo-ptx-adaptive-kl", "dapo-dynamic-sampling", "sft-lora", "grpo-lora-kl"])
 def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, make_config, tokenizer, recipe, overrides, crash_after):
     cfg = make_config(tmp_path, *overrides)
     full = run(cfg, tokenizer, EvenFirstCharTask, recipe, tmp_path / "full")
