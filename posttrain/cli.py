@@ -190,8 +190,8 @@ def _command(args) -> tuple[object, Callable[[str], object]]:
     if args.command != "demo":
         overrides = _bon_overrides(args) if args.command == "bon" else args.overrides
         cfg = load_config(args.config, [*_output_dir_override(args.command, args.config, overrides), *overrides])
-        flags = {"resume": args.resume, "overwrite": args.overwrite} if args.command in RESUMABLE else {}
-        return cfg, lambda holder: api.run(args.command, cfg, holder=holder, **flags)
+        flags = {"resume": getattr(args, "resume", False), "overwrite": getattr(args, "overwrite", False)}
+        return cfg, lambda holder: api.run(args.command, cfg, holder=holder, **flags)  # api.run checks the flags
     # the demo has its own defaults: runs/demo, runs/rlhf (the pipeline's)
     extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []  # a path, not YAML
     extra += [f"seed={args.seed}"] if args.seed is not None else []

@@ -54,11 +54,6 @@ def evaluate_problems(model, tokenizer, task, problems, batch_size: int, max_new
     return Evaluation(prompts, completions, scores)
 
 
-def evaluate_per_problem(model, tokenizer, task, problems, batch_size: int, max_new_tokens: int) -> list[float]:
-    """The task's reward of the greedy completion of every problem."""
-    return evaluate_problems(model, tokenizer, task, problems, batch_size, max_new_tokens).scores
-
-
 def evaluate(model, tokenizer, task, problems, batch_size: int, max_new_tokens: int) -> float:
     """Held-out accuracy (mean reward) with greedy decoding."""
     return evaluate_problems(model, tokenizer, task, problems, batch_size, max_new_tokens).accuracy
