@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.models.adapters import hf_module
+from posttrain.models.packed import PackedLinear, linear, packing_available
 
 # Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
 # o_proj, residual, RMSNorm, SwiGLU MLP (no bias), residual.
@@ -165,12 +166,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Te
 @dataclass
 class _Layer:
     ln1: Tensor
-    w_qkv: Tensor
+    w_qkv: Tensor | PackedLinear  # PackedLinear (decoding on CPU): holds b_qkv, which is then None
     b_qkv: Tensor | None
-    w_o: Tensor
+    w_o: Tensor | PackedLinear
     ln2: Tensor
-    w_gate_up: Tensor
-    w_down: Tensor
+    w_gate_up: Tensor | PackedLinear
+    w_down: Tensor | PackedLinear
+
+    def packed(self, rows: int) -> _Layer:
+        """The same layer with its matmul weights packed for `rows` input rows (posttrain.models.packed)."""
+        def pack(w, b=None):
+            return w.repack(rows) if type(w) is PackedLinear else PackedLinear(w, b, rows)
+        return _Layer(self.ln1, pack(self.w_qkv, self.b_qkv), None, pack(self.w_o), self.ln2, pack(self.w_gate_up),
+                      pack(self.w_down))
 
 
 class LeanBackbone:
@@ -221,17 +229,17 @@ class LeanBackbone:
         half = D // 2
         for i, w in enumerate(layers):
             h = F.rms_norm(x, (self.C,), w.ln1, self.eps)
-            qkv = F.linear(h, w.w_qkv, w.b_qkv).view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
+            qkv = linear(h, w.w_qkv, w.b_qkv).view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
             qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
             qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # RoPE on q and k at once
             q, k = qk[:, :H], qk[:, H:]
             if cache is not None:
                 k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
             a = attention(q, k, v, bias, self.scale)
-            x = x + F.linear(a.transpose(1, 2).reshape(B, L, H * D), w.w_o)
+            x = x + linear(a.transpose(1, 2).reshape(B, L, H * D), w.w_o)
             h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
-            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.w_down)
+            gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w.w_down)
         return F.rms_norm(x, (self.C,), self.backbone.norm.weight, self.eps)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -347,6 +355,10 @@ class LeanDecoder:
         B, P = prompt_mask.shape
         capacity = P + max_new_tokens
         device = lean.head.weight.device
+        self.head = self.head_weight
+        self.packed_rows = 0  # > 0: the matmul weights are packed for this many rows (posttrain.models.packed)
+        if packing_available(low or self.head_weight.dtype, device):
+            self._pack(B)
         key_mask = torch.cat([prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
         self.bias = attention_bias(key_mask, 1)  # (B, 1, 1, capacity) for the decode steps
         self.prefill_bias = attention_bias(prompt_mask, P)
@@ -370,7 +382,7 @@ class LeanDecoder:
             ids, pos, bias = prompt_ids[first], positions[first], self.prefill_bias[first]
         cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
         h = self.lean.forward(ids, cos, sin, bias, self.layers, cache)
-        logits = F.linear(h[:, -1], self.head_weight, self.head_bias)
+        logits = linear(h[:, -1], self.head, self.head_bias)
         if cache is not self.cache:
             self.cache.k[:, :, :, :P] = cache.k[:, inverse]
             self.cache.v[:, :, :, :P] = cache.v[:, inverse]
@@ -383,6 +395,14 @@ class LeanDecoder:
         steps cost what the rows still decoding cost."""
         self.cache.keep(rows)
         self.bias = self.bias[rows]
+        if 0 < len(rows) <= self.packed_rows // 2:  # fewer rows than half of what the weights are packed for
+            self._pack(len(rows))
+
+    def _pack(self, rows: int) -> None:
+        self.layers = [w.packed(rows) for w in self.layers]
+        self.head = (self.head.repack(rows) if type(self.head) is PackedLinear
+                     else PackedLinear(self.head_weight, self.head_bias, rows))
+        self.packed_rows = rows
 
     def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """(B,) tokens at (B,) positions -> (B, V) logits for the next token."""
@@ -391,4 +411,4 @@ class LeanDecoder:
         end = self.cache.length + 1
         h = self.lean.forward(tokens.unsqueeze(1), cos, sin, self.bias[..., :end], self.layers, self.cache)
         self.cache.length = end
-        return F.linear(h[:, -1], self.head_weight, self.head_bias)
+        return linear(h[:, -1], self.head, self.head_bias)

@@ -1,0 +1,77 @@
+"""Prepacked decode weights (posttrain.models.packed): the same products as F.linear, for every row count, and
+generation with them equal to generation without them (POSTTRAIN_PACK=0), also while rows leave the batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain.config import ModelConfig
+from posttrain.models import build_tiny_model
+from posttrain.models.chat import encode_prompts
+from posttrain.models.lean import LeanDecoder
+from posttrain.models.packed import PackedLinear, linear, packing_available
+from posttrain.rollout import generate
+
+DTYPES = [d for d in (torch.float32, torch.bfloat16) if packing_available(d, torch.device("cpu"))]
+pytestmark = pytest.mark.skipif(torch.float32 not in DTYPES, reason="this torch build cannot prepack weights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear_for_every_row_count(dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 24, generator=g).to(dtype)
+    b = torch.randn(48, generator=g).to(dtype) if bias else None
+    packed = PackedLinear(w, b, rows=8)
+    for rows in (8, 5, 1, 13):  # exactly packed, zero-padded up to 8, one row, more rows than packed (fallback)
+        x = torch.randn(rows, 1, 24, generator=g).to(dtype)
+        ref = F.linear(x, w, b)
+        out = linear(x, packed, None)
+        assert out.shape == ref.shape == (rows, 1, 48) and out.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    assert packed.repack(3).rows == 3 and linear(x, w, b).shape == (13, 1, 48)  # a plain tensor: F.linear
+
+
+def test_fp32_packed_matmul_is_bit_identical_to_f_linear():
+    """Where MKL's packed sgemm runs (rows == packed rows) it computes the very same sums as sgemm."""
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(16, 64, generator=g)
+    assert torch.equal(PackedLinear(w, None, 16)(x), F.linear(x, w))
+
+
+@pytest.fixture
+def model(tokenizer):
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    return build_tiny_model(cfg, tokenizer, seed=0).eval()
+
+
+def test_generation_with_packed_weights_equals_generation_without(model, tokenizer, monkeypatch):
+    """Same tokens, masks and log-probs with and without packing, with rows finishing at different steps (the
+    batch shrinks and the weights are repacked for fewer rows)."""
+    packs = []
+    pack = LeanDecoder._pack
+    monkeypatch.setattr(LeanDecoder, "_pack", lambda self, rows: packs.append(rows) or pack(self, rows))
+    prompts = ["1+2=", "37+58=", "x", "hello world", "9", "12+3=", "a", "bb"]
+    ids, mask = encode_prompts(tokenizer, prompts)
+    stops = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list("0123456789"))]  # rows end early
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("POSTTRAIN_PACK", flag)
+        runs.append(generate(model, ids, mask, max_new_tokens=24, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(3)))
+    packed, plain = runs
+    lengths = plain.response_mask.sum(1)
+    assert lengths.min() < lengths.max() - 2  # rows end at different steps
+    assert packs[0] == len(prompts) and len(packs) > 1 and packs[-1] <= len(prompts) // 2  # repacked for fewer rows
+    assert torch.equal(packed.response_ids, plain.response_ids)
+    assert torch.equal(packed.response_mask, plain.response_mask)
+    torch.testing.assert_close(packed.rollout_logprobs, plain.rollout_logprobs, atol=1e-6, rtol=0)
+
+
+def test_packing_is_off_with_the_switch_and_off_the_cpu(monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_PACK", "0")
+    assert not packing_available(torch.float32, torch.device("cpu"))
+    monkeypatch.delenv("POSTTRAIN_PACK")
+    assert not packing_available(torch.float32, torch.device("cuda"))
+    assert not packing_available(torch.float16, torch.device("cpu"))
