@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.algos.names import KL_GRADIENT, NAMES
 from posttrain.errors import ConfigError
 from posttrain.presets import PRESETS, expand_preset
 
@@ -335,15 +336,12 @@ class RLConfig(_AdamW, _Sampling):
         if self.overlong_buffer_frac > 0 and round(self.overlong_buffer_frac * self.max_new_tokens) < 1:
             raise ValueError(f"rl.overlong_buffer_frac ({self.overlong_buffer_frac}) of rl.max_new_tokens "
                              f"({self.max_new_tokens}) is less than one token")
-        from posttrain.algos import (ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES,  # noqa: PLC0415 (light)
-                                     ROLLOUT_CORRECTIONS)
-        from posttrain.algos.kl import KL_GRADIENT  # noqa: PLC0415
-        for key, value, valid in (("advantage", self.advantage, list(ADVANTAGES.names())),
-                                  ("policy_loss", self.policy_loss, POLICY_LOSSES.names()),
-                                  ("loss_agg", self.loss_agg, list(AGG_MODES)),
-                                  ("kl_estimator", self.kl_estimator, list(KL_ESTIMATORS.names())),
+        for key, value, valid in (("advantage", self.advantage, list(NAMES["advantage"])),
+                                  ("policy_loss", self.policy_loss, list(NAMES["policy_loss"])),
+                                  ("loss_agg", self.loss_agg, list(NAMES["loss_agg"])),
+                                  ("kl_estimator", self.kl_estimator, list(NAMES["kl_estimator"])),
                                   ("rollout_correction", self.rollout_correction,
-                                   ["none", *ROLLOUT_CORRECTIONS.names()])):
+                                   ["none", *NAMES["rollout_correction"]])):
             if value not in valid:
                 raise ValueError(f"rl.{key} must be one of {', '.join(valid)}{_suggest(value, valid)}")
         if self.kl_coef > 0 and self.kl_placement == "loss" and KL_GRADIENT[self.kl_estimator]["loss"] == "zero":
@@ -434,10 +432,8 @@ class DPOConfig(_AdamW, _CosineDecay):
 
     @model_validator(mode="after")
     def _loss(self) -> "DPOConfig":
-        from posttrain.algos.preference import PREFERENCE_SPECS  # noqa: PLC0415 (light module)
-
-        if self.loss not in PREFERENCE_SPECS:
-            valid = list(PREFERENCE_SPECS)
+        if self.loss not in NAMES["preference_loss"]:
+            valid = list(NAMES["preference_loss"])
             raise ValueError(f"dpo.loss must be one of {', '.join(valid)}{_suggest(self.loss, valid)}")
         return self
 

@@ -1,30 +1,37 @@
 """Pure torch algorithm pieces: advantage estimators, policy/value losses, KL, rollout corrections, the loss
-reduction."""
+reduction.
 
-from .advantages import ADVANTAGES
-from .aggregation import AGG_MODES, aggregate
-from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from .policy_losses import POLICY_LOSSES
-from .preference import PREFERENCE_LOSSES, PREFERENCE_SPECS
-from .registry import Registry, UnknownNameError
-from .rollout_correction import ROLLOUT_CORRECTIONS
-from .utils import masked_mean, masked_whiten
-from .value_losses import VALUE_LOSSES
+The names below load their module on first use (PEP 562), so `posttrain.algos.names` (the registries' names as
+plain data, what the config checks against) imports without torch."""
 
-__all__ = [
-    "ADVANTAGES",
-    "AGG_MODES",
-    "KL_ESTIMATORS",
-    "POLICY_LOSSES",
-    "PREFERENCE_LOSSES",
-    "PREFERENCE_SPECS",
-    "ROLLOUT_CORRECTIONS",
-    "VALUE_LOSSES",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "Registry",
-    "UnknownNameError",
-    "aggregate",
-    "masked_mean",
-    "masked_whiten",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "ADVANTAGES": "advantages",
+    "AGG_MODES": "aggregation",
+    "aggregate": "aggregation",
+    "KL_ESTIMATORS": "kl",
+    "AdaptiveKLController": "kl",
+    "FixedKLController": "kl",
+    "POLICY_LOSSES": "policy_losses",
+    "PREFERENCE_LOSSES": "preference",
+    "PREFERENCE_SPECS": "preference",
+    "Registry": "registry",
+    "UnknownNameError": "registry",
+    "ROLLOUT_CORRECTIONS": "rollout_correction",
+    "masked_mean": "utils",
+    "masked_whiten": "utils",
+    "VALUE_LOSSES": "value_losses",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'posttrain.algos' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"posttrain.algos.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -30,20 +30,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .names import KL_GRADIENT  # noqa: F401 (the table lives with the names, torch-free)
 from .registry import Registry
 
 KL_ESTIMATORS = Registry("KL estimator")
 
 K3_LOG_RATIO_CLAMP = 20.0
 
-# name -> placement -> the expected gradient it gives on-policy: "reverse" (of KL(pi || pi_ref), what the
-# penalty means), "forward" (of KL(pi_ref || pi)), "zero", or "biased" (the gradient of no KL)
-KL_GRADIENT: dict[str, dict[str, str]] = {
-    "k1": {"loss": "zero", "reward": "reverse"},
-    "k2": {"loss": "reverse", "reward": "biased"},
-    "k3": {"loss": "forward", "reward": "biased"},
-    "k3+": {"loss": "reverse", "reward": "biased"},
-}
 
 
 @KL_ESTIMATORS.register("k1")
