@@ -215,32 +215,42 @@ class LeanBackbone:
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, layers: list[_Layer],
-                cache: "KVCache | None" = None) -> Tensor:
+                cache: "KVCache | None" = None, used: Tensor | None = None) -> Tensor:
         """(B, L) ids -> (B, L, C) final hidden states (after the last norm).
 
         cos, sin: (B, 1, L, D) from `rope`; bias: (B, 1, L, S) additive attention bias, S = L without a
         cache, else the cache's filled length after this call; cache: keys and values of earlier positions,
         this call's are written at cache.length.
+
+        used: (B, L) bool, the positions whose hidden states are needed (`padding_free`), or None for all. The
+        position-wise work (norms, projections, MLP: nearly all the FLOPs) then runs on those N tokens packed
+        as (N, C) rows, and only attention sees the (B, L) layout, where the other positions' keys and values
+        are zeros. They must be positions the bias masks as keys (padding), so no used position's value
+        changes; their own outputs are zeros.
         """
         H, Hkv, D = self.H, self.Hkv, self.D
         B, L = input_ids.shape
         embed = self.backbone.embed_tokens
-        x = F.embedding(input_ids, embed.weight, embed.padding_idx)  # (B, L, C); no gradient to the pad row
+        where = None if used is None else used.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions
+        ids = input_ids if where is None else input_ids.reshape(-1)[where]
+        x = F.embedding(ids, embed.weight, embed.padding_idx)  # (B, L, C) or (N, C); no gradient to the pad row
         half = D // 2
         for i, w in enumerate(layers):
             h = F.rms_norm(x, (self.C,), w.ln1, self.eps)
-            qkv = linear(h, w.w_qkv, w.b_qkv).view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
+            qkv = _unpack(linear(h, w.w_qkv, w.b_qkv), where, B * L)
+            qkv = qkv.view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
             qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
             qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # RoPE on q and k at once
             q, k = qk[:, :H], qk[:, H:]
             if cache is not None:
                 k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
-            a = attention(q, k, v, bias, self.scale)
-            x = x + linear(a.transpose(1, 2).reshape(B, L, H * D), w.w_o)
+            a = attention(q, k, v, bias, self.scale).transpose(1, 2).reshape(B * L, H * D)
+            x = x + linear(a.view(B, L, H * D) if where is None else a.index_select(0, where), w.w_o)
             h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
             gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w.w_down)
-        return F.rms_norm(x, (self.C,), self.backbone.norm.weight, self.eps)
+        x = F.rms_norm(x, (self.C,), self.backbone.norm.weight, self.eps)
+        return x if where is None else _unpack(x, where, B * L).view(B, L, self.C)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., C) final hidden states -> (..., V) logits through the causal LM's head."""
@@ -249,7 +259,8 @@ class LeanBackbone:
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """A full causal forward pass without a cache: (B, L) left-padded -> (B, L, C)."""
         cos, sin = self.rope(positions_from_mask(attention_mask))
-        return self.forward(input_ids, cos, sin, attention_bias(attention_mask, input_ids.size(1)), self.layers())
+        return self.forward(input_ids, cos, sin, attention_bias(attention_mask, input_ids.size(1)), self.layers(),
+                            used=padding_free(attention_mask.bool()))
 
     def response_hidden(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                         response_mask: Tensor) -> Tensor:
@@ -269,12 +280,31 @@ class LeanBackbone:
         ids_u, mask_u = prompt_ids[first], prompt_mask[first]
         cos, sin = self.rope(positions_from_mask(mask_u))
         prefix = PrefixKV(inverse)
-        h_prompt = self.forward(ids_u, cos, sin, attention_bias(mask_u, ids_u.size(1)), layers, prefix)
+        h_prompt = self.forward(ids_u, cos, sin, attention_bias(mask_u, ids_u.size(1)), layers, prefix,
+                                used=padding_free(mask_u.bool()))
         prefix.sharing = True
         positions = positions_from_mask(key_mask)[:, -T:]
         cos, sin = self.rope(positions)
-        h_resp = self.forward(response_ids, cos, sin, attention_bias(key_mask, T), layers, prefix)
+        h_resp = self.forward(response_ids, cos, sin, attention_bias(key_mask, T), layers, prefix,
+                              used=padding_free(response_mask.bool()))
         return torch.cat([h_prompt[:, -1:][inverse], h_resp[:, :-1]], dim=1)
+
+
+# Padding-free position-wise work when at most this share of the positions is used (below it, the packing's
+# gathers and scatters cost more than the rows they save).
+PADDING_FREE_BELOW = 0.9
+
+
+def padding_free(used: Tensor) -> Tensor | None:
+    """(B, L) positions needed -> `used` itself when enough of the batch is padding to skip it, else None."""
+    return used if used.numel() and float(used.sum()) < PADDING_FREE_BELOW * used.numel() else None
+
+
+def _unpack(rows: Tensor, where: Tensor | None, n: int) -> Tensor:
+    """(N, F) packed rows -> (n, F) with them at `where` and zeros elsewhere (unchanged when `where` is None)."""
+    if where is None:
+        return rows
+    return rows.new_zeros(n, rows.size(-1)).index_copy(0, where, rows)
 
 
 def positions_from_mask(mask: Tensor) -> Tensor:
@@ -375,13 +405,13 @@ class LeanDecoder:
         B, P = prompt_ids.shape
         inverse, first = distinct_rows(prompt_ids, prompt_mask)
         if len(first) == B:
-            cache, ids, pos, bias = self.cache, prompt_ids, positions, self.prefill_bias
+            cache, ids, mask, pos, bias = self.cache, prompt_ids, prompt_mask, positions, self.prefill_bias
         else:
             cache = KVCache(len(self.layers), len(first), self.lean.Hkv, P, self.lean.D, self.cache.k.dtype,
                             self.cache.k.device)
-            ids, pos, bias = prompt_ids[first], positions[first], self.prefill_bias[first]
+            ids, mask, pos, bias = prompt_ids[first], prompt_mask[first], positions[first], self.prefill_bias[first]
         cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
-        h = self.lean.forward(ids, cos, sin, bias, self.layers, cache)
+        h = self.lean.forward(ids, cos, sin, bias, self.layers, cache, used=padding_free(mask.bool()))
         logits = linear(h[:, -1], self.head, self.head_bias)
         if cache is not self.cache:
             self.cache.k[:, :, :, :P] = cache.k[:, inverse]
