@@ -27,11 +27,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from posttrain.batch import RolloutBatch, map_micro_batches, micro_rows, trimmed  # noqa: E402
-from posttrain.models import lean as lean_module  # noqa: E402
-from posttrain.models.lean import distinct_rows  # noqa: E402
-from posttrain.models.logprobs import response_logprobs  # noqa: E402
-from posttrain.rollout import generate  # noqa: E402
+from posttrain.batch import RolloutBatch, map_micro_batches, micro_rows, trimmed
+from posttrain.models import lean as lean_module
+from posttrain.models.lean import distinct_rows
+from posttrain.models.logprobs import response_logprobs
+from posttrain.rollout import generate
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 MICRO = 8
