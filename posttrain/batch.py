@@ -27,6 +27,9 @@ class RolloutBatch:
     # (B, T) float: log pi_old(a_t | s_t) by the trainer's forward pass (an external engine: the learner's forward
     # phase); None: the rollout's own, the very same tensor (posttrain's engine in fp32 is the trainer's forward)
     old_logprobs: Tensor | None = None
+    # (B) what each trajectory of an environment rollout did (posttrain/rollout/multiturn.py): its segments,
+    # final answer, environment reward, tool calls, why it stopped; None from a bare `generate` call
+    trajectories: Trajectories | None = None
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
@@ -39,11 +42,33 @@ class RolloutBatch:
 
     def select(self, idx: Tensor | slice) -> "RolloutBatch":
         """The sub-batch of rows `idx` (a micro-batch)."""
-        return RolloutBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return RolloutBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                               for f in fields(self)})
 
     @property
     def response_lengths(self) -> Tensor:  # (B,) long
         return self.response_mask.sum(-1).long()
+
+
+class Trajectories(tuple):
+    """One plain-data record (a dict) per row of a RolloutBatch, indexed like its tensors: by an int (the record),
+    a slice, a list or a (long or bool) tensor of rows (a Trajectories). `to(device)` is itself, so a batch that
+    carries it moves like one made of tensors only. The record's keys: posttrain/rollout/multiturn.py."""
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return Trajectories(super().__getitem__(idx))
+        if isinstance(idx, Tensor) and idx.dim() > 0:
+            idx = (idx.nonzero().squeeze(1) if idx.dtype == torch.bool else idx).tolist()
+        elif hasattr(idx, "__index__"):  # one row (an int, a 0-dim tensor): its record
+            return super().__getitem__(idx.__index__())
+        return Trajectories(super(Trajectories, self).__getitem__(int(i)) for i in idx)
+
+    def to(self, *args, **kwargs) -> Trajectories:
+        return self
+
+    def dim(self) -> int:
+        return 1
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -128,6 +153,9 @@ def cat_padded(items: list, pad_token_id: int):
             continue
         left = f.name.startswith("prompt")
         value = pad_token_id if f.name.endswith("_ids") else 0
+        if isinstance(parts[0], Trajectories):
+            out[f.name] = Trajectories(r for x in parts for r in x)
+            continue
         out[f.name] = torch.cat([pad_to(x, P if left else T, value, left) if x.dim() == 2 else x for x in parts])
     return type(items[0])(**out)
 

@@ -69,11 +69,13 @@ class LoraConfig(_Section):
 
 class PromptTuningConfig(_Section):
     """model.peft=prompt_tuning: learned soft-prompt embeddings put before every prompt (Lester et al. 2021),
-    through the peft library; the whole model stays frozen."""
+    through the peft library; the whole model stays frozen (sft, rl, dpo, rft; docs/peft.md)."""
 
-    num_virtual_tokens: int = Field(16, ge=1, description="Soft-prompt length in embedding vectors.")
+    num_virtual_tokens: int = Field(16, ge=1, description="Soft-prompt length in embedding vectors (each of the "
+                                    "model's hidden size; they also take that many positions of the context).")
     init_text: str | None = Field(None, min_length=1, description="Initialise the soft prompt from this text's "
-                                  "token embeddings (repeated or cut to num_virtual_tokens); None: random.")
+                                  "token embeddings (repeated or cut to num_virtual_tokens); None: the embeddings of "
+                                  "num_virtual_tokens tokens drawn from the vocabulary with the run's seed.")
 
 
 class ModelConfig(_Section):
@@ -311,6 +313,9 @@ class RLConfig(_AdamW, _Sampling):
                                    "are finite; stop with a clear error otherwise.")
     ratio_tolerance: float = Field(1e-3, gt=0, description="Largest |log ratio| allowed on the first minibatch "
                                    "(fp32 CPU: ~1e-6; loosen for bf16 or an external inference engine).")
+    log_rollouts_every: int = Field(0, ge=0, description="Write every N steps the step's trajectories to "
+                                    "OUTPUT_DIR/rollouts/step_NNNNNN.jsonl: segments (role, text, tokens, in the "
+                                    "loss mask), reward, turns, tool calls (0: never).")
 
     @model_validator(mode="before")
     @classmethod
@@ -373,6 +378,46 @@ class RewardModelConfig(_AdamW, _CosineDecay):
                                   "normalisation mean and std stored with the model.")
     eval_every: int = Field(100, ge=0, description="Held-out accuracy every N steps (0: only at the end).")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+
+
+ENVIRONMENTS = ("single_turn", "reflection", "tools")  # built-ins (posttrain/rollout/env.py BUILTIN)
+
+
+class EnvConfig(_Section):
+    """The environment RL rollouts run in (posttrain/rollout/env.py, docs/multiturn.md): one assistant turn scored
+    by the task's verifier (single_turn), or several turns with observations in between. rl.max_new_tokens is
+    the longest assistant turn."""
+
+    name: str = Field("single_turn", min_length=1, description="A built-in environment (" + ", ".join(ENVIRONMENTS)
+                      + ") or a user's class as 'module:Class' or 'path/to/file.py:Class', built once per "
+                      "trajectory as Class(ctx, **env.kwargs).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment class "
+                                   "(reflection: feedback, threshold; a user's class: its own).")
+    max_turns: int = Field(4, ge=1, description="Most assistant turns in a trajectory; one still going after its "
+                           "last turn is truncated (finished false, reason max_turns). single_turn ends after one.")
+    max_tool_calls: int = Field(8, ge=0, description="Most tool calls in a trajectory (as the environment counts "
+                                "them in Observation.info['tool_calls']); more truncates it (reason max_tool_calls).")
+    max_response_tokens: int | None = Field(None, ge=1, description="Most response tokens of a trajectory, sampled "
+                                            "and environment tokens together; a turn or observation that would go "
+                                            "past it truncates the trajectory (reason max_response_tokens). None: "
+                                            "no limit beyond env.max_turns turns of rl.max_new_tokens.")
+    tool_timeout_s: float = Field(10.0, gt=0, description="tools: wall-clock limit of one tool call; past it the "
+                                  "call returns an error message to the model.")
+    tools: tuple[str, ...] = Field(("calculator",), description="tools: the tools offered, built-in (calculator, "
+                                   "python) or 'module:function'.")
+    max_attempts: int = Field(3, ge=1, description="reflection: most answers to one problem; after a wrong one the "
+                              "verifier's feedback is appended and the model answers again.")
+    attempt_discount: float = Field(1.0, gt=0, le=1, description="reflection: the reward of a trajectory is the "
+                                    "final attempt's score times attempt_discount ** (attempts - 1).")
+    max_observation_chars: int = Field(2000, ge=16, description="An observation message longer than this is cut "
+                                       "to it, with a note saying how much was cut.")
+
+    @model_validator(mode="after")
+    def _name(self) -> "EnvConfig":
+        if ":" not in self.name and self.name not in ENVIRONMENTS:
+            raise ValueError(f"env.name must be one of {', '.join(ENVIRONMENTS)} or 'module:Class' (got "
+                             f"{self.name!r}){_suggest(self.name, list(ENVIRONMENTS))}")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -518,6 +563,11 @@ class RayConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Rollout and reward workers that die are restarted and their "
                               "share re-issued, up to this many restarts in the run; a learner rank that dies counts "
                               "too: every role is restarted and the run resumes from its newest checkpoint.")
+    max_staleness: int = Field(0, ge=0, description="Off-policy rollouts: how many updates old the policy that "
+                               "generated a trained batch may be. 0: on-policy (generate, then update). k > 0: the "
+                               "rollout workers generate the batches of the next k steps while the learner trains "
+                               "on this one (posttrain/rl/loop.py); log pi_old is recomputed by the learner and "
+                               "rl.rollout_correction (required) weighs pi_old / pi_rollout. backend ray only.")
 
 
 class RunConfig(_Section):
@@ -544,6 +594,7 @@ class RunConfig(_Section):
     bon: BestOfNConfig = Field(default_factory=BestOfNConfig)
     rft: RFTConfig = Field(default_factory=RFTConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -566,7 +617,15 @@ class RunConfig(_Section):
     def _ray_layout(self) -> "RunConfig":
         """backend ray: every rollout worker and learner rank gets an equal share (posttrain/distributed)."""
         if self.backend != "ray":
+            if self.ray.max_staleness > 0:
+                raise ValueError(f"ray.max_staleness={self.ray.max_staleness} needs backend=ray (it overlaps "
+                                 "generation with the update on separate actors; in one process there is nothing "
+                                 "to overlap, only staler samples): set backend=ray or ray.max_staleness=0")
             return self
+        if self.ray.max_staleness > 0 and self.rl.rollout_correction == "none":
+            raise ValueError(f"ray.max_staleness={self.ray.max_staleness} trains on samples of a policy up to "
+                             f"{self.ray.max_staleness} update(s) old: set rl.rollout_correction (tis, mis or "
+                             "icepop) so that the policy loss weighs pi_old / pi_rollout (docs/distributed.md)")
         if self.model.peft is not None:
             raise ValueError(f"model.peft={self.model.peft} is not available with backend=ray yet (its rollout "
                              "workers would need the adapter weights sent and applied); use backend=local")

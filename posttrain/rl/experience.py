@@ -22,6 +22,7 @@ from posttrain.batch import RolloutBatch, cat_padded, last_token_index
 from posttrain.buffer import Experience
 from posttrain.config import RLConfig
 from posttrain.invariants import check_finite, check_mask_not_empty
+from posttrain.rollout.multiturn import trajectory_metrics
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def experience_metrics(data: ScoredRollouts, allgen: ScoredRollouts, batch: Roll
                     "response_length": batch.response_mask.sum(-1).mean().item(),
                     "truncated_frac": (~batch.finished).float().mean().item(),
                     "overlong_penalty_mean": data.overlong.mean().item()})
+    metrics.update(trajectory_metrics(allgen.batch.trajectories))  # env/turns, env/tool_calls, ...
     if baseline is not None:
         metrics["baseline_reward_mean"] = baseline.mean().item()
     if allgen.from_reward_model:

@@ -23,6 +23,15 @@ this process (`backend: local`) or as Ray actors (`backend: ray`, posttrain/dist
       log/eval    the metrics line with every phase's time; held-out greedy accuracy every eval_every steps (a
                   table of samples to the trackers); the non-finite guard and the checkpoint
 
+Off-policy (`ray.max_staleness` = k > 0, backend ray; rl/ahead.py): the update is submitted to the learner ranks,
+and while they train the driver samples (generate, score, baseline) the batches of the next k steps that are not
+sampled yet; the rollout workers still hold the weights of before this step's update (the sync comes after), so
+a batch is trained by a policy up to k updates newer than the one that made it. Every sample records its policy
+version and the step checks 0 <= lag <= k (`policy_lag`, logged). log pi_old is then recomputed by the learner
+on the current weights (the reference phase, as for an external engine), the engine's log pi_rollout of the older
+policy is kept, and rl.rollout_correction weighs pi_old / pi_rollout. The ratio invariant still holds: the first
+minibatch's ratio pi / pi_old is 1, against the recomputed pi_old. A checkpoint holds the batches sampled ahead.
+
 A "step" is one rollout batch of prompts_per_step * group_size sequences and the optimizer steps taken on it;
 learning-rate schedules count steps. Departures from the papers, all configurable: log pi_old is the one
 generation returns (equal to a fresh forward pass to ~1e-6, checked every step by the ratio invariant; in bf16
@@ -36,8 +45,9 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,7 +55,8 @@ from posttrain.algos import ADVANTAGES, AdaptiveKLController, FixedKLController
 from posttrain.batch import RolloutBatch
 from posttrain.config import RunConfig
 from posttrain.data.sampling import as_random_state
-from posttrain.errors import InvariantError
+from posttrain.errors import ConfigError, InvariantError
+from posttrain.rl.ahead import Rollouts, policy_lag, rollouts_from_state, rollouts_state
 from posttrain.rl.experience import (ExperienceRecipe, ScoredRollouts, build_experience, experience_metrics,
                                      informative_rounds, policy_kl)
 from posttrain.rl.learner import LearnerState
@@ -54,6 +65,7 @@ from posttrain.rollout.engines import shard_seed
 from posttrain.tasks.registry import Task
 from posttrain.train.control import NoControl, RunControl
 from posttrain.train.optim import PhaseTimer
+from posttrain.train.rollout_log import rollout_log_hook
 from posttrain.train.tracking import held_out
 
 
@@ -79,6 +91,9 @@ class RLRun:
     sample: Callable[[int, PhaseTimer], tuple[ScoredRollouts, ScoredRollouts, dict]]  # (step) -> (train, all, m)
     baseline: Callable[[ScoredRollouts, PhaseTimer], torch.Tensor | None]
     reference: Callable[[RolloutBatch, PhaseTimer], tuple[RolloutBatch, torch.Tensor | None, torch.Tensor | None]]
+    log_rollouts: Callable = lambda step, batch, scores, gold: None  # rl.log_rollouts_every (train/rollout_log.py)
+    max_staleness: int = 0  # ray.max_staleness: batches sampled ahead of their step (0: on-policy)
+    ahead: deque[Rollouts] = field(default_factory=deque)  # the batches of the next steps, sampled ahead, in order
     steps_done: int = 0  # `step()` only; train_rl passes the step number
     last: StepRecord | None = None
 
@@ -116,10 +131,14 @@ class RLRun:
 
         needs = ADVANTAGES.requires(c.advantage)
         forward = c.kl_coef > 0 or "values" in needs or roles.recompute_in_forward
+        if cfg.ray.max_staleness > 0 and roles.shared:
+            raise ConfigError(f"ray.max_staleness={cfg.ray.max_staleness} needs rollout workers with their own "
+                              "weights (backend ray, or InlineRoles.like_ray); these generate with the learner's")
         return cls(cfg, roles, task, ExperienceRecipe.from_config(c), rng, kl_ctl,
                    dynamic_sampling if c.dynamic_sampling else one_round,
                    greedy_baseline if "baseline_rewards" in needs else (lambda data, timer: None),
-                   learner_forward if forward else (lambda batch, timer: (batch, None, None)))
+                   learner_forward if forward else (lambda batch, timer: (batch, None, None)),
+                   rollout_log_hook(cfg, roles.tokenizer), cfg.ray.max_staleness)
 
     @classmethod
     def local(cls, cfg: RunConfig, policy, tokenizer, task) -> "RLRun":
@@ -141,38 +160,66 @@ class RLRun:
     def snapshot(self, accuracy: float) -> tuple[dict, dict]:
         """Everything a resumed run needs to continue exactly: ({model: weights}, state)."""
         weights, snap = self.roles.snapshot()
-        return weights, {**snap, "rng": self.rng.getstate(), "kl_ctl": self.kl_ctl.state_dict(), "accuracy": accuracy}
+        return weights, {**snap, "rng": self.rng.getstate(), "kl_ctl": self.kl_ctl.state_dict(), "accuracy": accuracy,
+                         "ahead": rollouts_state(self.ahead, self.task)}
 
     def restore(self, weights: dict, snap: dict) -> float:
         """Load a `snapshot` into this freshly set-up run; returns the accuracy it recorded."""
         self.roles.restore(weights, snap)
         self.rng.setstate(as_random_state(snap["rng"]))
         self.kl_ctl.load_state_dict(snap["kl_ctl"])
+        self.ahead = deque(rollouts_from_state(snap.get("ahead", []), self.task))
         return snap["accuracy"]
 
 
-def make_experience(run: RLRun, step: int, timer: PhaseTimer):
-    """Generate, score, baseline, reference, advantages: one rollout batch, computed once.
-    -> (Experience, StepRecord, metrics)"""
+def collect(run: RLRun, step: int, timer: PhaseTimer) -> Rollouts:
+    """Generate and score step `step`'s batch (and ReMax's baseline) with the rollout workers' current weights,
+    recording their policy version on every row."""
+    version = run.roles.version
     data, allgen, metrics = run.sample(step, timer)
+    run.log_rollouts(step, allgen.batch, allgen.scores, allgen.gold)
     baseline = run.baseline(data, timer)
+    return Rollouts(step, data, allgen, metrics, baseline, torch.full((len(data.batch),), version, dtype=torch.long))
+
+
+def sample_ahead(run: RLRun, step: int, timer: PhaseTimer) -> None:
+    """During step `step`'s update: sample the batches of steps step+1 .. step+max_staleness (at most
+    rl.steps) not sampled yet (none on-policy). rl/ahead.py: why the lag stays <= max_staleness."""
+    first = run.ahead[-1].step + 1 if run.ahead else step + 1
+    for ahead_step in range(first, min(step + run.max_staleness, run.cfg.rl.steps) + 1):
+        run.ahead.append(collect(run, ahead_step, timer))
+
+
+def make_experience(run: RLRun, step: int, timer: PhaseTimer):
+    """The step's rollout batch (sampled ahead, or generated and scored now), then reference and advantages:
+    computed once. -> (Experience, StepRecord, metrics)"""
+    rollouts = run.ahead.popleft() if run.ahead else collect(run, step, timer)
+    if rollouts.step != step:
+        raise InvariantError(f"the batch sampled ahead for step {rollouts.step} came up in step {step}")
+    lag = policy_lag(run.roles.updates, rollouts, run.max_staleness)
+    data, allgen, metrics, baseline = rollouts.data, rollouts.allgen, dict(rollouts.metrics), rollouts.baseline
     batch, ref_logprobs, values = run.reference(data.batch, timer)
     with timer("advantages"):
         exp, returns = build_experience(run.recipe, data, batch, baseline=baseline, ref_logprobs=ref_logprobs,
                                         values=values, kl_coef=run.kl_ctl.value)
     metrics.update(experience_metrics(data, allgen, batch, group_size=run.cfg.rl.group_size, baseline=baseline,
-                                      ref_logprobs=ref_logprobs, values=values, returns=returns))
+                                      ref_logprobs=ref_logprobs, values=values, returns=returns),
+                   policy_lag=int(lag.max()))
     kl = policy_kl(batch, ref_logprobs) if ref_logprobs is not None else None
     return exp, StepRecord(kl, int(exp.num_tokens), len(exp)), metrics
 
 
 def rl_step(run: RLRun, step: int, timer: PhaseTimer) -> tuple[dict, StepRecord]:
-    """One rollout step: experience, update, KL controller, weight sync. -> (metrics, the step's record)"""
+    """One rollout step: experience, update (and, off-policy, sampling ahead while the learner trains), KL
+    controller, weight sync. -> (metrics, the step's record)"""
     try:
         exp, info, metrics = make_experience(run, step, timer)
         kl_coef = run.kl_ctl.value
         with timer("update"):
-            stats, lr = run.roles.update(exp, kl_coef)
+            pending = run.roles.submit_update(exp, kl_coef)
+        sample_ahead(run, step, timer)  # before the sync: with the weights of before this update
+        with timer("update"):
+            stats, lr = run.roles.finish_update(pending)
     except InvariantError as err:
         raise InvariantError(f"RL step {step}: {err}") from None
     if info.kl is not None:

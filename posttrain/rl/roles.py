@@ -7,7 +7,10 @@ actors (posttrain/distributed/pool.py `RayRole`, the same interface).
                                             on learner rank r                                 -> dict of (B, T)
     roles.update(experience, kl_coef)       every learner rank: the actor/critic update, gradients reduced over
                                             the ranks                                          -> metrics, lr
-    roles.sync()                            rank 0's weights to every rollout worker, checked by sha256
+                                            (= finish_update(submit_update(...)): Ray ranks run it while the
+                                            driver samples ahead, ray.max_staleness > 0)
+    roles.sync()                            rank 0's weights to every rollout worker, checked by sha256;
+                                            roles.version: the updates behind the weights they now generate with
     roles.policy()                          this process's policy with the current weights (evaluation)
     roles.snapshot() / roles.restore(...)   rank 0's state for a checkpoint
 
@@ -107,7 +110,10 @@ class Roles:
         self.weights = None  # the current policy weights as the rollout workers receive them (a Ray ref or a dict)
         self.latest: dict | None = None  # the same weights in this process
         self.sha256: str | None = None
-        self.recompute_in_forward = cfg.ray.engine != "torch"  # an external engine: log pi_old from the trainer
+        # log pi_old from the trainer's forward pass: an external engine, or samples of an older policy (off-policy)
+        self.recompute_in_forward = cfg.ray.engine != "torch" or cfg.ray.max_staleness > 0
+        self.updates = 0  # updates the learner has taken (a resumed run: counted from the start)
+        self.version = 0  # the policy version of the rollout workers' weights: `updates` at the last sync
         self.report_restarts = report_restarts  # the Ray layout logs ray/restarts
         self.from_reward_model = cfg.rl.reward == "reward_model"  # the raw scores are a reward model's
 
@@ -119,7 +125,7 @@ class Roles:
         batches: list[RolloutBatch | None] = [None] * len(parts)
         score_calls = [None] * len(parts)
         with timer("generate"):
-            gen_calls = [self.rollout_workers.submit(s, "generate", [p.prompt for p in part], None if seeds is None
+            gen_calls = [self.rollout_workers.submit(s, "generate", part, None if seeds is None
                                              else seeds[s]) for s, part in enumerate(parts)]
             for s, batch in self.rollout_workers.as_completed(gen_calls):
                 batches[s] = batch
@@ -143,14 +149,27 @@ class Roles:
 
     def update(self, experience, kl_coef: float) -> tuple[dict, float]:
         """The update on every learner rank; its metrics (combined over the shares) and the new learning rate."""
-        results = self.learners_call("update", self.learners.put(experience), kl_coef)
+        return self.finish_update(self.submit_update(experience, kl_coef))
+
+    def submit_update(self, experience, kl_coef: float) -> list[Call]:
+        """Start the update on every learner rank (Ray: the call returns at once and the ranks train while the
+        driver goes on; in this process it runs here)."""
+        put = self.learners.put(experience)
+        return [self.learners.submit(i, "update", put, kl_coef) for i in range(len(self.learners))]
+
+    def finish_update(self, calls: list[Call]) -> tuple[dict, float]:
+        """Wait for `submit_update`'s calls; the update's metrics and the new learning rate."""
+        results = self.learners.gather(calls)
+        self.updates += 1
         return combine_update(results), results[0]["lr"]
 
     def sync(self) -> None:
         """Send the learner's weights to every rollout worker and check the checksums: every rank must hold the
         same weights, and every rollout worker must report the sha256 of what rank 0 sent. Nothing to send when
-        the rollout worker generates with the learner's policy."""
+        the rollout worker generates with the learner's policy. The rollout workers then hold policy version
+        `self.version` (= `self.updates`)."""
         if self.shared:
+            self.version = self.updates
             return
         calls = [self.learners.submit(0, "weights")]
         calls += [self.learners.submit(i, "checksum") for i in range(1, len(self.learners))]
@@ -166,6 +185,7 @@ class Roles:
                                    for i in range(len(self.rollout_workers))])
         for i, worker_sha in enumerate(got):
             self.verify(i, worker_sha)
+        self.version = self.updates
 
     def verify(self, i: int, worker_sha: str) -> None:
         if worker_sha != self.sha256:
@@ -179,10 +199,12 @@ class Roles:
         return self._policy
 
     def snapshot(self) -> tuple[dict, dict]:
-        return self.learners.gather([self.learners.submit(0, "snapshot")])[0]
+        weights, snap = self.learners.gather([self.learners.submit(0, "snapshot")])[0]
+        return weights, {**snap, "policy_version": self.version}
 
     def restore(self, weights: dict, snap: dict) -> None:
         self.learners_call("restore", weights, snap)
+        self.updates = snap.get("policy_version", 0)  # a checkpoint from before the key: versions from 0
         self.sync()
 
     def metrics(self) -> dict[str, float]:
@@ -206,7 +228,7 @@ class InlineRoles:
         """`backend: local`: one learner training `policy` in place, one rollout worker generating with it, one
         reward worker; torch's thread count is left as the run set it."""
         learners = InlineRole("learner", Learner, 1, (cfg, policy, tokenizer, task, [0], 1, None, _device(cfg)))
-        rollout = InlineRole("rollout worker", RolloutWorker, 1, (cfg, policy, tokenizer, None, True))
+        rollout = InlineRole("rollout worker", RolloutWorker, 1, (cfg, policy, tokenizer, None, True, task))
         reward = InlineRole("reward worker", RewardWorker, 1, (cfg, tokenizer, task))
         return Roles(cfg, tokenizer, policy, rollout, reward, learners, [[0]], shared=True, report_restarts=False)
 
@@ -220,7 +242,7 @@ class InlineRoles:
         learners = InlineRole("learner", Learner, 1, lambda i: (cfg, copy.deepcopy(policy), tokenizer, task,
                                                                 list(range(r.num_learners)), r.num_learners, threads))
         rollout = InlineRole("rollout worker", RolloutWorker, r.num_rollout_workers,
-                             lambda i: (cfg, copy.deepcopy(policy), tokenizer, threads))
+                             lambda i: (cfg, copy.deepcopy(policy), tokenizer, threads, False, task))
         reward = InlineRole("reward worker", RewardWorker, max(1, r.num_reward_workers), (cfg, tokenizer, task, threads))
         roles = Roles(cfg, tokenizer, policy, rollout, reward, learners, [list(range(r.num_learners))])
         roles.sync()

@@ -1,8 +1,10 @@
 """The rollout and reward roles of the RL loop: plain classes, run in this process (roles.InlineRoles) or as
 Ray actors (posttrain/distributed), with the same code either way.
 
-    RolloutWorker.generate(prompts, seed)      -> RolloutBatch     (a policy behind a rollout engine)
-    RewardWorker.score(problems, batch)        -> RolloutScores    (the task's reward, a reward model, shaping)
+    RolloutWorker.generate(problems, seed)     -> RolloutBatch     (a policy behind a rollout engine, running the
+                                                                    environment of every trajectory: env.name)
+    RewardWorker.score(problems, batch)        -> RolloutScores    (the environment's reward or the task's on the
+                                                                    final answer, a reward model, shaping)
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from torch import Tensor
 from posttrain.algos.shaping import overlong_penalty
 from posttrain.batch import RolloutBatch
 from posttrain.config import RunConfig
-from posttrain.models.chat import decode_responses, encode_prompts, stop_token_ids
+from posttrain.models.chat import decode_responses, stop_token_ids
 from posttrain.rewards.base import RewardBreakdown, reward_metrics
 from posttrain.rollout.engines import RolloutEngine, TorchEngine
+from posttrain.rollout.multiturn import EpisodeDriver
+from posttrain.tasks import build_task
 from posttrain.tasks.registry import breakdown
 
 
@@ -33,27 +37,31 @@ def make_engine(cfg: RunConfig, model, tokenizer, shared: bool = False) -> Rollo
 
 
 class RolloutWorker:
-    """A policy behind a rollout engine; generates shares of rollout batches (sampled with a seed, or greedy).
-    `threads`: torch's thread count in this worker's process (a Ray actor); None leaves it as it is."""
+    """A policy behind a rollout engine; generates shares of rollout batches (sampled with a seed, or greedy),
+    each trajectory in its own environment (posttrain/rollout/multiturn.py; `single_turn`: one generate call).
+    `threads`: torch's thread count in this worker's process (a Ray actor); None leaves it as it is. `task`: the
+    run's task, for environments that score with its verifier (reflection); None: built from cfg.task when the
+    environment is not single_turn."""
 
-    def __init__(self, cfg: RunConfig, model, tokenizer, threads: int | None = None, shared: bool = False):
+    def __init__(self, cfg: RunConfig, model, tokenizer, threads: int | None = None, shared: bool = False,
+                 task=None):
         if threads is not None:
             torch.set_num_threads(threads)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.stop = stop_token_ids(tokenizer)
         self.engine = make_engine(cfg, model, tokenizer, shared=shared)
+        if task is None and cfg.env.name != "single_turn":
+            task = build_task(cfg.task, cfg.seed, cfg.rl.reward_funcs, cfg.rl.reward_weights)
+        self.driver = EpisodeDriver.from_config(cfg, tokenizer, task)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def generate(self, prompts: list[str], seed: int | None) -> RolloutBatch:
-        """Samples for `prompts` in order, drawn with torch.Generator().manual_seed(seed); seed None: greedy."""
-        c = self.cfg.rl
-        ids, mask = encode_prompts(self.tokenizer, prompts)
+    def generate(self, problems: list, seed: int | None) -> RolloutBatch:
+        """Trajectories for `problems` in order (a str: a rendered prompt), drawn with
+        torch.Generator().manual_seed(seed); seed None: greedy."""
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        return self.engine.generate(ids, mask, max_new_tokens=c.max_new_tokens, eos_token_id=self.stop,
-                                    pad_token_id=self.tokenizer.pad_token_id, temperature=c.temperature,
-                                    top_k=c.top_k, top_p=c.top_p, greedy=seed is None, generator=generator)
+        return self.driver.rollout(self.engine.generate, problems, generator=generator, greedy=seed is None)
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> str:
         """Load the learner's weights; returns the sha256 of what the engine now holds."""
@@ -108,14 +116,36 @@ class RewardWorker:
         return os.getpid()
 
     def score(self, problems: list, batch: RolloutBatch) -> RolloutScores:
+        """The gold of each trajectory: its environment's reward where it gave one, else the task's verifier on the
+        final assistant turn (the whole response of a single-turn rollout). The per-function breakdown is kept
+        when the verifier scored every row. The shaping counts sampled tokens (the loss mask)."""
         prompts = [p.prompt for p in problems]
-        completions = decode_responses(self.tokenizer, batch.response_ids, batch.response_mask)
-        breakdown = self.breakdown(prompts, completions, problems)
-        gold = torch.tensor(breakdown.rewards, dtype=torch.float32)
+        gold, breakdown, completions = self.gold(prompts, problems, batch)
         raw = gold if self.reward_model is None else self.reward_model.score(prompts, completions,
                                                                               batch.finished.tolist())
-        penalty, over = self.shaping(batch.response_lengths, batch.finished)
+        penalty, over = self.shaping(batch.loss_mask.sum(-1).long(), batch.finished)
         return RolloutScores(gold, raw, penalty, over, breakdown)
+
+    def gold(self, prompts: list[str], problems: list, batch: RolloutBatch
+             ) -> tuple[Tensor, RewardBreakdown | None, list[str]]:
+        """-> (gold (B,), the verifier's breakdown or None, the final answers)."""
+        traj = batch.trajectories
+        if traj is None:  # a bare generate batch: the whole response is the answer
+            completions = decode_responses(self.tokenizer, batch.response_ids, batch.response_mask)
+            env_rewards = [None] * len(batch)
+        else:
+            completions = [t["answer"] for t in traj]
+            env_rewards = [t["reward"] for t in traj]
+        need = [i for i, r in enumerate(env_rewards) if r is None]
+        if len(need) == len(batch):
+            breakdown = self.breakdown(prompts, completions, problems)
+            return torch.tensor(breakdown.rewards, dtype=torch.float32), breakdown, completions
+        gold = torch.tensor([float("nan") if r is None else r for r in env_rewards], dtype=torch.float32)
+        if need:
+            part = self.breakdown([prompts[i] for i in need], [completions[i] for i in need],
+                                  [problems[i] for i in need])
+            gold[need] = torch.tensor(part.rewards, dtype=torch.float32)
+        return gold, None, completions
 
 
 def merge_breakdowns(parts: list[RewardBreakdown | None]) -> dict[str, float]:
