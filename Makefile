@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: demo demo-real test test-fast bench install clean real-model
+.PHONY: demo demo-real demo-tools test test-fast bench install clean real-model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ $(REAL_MODEL)/config.json: | $(STAMP)
 # SmolLM2-135M-Instruct learning verifiable instruction following with GRPO on this CPU (docs/real-model.md)
 demo-real: real-model
 	$(VENV)/bin/posttrain demo --pipeline real
+
+# the tiny model learns to call a calculator for 3-digit multiplication: SFT, then GRPO in the tools environment
+# (docs/tools.md)
+demo-tools: $(STAMP)
+	$(VENV)/bin/posttrain demo --pipeline tools --config configs/demo_tools.yaml
 
 clean:
 	rm -rf $(VENV) runs

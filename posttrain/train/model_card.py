@@ -29,6 +29,8 @@ METHODS = {
              "rewards", ("rl",), "text-generation"),
     "rlhf": ("RLHF pipeline", "SFT, a reward model, then PPO against the reward model (InstructGPT)",
              ("sft", "rm", "rl"), "text-generation"),
+    "tools": ("SFT then GRPO with tools", "posttrain's tools demo: SFT on demonstrations that call a calculator "
+              "some of the time, then GRPO in the tools environment", ("sft", "rl"), "text-generation"),
 }
 
 # the hyperparameters worth reading first, per section (every one is in the full config)
@@ -49,7 +51,7 @@ NOTES = {"policy": "Accuracy: the mean task reward of the greedy completions of 
 
 # the command line that repeats a run from the config.yaml written beside final/
 REPEAT = {"demo": "posttrain demo --config", "real": "posttrain demo --pipeline real --config",
-          "rlhf": "posttrain demo --pipeline rlhf --config"}
+          "rlhf": "posttrain demo --pipeline rlhf --config", "tools": "posttrain demo --pipeline tools --config"}
 
 
 def front_matter(cfg, method: str) -> dict:

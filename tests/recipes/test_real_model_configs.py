@@ -35,6 +35,8 @@ SHORT = {
     "bon_ifeval_smollm2": ["task.num_eval=8", "bon.n=2", "bon.num_prompts=4", "bon.max_new_tokens=8"],
     "rft_ifeval_smollm2": ["task.num_eval=4", "rft.prompts_per_round=8", "rft.samples=2", "rft.max_new_tokens=8",
                            "rft.steps=2", "rft.batch_size=2", "rft.min_score=null", "eval.max_new_tokens=8"],
+    "grpo_tools_smollm2": ["task.num_eval=4", "rl.steps=1", "rl.prompts_per_step=2", "rl.group_size=2",
+                           "rl.micro_batch_size=4", "rl.max_new_tokens=8", "eval.max_new_tokens=8"],
 }
 
 
@@ -45,7 +47,7 @@ def shipped(name: str) -> dict:
 @pytest.mark.parametrize("name", sorted(SHORT))
 def test_each_recipe_config_runs_on_a_smollm2_shaped_model(name, stand_in, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs' relative paths are from the repository root
-    command = name.split("_")[0]
+    command = {"grpo": "rl"}.get(name.split("_")[0], name.split("_")[0])
     assert shipped(name)["model"]["path"] == "models/smollm2-135m-instruct"
     data = []
     if name in DATA_PATHS:
