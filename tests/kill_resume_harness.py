@@ -54,23 +54,26 @@ def newest_checkpoint(out: Path) -> str:
     return names[-1] if names else "none"
 
 
-def kill_and_resume(workdir: Path, kills: int, seed: int, log=print) -> dict:
-    """Returns {"kills": n, "equal_weights": bool, "equal_metrics": bool, "resumes": [...], "seconds": s}."""
+def kill_and_resume(workdir: Path, kills: int, seed: int, log=print, tiny: dict = TINY, argv=command,
+                    total: int | None = None) -> dict:
+    """Returns {"kills": n, "equal_weights": bool, "equal_metrics": bool, "resumes": [...], "seconds": s}.
+    `tiny`, `argv(config, out, resume)` and `total` (checkpoints a run writes) run another command (default: the
+    demo); the weights compared are every final/**/*.safetensors (a LoRA run's final/adapter/ too)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    config.write_text(yaml.safe_dump(tiny), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     ref = workdir / "straight"
-    subprocess.run(command(config, ref, False), check=True, env=env, capture_output=True)
+    subprocess.run(argv(config, ref, False), check=True, env=env, capture_output=True)
     straight_s = time.perf_counter() - t0
     rng = random.Random(seed)
-    total = TINY["sft"]["steps"] + TINY["rl"]["steps"]  # one checkpoint per step
+    total = total or TINY["sft"]["steps"] + TINY["rl"]["steps"]  # one checkpoint per step
     targets = sorted(rng.sample(range(1, total - 1), kills))
     out = workdir / "killed"
     resumes, done, n = [], False, 0
     while not done:
-        proc = subprocess.Popen(command(config, out, n > 0), env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv(config, out, n > 0), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         if n < kills:
             # wait until the run has saved its targets[n]-th checkpoint (targets spread over SFT and RL), then
@@ -89,7 +92,8 @@ def kill_and_resume(workdir: Path, kills: int, seed: int, log=print) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"the resumed run failed ({proc.returncode}): {err[-500:]}")
         done = True
-    same_weights = (ref / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+    files = sorted(f.relative_to(ref) for f in (ref / "final").rglob("*.safetensors"))
+    same_weights = bool(files) and all((ref / f).read_bytes() == (out / f).read_bytes() for f in files)
     same_metrics = strip_timing(ref / "metrics.jsonl") == strip_timing(out / "metrics.jsonl")
     return {"kills": n, "equal_weights": same_weights, "equal_metrics": same_metrics, "resumes": resumes,
             "straight_seconds": round(straight_s, 1), "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,29 +1,45 @@
-"""Parameter-efficient training through the peft library: LoRA adapters (model.peft=lora), resolved once when the
-policy loads (`apply_peft`), and what the rest of posttrain asks of an adapted model.
+"""Parameter-efficient training through the peft library: LoRA adapters (model.peft=lora) and soft prompts
+(model.peft=prompt_tuning), resolved once when a model loads (`apply_peft`), and what the rest of posttrain asks
+of an adapted model.
 
     apply_peft(model, cfg)        the model as a peft model (only the adapter trains), or unchanged (peft null);
-                                  a target module the model lacks is a one-line ConfigError listing its names
-    reference_of(policy)          pi_ref for the KL term: with an adapter, the same module with it switched off
-                                  (peft's `disable_adapter()`), no second copy; otherwise a frozen deep copy
+                                  a target module the model lacks is a one-line ConfigError listing its names;
+                                  `trained=("score",)` also trains those modules fully (a reward model's head)
+    hf_module(model)              what takes transformers' arguments and runs the adapted model (below)
+    reference_of(policy)          pi_ref for the KL term: with LoRA, the same module with the adapter switched off
+                                  (peft's `disable_adapter()`), no second copy; with a soft prompt, the base with
+                                  a frozen copy of the starting prompt; otherwise a frozen deep copy
     trainable_state_dict(model)   what a checkpoint holds of a model: the adapter (its trainable tensors) with
                                   peft, the whole state dict without; `load_trainable_state_dict` puts it back
     plain_state_dict(model)       the base weights under the base model's own names (a critic starts from them)
-    save_merged(model, out)       out/ the merged model (AutoModelForCausalLM loads it), out/adapter/ the adapter
+    save_merged(model, out)       out/ the merged model (AutoModelForCausalLM loads it; a soft prompt cannot be
+                                  merged, so there it is the unchanged base), out/adapter/ the adapter
                                   (PeftModel.from_pretrained on the base loads it)
 
+A soft prompt P (N, C) goes before every sequence the same way in the training forward and in generation
+(`SoftPromptForward`): inputs_embeds = [P; E(ids)], the attention mask gets N ones in front, and positions are
+0..N-1 for P and N + (count of real tokens before) for the sequence, so left padding does not shift them and
+a KV-cached decode step (whose cache already holds P) only adds N to its position.
+
 The lean forward (models/lean.py) does not read adapter weights, so an adapted model runs through the
-transformers/peft forward, for training and generation alike (`lean_backbone` refuses it with a logged reason).
+transformers/peft forward, for training and generation alike: `lean_backbone` refuses a LoRA model (its layers are
+peft's) with a logged reason, and finds no backbone in a `SoftPromptForward` (it has no `.model`).
 peft is imported only here, and only when model.peft is set (the `peft` extra).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import functools
+import inspect
+import math
 import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from posttrain.config import ModelConfig
 from posttrain.errors import ConfigError
@@ -31,7 +47,7 @@ from posttrain.errors import ConfigError
 
 def _peft():
     try:
-        import peft  # noqa: PLC0415 (the optional extra)
+        import peft  # the optional extra
     except ImportError:
         raise ConfigError("model.peft needs the peft library: pip install 'posttrain[peft]' (or pip install "
                           "'peft>=0.13')") from None
@@ -59,30 +75,129 @@ def check_target_modules(model: torch.nn.Module, targets: tuple[str, ...]) -> No
                               f"'{target}'{hint}; its linear modules are {', '.join(names)}")
 
 
-def apply_peft(model, cfg: ModelConfig, seed: int = 0):
+def apply_peft(model, cfg: ModelConfig, seed: int = 0, tokenizer=None, trained: tuple[str, ...] = ()):
     """`model` with cfg.peft's adapter (peft's get_peft_model: the base weights frozen, the adapter trainable),
-    or `model` itself when cfg.peft is None. The adapter's initial weights (LoRA's A; B starts at 0) are drawn
-    from `seed` alone, leaving the global RNG as it was."""
+    or `model` itself when cfg.peft is None. The adapter's initial weights (LoRA's A, B starting at 0; a soft
+    prompt drawn from the vocabulary's embeddings) come from `seed` alone, leaving the global RNG as it was.
+    `trained`: modules trained fully beside the adapter (peft's modules_to_save; a scalar-head model's head, which
+    makes it a SEQ_CLS peft model). `tokenizer` encodes model.prompt_tuning.init_text."""
     if cfg.peft is None:
         return model
-    if cfg.peft == "prompt_tuning":
-        raise ConfigError("model.peft=prompt_tuning is not available yet: the training forward and generation "
-                          "would need to put the soft prompt before every prompt (docs/peft.md); use model.peft=lora")
     peft = _peft()
+    if cfg.peft == "prompt_tuning":
+        if trained:
+            raise ConfigError("model.peft=prompt_tuning is for a causal LM's prompt; a scalar-head model (reward "
+                              "model) takes model.peft=lora or null")
+        return _prompt_tuned(peft, model, cfg, seed, tokenizer)
     lora = cfg.lora
     check_target_modules(model, lora.target_modules)
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # peft asks transformers 5.x the deprecated is_gradient_checkpointing: a FutureWarning per load, not ours
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                             target_modules=list(lora.target_modules), bias="none",
+                             task_type="SEQ_CLS" if trained else "CAUSAL_LM",
+                             modules_to_save=list(trained) or None)
+    with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
         return peft.get_peft_model(model, config)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """peft asks transformers 5.x the deprecated is_gradient_checkpointing: a FutureWarning per call, not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _prompt_tuned(peft, model, cfg: ModelConfig, seed: int, tokenizer):
+    """peft's prompt tuning (PromptTuningConfig) on `model`, its soft prompt (N, C) set to the input embeddings
+    of init_text's tokens (repeated or cut to N), or of N tokens drawn uniformly from the vocabulary with `seed`
+    (Lester et al. 2021's sampled-vocabulary initialisation: the prompt starts at the scale of real embeddings)."""
+    pt = cfg.prompt_tuning
+    n = pt.num_virtual_tokens
+    embeddings = model.get_input_embeddings().weight  # (V, C)
+    if pt.init_text is not None:
+        if tokenizer is None:
+            raise ValueError("apply_peft: model.prompt_tuning.init_text needs the tokenizer")
+        ids = tokenizer(pt.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"model.prompt_tuning.init_text: {pt.init_text!r} encodes to no tokens")
+        ids = torch.tensor((ids * math.ceil(n / len(ids)))[:n])
+    else:
+        ids = torch.randint(embeddings.size(0), (n,), generator=torch.Generator().manual_seed(seed))
+    start = embeddings.detach()[ids].clone()  # (N, C)
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="RANDOM")
+    with torch.random.fork_rng(devices=[]), _quiet():
+        torch.manual_seed(seed)
+        tuned = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        soft_prompt(tuned).copy_(start)
+    return tuned
+
+
+def is_prompt_tuned(model) -> bool:
+    """Whether `model` is a peft model with a soft prompt (prompt tuning)."""
+    return is_peft(model) and model.peft_config[model.active_adapter].is_prompt_learning
+
+
+def soft_prompt(model) -> Tensor:
+    """(N, C) the trainable soft prompt of a prompt-tuned peft model (the parameter itself)."""
+    return model.prompt_encoder[model.active_adapter].embedding.weight
+
+
+@functools.cache
+def _cache_keyword(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+class SoftPromptForward:
+    """A causal LM's forward with a soft prompt P (N, C) before every sequence: called with transformers'
+    arguments (input_ids (B, L), attention_mask, position_ids counted over real tokens, a KV cache or none) like
+    the model itself.
+
+    A fresh sequence (no cache, or an empty one): inputs_embeds = [P; E(input_ids)] (B, N+L, C), mask [1_N; mask],
+    positions [0..N-1; N + position_ids]. A decode step on a cache that holds P already: E(input_ids), mask
+    [1_N; mask] (the caller's mask covers its own tokens only), positions N + position_ids. Logits come for the
+    caller's tokens only, (B, L, V) (or its last logits_to_keep), never for P's positions."""
+
+    def __init__(self, base, prompt: Tensor) -> None:
+        self.base, self.prompt = base, prompt  # no `.model`: lean_backbone finds nothing to run lean
+        self.base_model_prefix = base.base_model_prefix
+        self.cache_keyword = _cache_keyword(type(base))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        B, N = input_ids.size(0), self.prompt.size(0)
+        embeds = self.base.get_input_embeddings()(input_ids)  # (B, L, C)
+        attention_mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)
+        position_ids = position_ids + N
+        if cache is None or cache.get_seq_length() == 0:
+            embeds = torch.cat([self.prompt.to(embeds.dtype).unsqueeze(0).expand(B, -1, -1), embeds], dim=1)
+            first = torch.arange(N, device=position_ids.device).expand(B, N)
+            position_ids = torch.cat([first, position_ids], dim=1)
+        if cache is not None:
+            kwargs[self.cache_keyword] = cache
+        kwargs["logits_to_keep"] = kwargs.get("logits_to_keep") or input_ids.size(1)  # none for P's positions
+        return self.base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    __call__ = forward
+
+    def parameters(self):  # the frozen base's (the prompt of a reference is a plain tensor)
+        return self.base.parameters()
+
+    def to(self, device):  # the base moves with the policy; a reference's own prompt moves here
+        self.prompt = self.prompt.to(device)
+        return self
+
+    def eval(self):
+        return self
+
+
 def hf_module(model):
-    """The module whose forward takes transformers' arguments and runs the adapted model: a LoRA model's base
-    model (its projections replaced by peft's LoRA layers in place), anything else itself."""
+    """What takes transformers' arguments and runs the adapted model: a LoRA model's base model (its projections
+    replaced by peft's LoRA layers in place), a prompt-tuned model's base behind `SoftPromptForward` (its
+    trainable prompt), anything else itself."""
+    if is_prompt_tuned(model):
+        return SoftPromptForward(model.get_base_model(), soft_prompt(model))
     return model.get_base_model() if is_peft(model) else model
 
 
@@ -108,8 +223,11 @@ class AdapterOff:
 
 
 def reference_of(policy):
-    """pi_ref, the starting policy frozen: with an adapter (zero at the start), the policy with the adapter
-    switched off; otherwise a frozen deep copy."""
+    """pi_ref, the starting policy frozen: with LoRA (zero at the start), the policy with the adapter switched
+    off; with a soft prompt, the frozen base behind a copy of the starting prompt (N x C values); otherwise a
+    frozen deep copy."""
+    if is_prompt_tuned(policy):
+        return SoftPromptForward(policy.get_base_model(), soft_prompt(policy).detach().clone())
     if is_peft(policy):
         return AdapterOff(policy)
     return copy.deepcopy(policy).eval().requires_grad_(False)
@@ -129,7 +247,7 @@ def load_trainable_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(sd)
         return
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    _, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or names - set(sd):
         raise ValueError(f"the checkpoint's adapter does not fit the model (missing {sorted(names - set(sd))[:3]}, "
                          f"unexpected {list(unexpected)[:3]})")
@@ -145,17 +263,20 @@ def plain_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def merged_copy(model):
-    """A plain transformers model with the adapter merged into its weights (W + (alpha/r) B A); `model` is left
-    as it is."""
+    """A plain transformers model with the adapter merged into its weights (W + (alpha/r) B A; a fully trained
+    head in place of the original); `model` is left as it is. A soft prompt is input, not weights: a prompt-tuned
+    model gives its (unchanged) base model."""
+    if is_prompt_tuned(model):
+        return model.get_base_model()
     return copy.deepcopy(model).merge_and_unload() if is_peft(model) else model
 
 
 def save_merged(model, out: Path) -> None:
-    """out/: the merged model (safetensors); out/adapter/: the adapter alone (adapter_config.json,
-    adapter_model.safetensors), for PeftModel.from_pretrained on the base model."""
+    """out/: the merged model (safetensors; with a soft prompt, the base model as it started); out/adapter/: the
+    adapter alone (adapter_config.json, adapter_model.safetensors), for PeftModel.from_pretrained on out/ (or
+    on the base model)."""
     merged_copy(model).save_pretrained(out, safe_serialization=True)
-    with warnings.catch_warnings():  # peft's save asks the deprecated transformers name (peft 0.21, transformers 5.2x)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet():  # peft's save asks the deprecated transformers name (peft 0.21, transformers 5.2x)
         model.save_pretrained(out / "adapter", safe_serialization=True)
 
 

@@ -38,7 +38,7 @@ def load_policy(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTr
     """The policy (on model.device) and its tokenizer: `cfg.path` through the HF Auto classes, or the tiny model;
     with model.peft, wrapped in its adapter (posttrain/models/adapters.py: only the adapter trains)."""
     model, tokenizer = _load_policy(cfg, seed)
-    return apply_peft(model, cfg, seed).to(resolve_device(cfg)), tokenizer
+    return apply_peft(model, cfg, seed, tokenizer).to(resolve_device(cfg)), tokenizer
 
 
 def _load_policy(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

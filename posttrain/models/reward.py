@@ -9,6 +9,10 @@ completion, plus EOS when the completion finished (training pairs always end wit
 finished responses it will judge); longer sequences keep their last `max_length` tokens, where the
 completion is. The normalisation statistics (`reward_mean`, `reward_std`, measured on a calibration set
 after training) live in the model's config.json, so they travel with the weights.
+
+With model.peft=lora (`with_adapter`), the backbone trains through LoRA adapters and the scalar head fully (peft's
+modules_to_save); `save` writes the merged model, which `RewardModel.load` reads like any reward model, and the
+adapter with its head in adapter/.
 """
 
 from __future__ import annotations
@@ -20,9 +24,19 @@ from torch import Tensor
 from transformers import AutoTokenizer
 
 from posttrain.batch import left_pad
+from posttrain.config import ModelConfig
 from posttrain.errors import ModelLoadError
+from posttrain.models.adapters import apply_peft, hf_module, is_peft, save_merged
 from posttrain.models.loading import architectures, check_model_dir
 from posttrain.models.value import last_token_scores, scalar_model_from_pretrained
+
+HEADS = ("score", "classifier")  # the scalar head's name in transformers' ForSequenceClassification models
+
+
+def with_adapter(model, cfg: ModelConfig, seed: int = 0):
+    """A scalar-head model with model.peft's LoRA adapters on its backbone and its head trained fully; itself
+    when model.peft is null."""
+    return apply_peft(model, cfg, seed, trained=tuple(n for n in HEADS if hasattr(model, n))[:1])
 
 
 class RewardModel:
@@ -32,7 +46,7 @@ class RewardModel:
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RewardModel":
+    def load(cls, path: str | Path) -> RewardModel:
         path = Path(path)
         check_model_dir(path, "reward model")
         arch = architectures(path)
@@ -62,6 +76,10 @@ class RewardModel:
         self.model.config.reward_mean = float(mean)
         self.model.config.reward_std = max(float(std), 1e-6)
 
+    def scores(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, L) left-padded ids and mask -> (B,) raw scores (with grad when enabled; an adapted model's forward)."""
+        return last_token_scores(hf_module(self.model), ids, mask)
+
     def encode(self, prompts: list[str], completions: list[str],
                finished: list[bool] | None = None) -> tuple[Tensor, Tensor]:
         """-> left-padded (ids, mask), each (B, L): BOS + prompt + completion (+ EOS when finished)."""
@@ -84,7 +102,7 @@ class RewardModel:
             for i in range(0, len(prompts), batch_size):
                 ids, mask = self.encode(prompts[i:i + batch_size], completions[i:i + batch_size],
                                         finished[i:i + batch_size])
-                out.append(last_token_scores(self.model, ids, mask))
+                out.append(self.scores(ids, mask))
         return torch.cat(out) if out else torch.zeros(0)
 
     def score(self, prompts: list[str], completions: list[str], finished: list[bool] | None = None,
@@ -95,6 +113,9 @@ class RewardModel:
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out, safe_serialization=True)
+        if is_peft(self.model):  # the merged model (normalisation in its config) and adapter/
+            save_merged(self.model, out)
+        else:
+            self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         return out

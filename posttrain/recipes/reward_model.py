@@ -20,16 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.models.adapters import refuse_peft as _no_peft
 from posttrain.algos.preference import bradley_terry
 from posttrain.config import RunConfig
 from posttrain.data import PreferencePair, load_preference_pairs, split_pairs
 from posttrain.data.sampling import ShuffledBatches
+from posttrain.errors import ConfigError
 from posttrain.models.chat import (
     chat_pairs,
 )
-from posttrain.models.reward import RewardModel
-from posttrain.models.value import last_token_scores
+from posttrain.models.reward import RewardModel, with_adapter
 from posttrain.tasks.preference import synthetic_pairs
 from posttrain.train.checkpoint import restore_training, training_snapshot
 from posttrain.train.control import NoControl, RunControl
@@ -99,7 +98,7 @@ def pair_rewards(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[torch.Te
     """Raw scores (B,), (B,) of the chosen and rejected completions, in one forward pass (with grad)."""
     prompts = [p.prompt for p in pairs]
     ids, mask = rm.encode(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    scores = last_token_scores(rm.model, ids, mask)
+    scores = rm.scores(ids, mask)
     return scores[:len(pairs)], scores[len(pairs):]
 
 
@@ -171,19 +170,19 @@ def train_rm(cfg: RunConfig, state: RMState, logger, progress=None, ctl: RunCont
 def run_rm(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Reward model (Bradley-Terry) from `model.path` (typically the SFT model) on `rm.data` pairs (resume:
     from the newest valid checkpoint; the starting model, which also samples synthetic pairs, must be unchanged)."""
-    _no_peft(cfg.model, "rm", "the scalar-head model is built apart from the policy; LoRA on its backbone is not "
-             "written")
-    from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
-
-    from posttrain.models.reward import RewardModel
+    if cfg.model.peft == "prompt_tuning":
+        raise ConfigError("model.peft=prompt_tuning is not available with `posttrain rm` (a soft prompt conditions "
+                          "a causal LM's generation; a reward model trains its head): use model.peft=lora or null")
     from posttrain.models.value import build_scalar_model
+    from posttrain.train.control import RunControl, finish_run, metrics_logger, open_run
 
     start = time.perf_counter()
     _, resumed = open_run(cfg, resume, overwrite)
     out, task, policy, tokenizer = start_run(cfg)
     train_pairs, eval_pairs = load_pairs(cfg, task, policy, tokenizer)
     print(f"reward model: {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-    rm = RewardModel(build_scalar_model(cfg.model, tokenizer, cfg.seed), tokenizer, cfg.rm.max_length)
+    rm = RewardModel(with_adapter(build_scalar_model(cfg.model, tokenizer, cfg.seed), cfg.model, cfg.seed), tokenizer,
+                     cfg.rm.max_length)  # model.peft=lora: adapters on the backbone, the head trained fully
     del policy
     with metrics_logger(out, resumed, cfg) as logger, RunControl.for_run(cfg, out, logger, resumed) as ctl:
         pin_starting_model(cfg, ctl, "start_sha256")

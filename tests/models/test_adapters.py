@@ -1,6 +1,7 @@
 """LoRA through peft (posttrain/models/adapters.py): the config checked against the model, the lean forward never
 bypassing the adapter (training forward and generation), the reference as the same module with the adapter off,
-checkpoint weights as the adapter alone, and final/ as the merged model plus final/adapter/."""
+checkpoint weights as the adapter alone, and final/ as the merged model plus final/adapter/ (prompt tuning:
+tests/models/test_prompt_tuning.py)."""
 
 import pytest
 import torch
@@ -59,11 +60,6 @@ def test_an_unknown_target_module_is_one_line_naming_the_models_modules(tmp_path
     msg = str(err.value)
     assert "\n" not in msg and "model.lora.target_modules" in msg and "'qkv_proj'" in msg
     assert "q_proj, up_proj, v_proj" in msg  # the names the model has
-
-
-def test_prompt_tuning_is_refused_in_one_line_until_the_forward_supports_it(tmp_path):
-    with pytest.raises(ConfigError, match="prompt_tuning is not available yet"):
-        load_policy(build_config(tiny_run_dict(tmp_path), ["model.peft=prompt_tuning"]).model)
 
 
 @pytest.mark.parametrize("real", [False, True], ids=["tiny", "stand_in"])

@@ -1,7 +1,8 @@
 """The recipes with model.peft=lora on backend local: the gradient reaches only the adapter (every adapter tensor
 moves over two steps, no base tensor does), the optimizer holds only the adapter, every RL preset trains with the
 first minibatch's ratio 1, the reference is the policy with its adapter off, and the commands write final/ (merged)
-and final/adapter/; the commands that do not train an adapter yet refuse it in one line (exit code 2)."""
+and final/adapter/; the reward model trains LoRA on its backbone and its head fully, and its final/ loads as a
+reward model; the commands that do not train an adapter yet refuse it in one line (exit code 2)."""
 
 import json
 
@@ -142,14 +143,88 @@ def test_a_bad_target_module_is_one_line_and_exit_code_2(tmp_path, stand_in, cap
 
 
 @pytest.mark.parametrize("argv,what", [
-    (["rm"], "`posttrain rm`"),
     (["rl", "backend=ray"], "backend=ray"),
+    (["rm", "model.peft=prompt_tuning"], "`posttrain rm`"),
 ])
 def test_what_does_not_take_an_adapter_yet_is_refused_in_one_line(tmp_path, stand_in, capsys, argv, what):
     config = stand_in_config(tmp_path, stand_in)
     assert main([argv[0], str(config), *argv[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and what in err and "model.peft=lora" in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def lora_reward_model(tmp_path, *overrides):
+    from posttrain.models.reward import RewardModel, with_adapter
+    from posttrain.models.value import build_scalar_model
+
+    cfg = build_config(tiny_run_dict(tmp_path), [*LORA, "rm.steps=3", "rm.batch_size=8", "rm.lr=1e-2",
+                                                 "rm.warmup_steps=1", "rm.eval_every=0", "rm.calibration_size=8",
+                                                 *overrides])
+    _, tokenizer = load_policy(cfg.model.model_copy(update={"peft": None}))
+    return cfg, RewardModel(with_adapter(build_scalar_model(cfg.model, tokenizer, cfg.seed), cfg.model, cfg.seed),
+                            tokenizer)
+
+
+def arithmetic_pairs(n):
+    from posttrain.data import PreferencePair
+
+    return [PreferencePair(f"{a}+{a % 7}=", str(a + a % 7), str(a + a % 7 + 1)) for a in range(n)]
+
+
+def test_the_reward_model_trains_lora_on_its_backbone_and_its_head_fully(tmp_path):
+    """Three steps: the head starts at 0 (so the backbone has no gradient on step 1), B at 0 (A none on step 2);
+    after three, every adapter tensor and the head have moved, and no base tensor has."""
+    from posttrain.recipes.reward_model import setup_rm, train_rm
+    from posttrain.train.metrics import MetricsLogger
+
+    cfg, rm = lora_reward_model(tmp_path)
+    trainable = {n for n, p in rm.model.named_parameters() if p.requires_grad}
+    heads = {n for n in trainable if ".lora_" not in n}
+    assert heads == {"base_model.model.score.modules_to_save.default.weight"}
+    state = setup_rm(cfg, rm, arithmetic_pairs(24), arithmetic_pairs(8))
+    assert {id(p) for g in state.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in rm.model.parameters() if p.requires_grad}
+    before = snapshot(rm.model)
+    with MetricsLogger(tmp_path / "metrics.jsonl") as logger:
+        train_rm(cfg, state, logger)
+    still, changed = moved(rm.model, before)
+    assert still == [] and changed == list(heads)  # the trained head copy moves; the frozen original does not
+
+
+def test_the_lora_reward_models_final_loads_as_a_reward_model_with_the_same_scores(tmp_path):
+    from posttrain.models.reward import RewardModel
+
+    _, rm = lora_reward_model(tmp_path)
+    perturb = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in rm.model.named_parameters():
+            if p.requires_grad:  # the adapter's B and the head away from their zero start
+                p.add_(torch.randn(p.shape, generator=perturb) * 0.3)
+    rm.model.eval()
+    rm.set_normalization(0.25, 2.0)
+    pairs = arithmetic_pairs(6)
+    prompts, texts = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    want = rm.score(prompts, texts)
+    rm.save(tmp_path / "final")
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
+    loaded = RewardModel.load(tmp_path / "final")
+    assert not any(".lora_" in k for k in loaded.model.state_dict())
+    assert (loaded.mean, loaded.std) == (0.25, 2.0)
+    assert (loaded.score(prompts, texts) - want).abs().max() < 1e-5
+    assert want.std() > 0.01  # the scores differ between completions: the comparison is not of constants
+
+
+def test_posttrain_rm_with_lora_writes_a_reward_model(tmp_path, stand_in):
+    from posttrain.models.reward import RewardModel
+
+    config = stand_in_config(tmp_path, stand_in, rm={"steps": 3, "num_pairs": 8, "batch_size": 4,
+                                                     "calibration_size": 4, "eval_every": 0})
+    assert main(["rm", str(config)]) == 0
+    rm = RewardModel.load(tmp_path / "run" / "final")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert rm.mean == pytest.approx(summary["reward_mean"]) and rm.std == pytest.approx(summary["reward_std"])
+    assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_an_rl_checkpoint_holds_the_adapter_and_its_optimizer_state_only(tmp_path):

@@ -1,0 +1,117 @@
+"""LoRA against full fine-tuning on SmolLM2-135M-Instruct (issue 20): GRPO steps of the real-model demo's run
+(configs/grpo_ifeval.yaml: ifeval, 8 prompts x 8 samples, <= 64 new tokens, 2 minibatches, no KL term), each
+kind in its own process so that its peak RSS is its own.
+
+    python benchmarks/lora.py [--steps 3] [--rank 16] [--kl 0.0] [--threads 2] [--model models/smollm2-135m-instruct]
+
+Per kind (full: every weight trains; lora: model.peft=lora, r = alpha / 2 = --rank on the seven projections):
+  peak RSS    VmHWM of the worker after its steps (weights, gradients, AdamW moments, activations, KV cache)
+  s/step      median wall time of the steps after the first (the first warms allocators and caches)
+  trainable   trainable parameters (what has gradients and two AdamW moments)
+  phases      mean seconds per named phase of the loop (generate, score, reference, update, ...)
+The learning rates are the demo's (1e-5) for full and 10x (1e-4) for LoRA (docs/peft.md); speed and memory do not
+depend on them. --kl 0.04 adds a KL term: full fine-tuning then holds a frozen copy of the model as reference,
+LoRA the same module with its adapter off. The goal (issue 20): LoRA's peak RSS <= 0.7x full fine-tuning's.
+Prints a table and writes benchmarks/.last-lora.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+
+REPO = Path(__file__).resolve().parent.parent
+KINDS = ("full", "lora")
+
+
+def config(kind: str, model: str, rank: int, kl: float, threads: int, out: Path):
+    from posttrain.config import load_config
+
+    overrides = [f"model.path={model}", f"threads={threads}", "progress=false", f"output_dir={out}",
+                 f"rl.kl_coef={kl}"]
+    if kind == "lora":
+        overrides += ["model.peft=lora", f"model.lora.r={rank}", f"model.lora.alpha={2 * rank}", "rl.lr=1e-4"]
+    return load_config(REPO / "configs" / "grpo_ifeval.yaml", overrides)
+
+
+def worker(kind: str, args) -> dict:
+    import tempfile
+
+    import torch
+
+    from posttrain.models import load_policy
+    from posttrain.models.precision import compute_dtype, precision
+    from posttrain.rl.loop import RLRun
+    from posttrain.tasks import build_task, fit_task
+    from posttrain.train.optim import PhaseTimer
+
+    cfg = config(kind, args.model, args.rank, args.kl, args.threads, Path(tempfile.mkdtemp()))
+    torch.set_num_threads(args.threads)
+    model, tok = load_policy(cfg.model, cfg.seed)
+    task = build_task(cfg.task, cfg.seed)
+    fit_task(task, cfg, model, tok, cfg.rl.prompts_per_step)
+    run = RLRun.local(cfg, model, tok, task)
+    timer, seconds, phases = PhaseTimer(), [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        with precision(cfg.model):
+            metrics = run.step(timer)
+        seconds.append(time.perf_counter() - start)
+        phases.append(timer.pop())
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    later = phases[1:] or phases
+    return {"kind": kind, "peak_rss_mib": int(hwm.split()[1]) / 1024,
+            "s_per_step": statistics.median(seconds[1:] or seconds), "first_step_s": seconds[0],
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters()), "dtype": str(compute_dtype(cfg.model)),
+            "phases": {k[5:]: round(statistics.mean(p.get(k, 0.0) for p in later), 2) for k in later[-1]
+                       if k.startswith("time/")},
+            "first_log_ratio_max": metrics.get("first_log_ratio_max"), "response_length": metrics["response_length"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--kl", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    rows = []
+    for kind in KINDS:
+        argv = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--steps", str(args.steps),
+                "--rank", str(args.rank), "--kl", str(args.kl), "--threads", str(args.threads)]
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, check=False)
+        if proc.returncode != 0:  # e.g. -9: the kernel's OOM killer
+            print(f"{kind}: the worker failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+            rows.append({"kind": kind, "exit": proc.returncode})
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{kind:4s}: peak RSS {r['peak_rss_mib']:6.0f} MiB, {r['s_per_step']:5.1f} s/step (first "
+              f"{r['first_step_s']:.1f} s), trainable {r['trainable'] / 1e6:.2f}M of {r['total'] / 1e6:.1f}M, "
+              f"{r['dtype']}, first ratio max {r['first_log_ratio_max']:.1e}\n      phases {r['phases']}", flush=True)
+    full, lora = (next((r for r in rows if r["kind"] == k and "exit" not in r), None) for k in KINDS)
+    if full and lora:
+        print(f"LoRA r={args.rank} / full: peak RSS {lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}x (goal <= 0.7), "
+              f"time per step {lora['s_per_step'] / full['s_per_step']:.2f}x ({args.steps} steps each, kl_coef "
+              f"{args.kl}, {args.threads} threads)")
+    (REPO / "benchmarks" / ".last-lora.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
