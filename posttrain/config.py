@@ -239,6 +239,14 @@ class RLConfig(_AdamW, _Sampling):
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass (the batch is split evenly).")
     max_new_tokens: int = Field(6, ge=1, description="Longest completion in tokens, EOS included.")
+    speculative: Literal["none", "ngram"] = Field("none", description="Speculative sampling in posttrain's rollout "
+                                                  "engine (posttrain/rollout/speculative.py, docs/speculative.md): "
+                                                  "'ngram' drafts by prompt lookup and verifies in one forward pass; "
+                                                  "the samples and log-probs are exactly the policy's. 'none': off.")
+    speculative_tokens: int = Field(4, ge=1, le=32, description="rl.speculative=ngram: most draft tokens per "
+                                    "verify pass (k).")
+    speculative_ngram: int = Field(3, ge=1, le=16, description="rl.speculative=ngram: length of the suffix matched "
+                                   "in the row's context (n).")
     eval_every: int = Field(25, ge=0, description="Evaluate held-out accuracy every N steps (0: only at the end).")
     micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward/backward pass inside "
                                          "a minibatch (gradient accumulation); None: the whole minibatch.")

@@ -33,7 +33,9 @@ def make_engine(cfg: RunConfig, model, tokenizer, shared: bool = False) -> Rollo
 
         return VLLMEngine(model, tokenizer, seed=cfg.seed, gpu_memory_utilization=cfg.ray.vllm_gpu_memory_utilization,
                           dtype=cfg.ray.vllm_dtype)
-    return TorchEngine(model, shared=shared)
+    c = cfg.rl
+    return TorchEngine(model, shared=shared, speculative=c.speculative, speculative_tokens=c.speculative_tokens,
+                       speculative_ngram=c.speculative_ngram)
 
 
 class RolloutWorker:

@@ -16,6 +16,7 @@ gives the same numbers as the Ray run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from posttrain.batch import RolloutBatch
 from posttrain.rollout import generate
+from posttrain.rollout.speculative import speculative_generate
 
 
 def shard_seed(seed: int, step: int, round_: int, shard: int) -> int:
@@ -53,13 +55,21 @@ class RolloutEngine(Protocol):
 
 class TorchEngine:
     """posttrain's generation on a model held in this process. `shared`: the model is also the one being trained
-    (the single-process run: the learner's own policy, so there are no weights to send); it is left trainable."""
+    (the single-process run: the learner's own policy, so there are no weights to send); it is left trainable.
+    `speculative`: "none" (generate) or "ngram" (posttrain.rollout.speculative: prompt-lookup speculative
+    sampling, the same distribution; `speculative_tokens` drafted tokens k, matched suffix `speculative_ngram`
+    n), chosen here once."""
 
-    def __init__(self, model: torch.nn.Module, shared: bool = False):
+    def __init__(self, model: torch.nn.Module, shared: bool = False, speculative: str = "none",
+                 speculative_tokens: int = 4, speculative_ngram: int = 3):
         self.model = model.eval() if shared else model.eval().requires_grad_(False)
+        if speculative not in ("none", "ngram"):
+            raise ValueError(f"speculative must be 'none' or 'ngram', not {speculative!r}")
+        self._generate = generate if speculative == "none" else functools.partial(
+            speculative_generate, draft_tokens=speculative_tokens, ngram=speculative_ngram)
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, **kw) -> RolloutBatch:
-        return generate(self.model, prompt_ids, prompt_mask, **kw)
+        return self._generate(self.model, prompt_ids, prompt_mask, **kw)
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> str:
         self.model.load_state_dict(state_dict)
