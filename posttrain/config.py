@@ -630,6 +630,9 @@ class RunConfig(_Section):
                                  "generation with the update on separate actors; in one process there is nothing "
                                  "to overlap, only staler samples): set backend=ray or ray.max_staleness=0")
             return self
+        if self.ray.engine == "vllm" and self.rl.speculative != "none":
+            raise ValueError(f"rl.speculative={self.rl.speculative} is posttrain's own engine's (ray.engine=torch); "
+                             "vLLM has its own speculative decoding: set rl.speculative=none with ray.engine=vllm")
         if self.ray.max_staleness > 0 and self.rl.rollout_correction == "none":
             raise ValueError(f"ray.max_staleness={self.ray.max_staleness} trains on samples of a policy up to "
                              f"{self.ray.max_staleness} update(s) old: set rl.rollout_correction (tis, mis or "

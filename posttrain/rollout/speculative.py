@@ -27,8 +27,10 @@ real tokens. Keys of rejected draft tokens are left behind the row's length, nev
 by its next verify pass. Stop rules are generate()'s: a row ends at its first stop id (included) or at
 max_new_tokens, and draft tokens past either are discarded. Finished rows leave the batch as in generate().
 
-Cost: a verify pass runs B x L positions (L = 1 + the longest draft in the batch) where a decode step runs B;
-it pays when drafts are accepted often (repetitive text, a model that copies from its prompt). Models the lean
+Cost: a verify pass runs the B pending tokens plus the drafts (at most DRAFT_BUDGET x B of them), only those
+positions (the lean forward's padding-free path), where a decode step runs B. It pays when decoding is bound by
+reading the weights and drafts are accepted often (text that copies its context). On this project's CPU at batch
+16 neither holds, and it measured 0.69-0.79x of generate() on SmolLM2 (docs/speculative.md). Models the lean
 forward does not cover (posttrain.models.lean: e.g. a LoRA wrapper) fall back to plain `generate`.
 """
 
@@ -115,9 +117,10 @@ def accept_greedy(logits: Tensor, draft: Tensor, m: Tensor) -> tuple[Tensor, Ten
     return a, best.gather(1, a.unsqueeze(1)).squeeze(1)
 
 
-# Draft tokens verified per pass, per live row on average. On this CPU a decode step of 16 rows is already bound by
-# arithmetic, not by reading the weights (benchmarks/speculative.py: a pass over 5 tokens per row costs 2.3x a
-# step), so every drafted token costs about what a decoded one does; the budget caps a pass at twice a step's work.
+# Draft tokens verified per pass, per live row on average. On this CPU a SmolLM2 decode step of 16 rows is already
+# bound by arithmetic, not by reading the weights (benchmarks/speculative.py --costs: a pass over 2 tokens per row
+# costs 1.28x a step, over 5 tokens 2.69x), so drafted tokens are far from free; the budget caps a pass at twice a
+# step's tokens, which one extra pack of the weights (2 x rows) serves.
 DRAFT_BUDGET = 1.0
 
 

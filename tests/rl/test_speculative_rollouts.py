@@ -1,6 +1,9 @@
 """rl.speculative=ngram reaches the rollout engine (posttrain/rl/workers.py make_engine) and the RL loop trains on
 its samples with the first minibatch's ratio at 1 (the log-probs it returns are the policy's)."""
 
+import pytest
+
+from posttrain.errors import ConfigError
 from posttrain.rl.loop import RLRun
 from posttrain.rollout import engines, speculative
 from posttrain.tasks.arithmetic import ArithmeticTask
@@ -17,3 +20,8 @@ def test_speculative_rollouts_train_with_the_ratio_at_one(make_config, tiny_mode
         metrics = run.step()
         assert metrics["first_log_ratio_max"] <= cfg.rl.ratio_tolerance
     assert calls and calls[0]["draft_tokens"] == 3 and calls[0]["ngram"] == 2
+
+
+def test_speculative_with_the_vllm_engine_is_refused(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="rl.speculative"):
+        make_config(tmp_path, "backend=ray", "ray.engine=vllm", "rl.speculative=ngram")

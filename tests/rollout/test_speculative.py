@@ -371,3 +371,20 @@ def test_a_model_the_lean_forward_does_not_cover_decodes_with_generate(tokenizer
     out = speculative_generate(gpt2, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
     ref = generate(gpt2, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(out.response_ids, ref.response_ids)
+
+
+def test_a_grpo_step_with_speculative_rollouts_has_ratio_one(tmp_path, make_config, tiny_model, tokenizer,
+                                                             monkeypatch):
+    import posttrain.rollout.speculative as spec
+    from posttrain.rl.loop import RLRun
+    from tests.recipes.test_rl import EvenFirstCharTask, snapshot
+
+    calls = []
+    monkeypatch.setattr(spec, "speculate", lambda *a, **kw: calls.append(1) or speculate(*a, **kw))
+    cfg = make_config(tmp_path, "rl.speculative=ngram", "rl.speculative_ngram=1", "rl.max_new_tokens=8")
+    state = RLRun.local(cfg, tiny_model, tokenizer, EvenFirstCharTask(cfg.task, cfg.seed))
+    before = snapshot(tiny_model)
+    metrics = state.step()
+    assert math.isfinite(metrics["loss"]) and metrics["first_log_ratio_max"] < 1e-4
+    assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+    assert calls  # the rollouts went through speculative sampling
