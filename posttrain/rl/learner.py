@@ -362,11 +362,13 @@ class Learner:
 
     # weights and checkpoints --------------------------------------------------------------------------------
     def checksum(self) -> str:
-        return state_dict_sha256(self.state.policy.state_dict())
+        """The sha256 of what `weights` sends (every rank must hold the same)."""
+        return state_dict_sha256(trainable_state_dict(self.state.policy))
 
     def weights(self) -> tuple[dict[str, Tensor], str]:
-        """The policy's weights (on CPU) and their sha256."""
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in self.state.policy.state_dict().items()}
+        """What a rollout worker needs of the policy (on CPU) and its sha256: every weight, or with model.peft the
+        adapter alone (`trainable_state_dict`: the base is frozen, and the workers hold it already)."""
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state_dict(self.state.policy).items()}
         return sd, state_dict_sha256(sd)
 
     def snapshot(self) -> tuple[dict, dict]:

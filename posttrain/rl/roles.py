@@ -9,8 +9,9 @@ actors (posttrain/distributed/pool.py `RayRole`, the same interface).
                                             the ranks                                          -> metrics, lr
                                             (= finish_update(submit_update(...)): Ray ranks run it while the
                                             driver samples ahead, ray.max_staleness > 0)
-    roles.sync()                            rank 0's weights to every rollout worker, checked by sha256;
-                                            roles.version: the updates behind the weights they now generate with
+    roles.sync()                            rank 0's weights to every rollout worker (with model.peft the
+                                            adapter alone), checked by sha256; roles.version: the updates behind
+                                            the weights they now generate with; roles.sync_bytes: their size
     roles.policy()                          this process's policy with the current weights (evaluation)
     roles.snapshot() / roles.restore(...)   rank 0's state for a checkpoint
 
@@ -32,6 +33,7 @@ import torch
 from posttrain.batch import RolloutBatch
 from posttrain.config import RunConfig
 from posttrain.errors import WorkerError
+from posttrain.models.adapters import load_trainable_state_dict
 from posttrain.rl.experience import ScoredRollouts
 from posttrain.rl.learner import Learner, combine_update
 from posttrain.rl.workers import RewardWorker, RolloutWorker, merge_breakdowns
@@ -85,6 +87,11 @@ class InlineRole:
         self.workers = []
 
 
+def state_dict_bytes(state_dict: dict[str, torch.Tensor]) -> int:
+    """The bytes of a state dict's tensors (numel x element size, summed): what one copy of it sends."""
+    return sum(t.numel() * t.element_size() for t in state_dict.values())
+
+
 def split_even(items: list, n: int) -> list[list]:
     """`items` in `n` contiguous parts, as equal as possible (the first ones one longer)."""
     q, r = divmod(len(items), n)
@@ -102,7 +109,7 @@ class Roles:
     loop returns; `shared`: the rollout worker generates with the learner's own policy (`InlineRoles.local`)."""
 
     def __init__(self, cfg: RunConfig, tokenizer, policy, rollout, reward, learners, learner_shares: list[list[int]],
-                 budget: RestartBudget | None = None, shared: bool = False, report_restarts: bool = True):
+                 budget: RestartBudget | None = None, shared: bool = False, report_ray: bool = True):
         self.cfg, self.tokenizer, self._policy = cfg, tokenizer, policy
         self.rollout_workers, self.reward_workers, self.learners = rollout, reward, learners
         self.learner_shares, self.shared = learner_shares, shared
@@ -110,11 +117,12 @@ class Roles:
         self.weights = None  # the current policy weights as the rollout workers receive them (a Ray ref or a dict)
         self.latest: dict | None = None  # the same weights in this process
         self.sha256: str | None = None
+        self.sync_bytes = 0  # the size of the last sync's weights (one copy; every rollout worker loads it)
         # log pi_old from the trainer's forward pass: an external engine, or samples of an older policy (off-policy)
         self.recompute_in_forward = cfg.ray.engine != "torch" or cfg.ray.max_staleness > 0
         self.updates = 0  # updates the learner has taken (a resumed run: counted from the start)
         self.version = 0  # the policy version of the rollout workers' weights: `updates` at the last sync
-        self.report_restarts = report_restarts  # the Ray layout logs ray/restarts
+        self.report_ray = report_ray  # the Ray layout logs ray/restarts and ray/sync_bytes
         self.from_reward_model = cfg.rl.reward == "reward_model"  # the raw scores are a reward model's
 
     # the loop's calls ----------------------------------------------------------------------------------------
@@ -164,10 +172,10 @@ class Roles:
         return combine_update(results), results[0]["lr"]
 
     def sync(self) -> None:
-        """Send the learner's weights to every rollout worker and check the checksums: every rank must hold the
-        same weights, and every rollout worker must report the sha256 of what rank 0 sent. Nothing to send when
-        the rollout worker generates with the learner's policy. The rollout workers then hold policy version
-        `self.version` (= `self.updates`)."""
+        """Send the learner's weights (with model.peft the adapter alone: `Learner.weights`) to every rollout
+        worker and check the checksums: every rank must hold the same weights, and every rollout worker must
+        report the sha256 of what rank 0 sent. Nothing to send when the rollout worker generates with the
+        learner's policy. The rollout workers then hold policy version `self.version` (= `self.updates`)."""
         if self.shared:
             self.version = self.updates
             return
@@ -179,7 +187,7 @@ class Roles:
             if other != sha:
                 raise WorkerError(f"learner ranks hold different weights after the update (sha256 {sha[:12]} on "
                                   f"rank 0, {other[:12]} on rank {rank})")
-        self.latest, self.sha256 = weights, sha
+        self.latest, self.sha256, self.sync_bytes = weights, sha, state_dict_bytes(weights)
         self.weights = self.rollout_workers.put(weights)
         got = self.rollout_workers.gather([self.rollout_workers.submit(i, "load_weights", self.weights)
                                    for i in range(len(self.rollout_workers))])
@@ -195,7 +203,7 @@ class Roles:
     def policy(self) -> torch.nn.Module:
         """This process's policy, holding the weights of the last sync."""
         if not self.shared and self.latest is not None:
-            self._policy.load_state_dict(self.latest)
+            load_trainable_state_dict(self._policy, self.latest)
         return self._policy
 
     def snapshot(self) -> tuple[dict, dict]:
@@ -208,8 +216,9 @@ class Roles:
         self.sync()
 
     def metrics(self) -> dict[str, float]:
-        """The roles' own metrics for the step's line: the worker restarts so far (Ray layout)."""
-        return {"ray/restarts": len(self.budget.log)} if self.report_restarts else {}
+        """The roles' own metrics for the step's line (Ray layout): the worker restarts so far, and the bytes of
+        the last weight sync (one copy of what each rollout worker loads)."""
+        return {"ray/restarts": len(self.budget.log), "ray/sync_bytes": self.sync_bytes} if self.report_ray else {}
 
     def learners_call(self, method: str, *args) -> list:
         """The same call on every learner (rank order); their results."""
@@ -230,7 +239,7 @@ class InlineRoles:
         learners = InlineRole("learner", Learner, 1, (cfg, policy, tokenizer, task, [0], 1, None, _device(cfg)))
         rollout = InlineRole("rollout worker", RolloutWorker, 1, (cfg, policy, tokenizer, None, True, task))
         reward = InlineRole("reward worker", RewardWorker, 1, (cfg, tokenizer, task))
-        return Roles(cfg, tokenizer, policy, rollout, reward, learners, [[0]], shared=True, report_restarts=False)
+        return Roles(cfg, tokenizer, policy, rollout, reward, learners, [[0]], shared=True, report_ray=False)
 
     @staticmethod
     def like_ray(cfg: RunConfig, policy, tokenizer, task) -> Roles:

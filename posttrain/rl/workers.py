@@ -18,6 +18,8 @@ from torch import Tensor
 from posttrain.algos.shaping import overlong_penalty
 from posttrain.batch import RolloutBatch
 from posttrain.config import RunConfig
+from posttrain.errors import WorkerError
+from posttrain.models.adapters import trainable_state_dict
 from posttrain.models.chat import decode_responses, stop_token_ids
 from posttrain.rewards.base import RewardBreakdown, reward_metrics
 from posttrain.rollout.engines import RolloutEngine, TorchEngine
@@ -51,6 +53,9 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.stop = stop_token_ids(tokenizer)
+        # what a sync sends: the names the learner trains (with model.peft the adapter, else every weight), read
+        # before the engine freezes the model; the worker's model is the learner's starting policy, adapter and all
+        self.synced_names = frozenset(trainable_state_dict(model))
         self.engine = make_engine(cfg, model, tokenizer, shared=shared)
         if task is None and cfg.env.name != "single_turn":
             task = build_task(cfg.task, cfg.seed, cfg.rl.reward_funcs, cfg.rl.reward_weights)
@@ -66,7 +71,14 @@ class RolloutWorker:
         return self.driver.rollout(self.engine.generate, problems, generator=generator, greedy=seed is None)
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> str:
-        """Load the learner's weights; returns the sha256 of what the engine now holds."""
+        """Load the learner's weights (with model.peft the adapter alone, applied by the same peft layers the
+        learner trains through: generation and the training forward stay the same computation); returns the
+        sha256 of what the engine now holds under the names sent. Any other set of names is refused."""
+        if set(state_dict) != self.synced_names:
+            missing, extra = sorted(self.synced_names - set(state_dict)), sorted(set(state_dict) - self.synced_names)
+            raise WorkerError(f"the weights sent do not fit this rollout worker's model: {len(missing)} of its "
+                              f"{len(self.synced_names)} synced tensors missing, {len(extra)} others sent (e.g. "
+                              f"{(missing or extra)[0]})")
         return self.engine.load_weights(state_dict)
 
 

@@ -2,7 +2,8 @@
 
     engine.generate(prompt_ids, prompt_mask, max_new_tokens=..., eos_token_id=..., pad_token_id=...,
                     temperature=..., top_k=..., top_p=..., greedy=..., generator=...) -> RolloutBatch
-    engine.load_weights(state_dict) -> sha256 of the weights it now holds (state_dict_sha256)
+    engine.load_weights(state_dict) -> sha256 of the weights it now holds under those names (state_dict_sha256;
+                                       a part: a peft model's adapter)
 
 `TorchEngine` is posttrain's own generation (`posttrain.rollout.generate`, KV cache, on CPU);
 `posttrain.rollout.vllm_engine.VLLMEngine` is vLLM on a GPU (the `vllm` extra). Both take prompts as
@@ -72,6 +73,11 @@ class TorchEngine:
         return self._generate(self.model, prompt_ids, prompt_mask, **kw)
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> str:
-        self.model.load_state_dict(state_dict)
-        return state_dict_sha256(self.model.state_dict())
+        """Load every weight, or a part of them (a peft model's adapter: the frozen base is kept); returns the
+        sha256 of what the model now holds under the names sent. A name the model lacks is refused."""
+        _, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if unexpected:
+            raise ValueError(f"load_weights: the model has no tensor {unexpected[0]!r} ({len(unexpected)} unknown)")
+        held = self.model.state_dict()
+        return state_dict_sha256({name: held[name] for name in state_dict})
 

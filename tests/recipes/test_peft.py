@@ -143,8 +143,7 @@ def test_a_bad_target_module_is_one_line_and_exit_code_2(tmp_path, stand_in, cap
 
 
 @pytest.mark.parametrize("argv,what", [
-    (["rl", "backend=ray"], "backend=ray"),
-    (["rm", "model.peft=prompt_tuning"], "`posttrain rm`"),
+    (["rm", "model.peft=prompt_tuning"], "`posttrain rm`"),  # backend ray takes an adapter: test_ray_lora.py
 ])
 def test_what_does_not_take_an_adapter_yet_is_refused_in_one_line(tmp_path, stand_in, capsys, argv, what):
     config = stand_in_config(tmp_path, stand_in)
