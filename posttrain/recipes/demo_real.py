@@ -15,7 +15,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from posttrain.models.adapters import refuse_peft as _no_peft
 from posttrain.config import RunConfig, build_config
 from posttrain.errors import PosttrainError
 from posttrain.models.precision import compute_dtype
@@ -110,7 +109,6 @@ def examples(problems, before: list[float], after: list[float], first: list[str]
 
 def run_demo_real(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Convert the model if needed, evaluate, GRPO, evaluate; the summary (also summary.json)."""
-    _no_peft(cfg.model, "demo", "its conversion and evaluation steps are not written for an adapter")
     start = time.perf_counter()
     require_trackers(cfg.logging.report_to)  # before the model is converted
     ensure_model(cfg.model.path)

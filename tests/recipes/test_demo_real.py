@@ -70,12 +70,17 @@ def test_a_missing_model_without_the_wheel_is_one_line(tmp_path, monkeypatch):
         ensure_model(tmp_path / "nothing")
 
 
-def test_demo_real_end_to_end(tmp_path, stand_in, capsys):
+@pytest.mark.parametrize("peft", [[], ["model.peft=lora", "model.lora.r=4", "rl.lr=1e-4"]], ids=["full", "lora"])
+def test_demo_real_end_to_end(tmp_path, stand_in, capsys, peft):
     out = tmp_path / "real"
     rc = main(["demo", "--pipeline", "real", "--output-dir", str(out), f"model.path={stand_in}", "model.dtype=float32",
                "task.num_eval=8", "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=8",
-               "rl.micro_batch_size=4", "eval.max_new_tokens=8", "eval.batch_size=8", "threads=1", "progress=false"])
-    assert rc == 0
+               "rl.micro_batch_size=4", "eval.max_new_tokens=8", "eval.batch_size=8", "threads=1", "progress=false",
+               *peft])
+    assert rc == 0, capsys.readouterr().err
+    if peft:  # final/ is the merged model, final/adapter/ the adapter alone
+        pytest.importorskip("peft")
+        assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
     for key in ("start_accuracy", "rl_accuracy", "eval_problems", "lift_ci95", "seed", "wall_seconds", "examples",
                 "by_constraint"):
