@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.utils import logging as hf_logging
+from transformers.utils import logging as hf_logging  # transformers itself, not its modelling code (models/tiny.py)
 
 from posttrain.config import ModelConfig
 from posttrain.errors import ModelLoadError
 from posttrain.models.adapters import apply_peft, is_peft, save_merged
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # no per-file bars when loading or saving a 1M-parameter model
@@ -34,20 +32,29 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     return device
 
 
-def load_policy(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_policy(cfg: ModelConfig, seed: int = 0,
+                lean_tiny: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The policy (on model.device) and its tokenizer: `cfg.path` through the HF Auto classes, or the tiny model;
-    with model.peft, wrapped in its adapter (posttrain/models/adapters.py: only the adapter trains)."""
-    model, tokenizer = _load_policy(cfg, seed)
+    with model.peft, wrapped in its adapter (posttrain/models/adapters.py: only the adapter trains).
+
+    lean_tiny: the tiny model as posttrain's TinyLlamaForCausalLM (the same weights, without importing
+    transformers' modelling code: models/tiny.py) where the lean forward runs it (no peft, POSTTRAIN_LEAN not
+    0); `save_pretrained` and `posttrain.models.tiny.transformers_model` give its transformers model."""
+    model, tokenizer = _load_policy(cfg, seed, lean_tiny)
     return apply_peft(model, cfg, seed, tokenizer).to(resolve_device(cfg)), tokenizer
 
 
-def _load_policy(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_policy(cfg: ModelConfig, seed: int, lean_tiny: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if cfg.path is None:
-        from posttrain.models.tiny import build_tiny_model
+        from posttrain.models import lean
+        from posttrain.models.tiny import build_tiny_lean, build_tiny_model
         from posttrain.models.tokenizer import build_char_tokenizer
 
         tokenizer = build_char_tokenizer()
-        return build_tiny_model(cfg, tokenizer, seed=seed), tokenizer
+        build = build_tiny_lean if lean_tiny and cfg.peft is None and lean.enabled() else build_tiny_model
+        return build(cfg, tokenizer, seed=seed), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = Path(cfg.path)
     check_model_dir(path, "model.path")
     arch = architectures(path)
@@ -100,8 +107,11 @@ def architectures(path: Path) -> list[str]:
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Save model (safetensors) and tokenizer so the HF Auto classes load them back; a peft model is saved merged
     (its adapter alone in out_dir/adapter/)."""
+    from posttrain.models.tiny import transformers_model
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model = transformers_model(model)  # a TinyLlamaForCausalLM saves as the LlamaForCausalLM it is
     if is_peft(model):
         save_merged(model, out)
     else:

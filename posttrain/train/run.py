@@ -80,14 +80,15 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
-def start_run(cfg: RunConfig, min_train: int = 1):
+def start_run(cfg: RunConfig, min_train: int = 1, lean_tiny: bool = False):
     """(output dir, task, model, tokenizer) of a run: the trackers' packages checked, the task (deterministic from
     the seed), seeding and threads, the policy on model.device, the task fitted to its tokenizer and context
-    (`min_train` training problems at least), then the output directory with config.yaml."""
+    (`min_train` training problems at least), then the output directory with config.yaml. lean_tiny: see
+    `load_policy` (the tiny model without transformers' modelling code)."""
     require_trackers(cfg.logging.report_to)  # a tracker's missing package: before anything loads
     task = build_task(cfg.task, cfg.seed, cfg.rl.reward_funcs, cfg.rl.reward_weights)
     seed_everything(cfg.seed, cfg.threads)
-    model, tokenizer = load_policy(cfg.model, seed=cfg.seed)
+    model, tokenizer = load_policy(cfg.model, seed=cfg.seed, lean_tiny=lean_tiny)
     fit_task(task, cfg, model, tokenizer, min_train)  # tokenizer covers the prompts; overlong ones dropped
     out = prepare_output_dir(cfg)  # after the user errors above, so that they leave no directory behind
     return out, task, model, tokenizer
