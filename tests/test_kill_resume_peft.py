@@ -1,7 +1,9 @@
 """kill -9 with a parameter-efficient policy: `posttrain rl` with LoRA (and a KL term, whose reference is the policy
-with its adapter off) or a soft prompt, killed with SIGKILL at random points and resumed each time, ends bit for bit
-where the uninterrupted run ends: final/ (merged weights and final/adapter/) and metrics.jsonl without timings.
-The harness is tests/kill_resume_harness.py's (which kills `posttrain demo` in tests/test_kill_resume.py)."""
+with its adapter off), killed with SIGKILL at random points and resumed each time, ends bit for bit where the
+uninterrupted run ends: final/ (merged weights and final/adapter/) and metrics.jsonl without timings.
+The harness is tests/kill_resume_harness.py's (which kills `posttrain demo` in tests/test_kill_resume.py). A soft
+prompt's checkpoint goes through the same trainable-state path; its crash-and-resume is tested in-process
+(tests/recipes/test_peft_prompt.py), which saves this file a process start per kill."""
 
 import sys
 from pathlib import Path
@@ -14,10 +16,7 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.slow  # a process start per kill: tens of seconds
 
 STEPS = 8
-PEFT = {
-    "lora": {"peft": "lora", "lora": {"r": 4, "alpha": 8}},
-    "prompt_tuning": {"peft": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 4}},
-}
+PEFT = {"lora": {"peft": "lora", "lora": {"r": 4, "alpha": 8}}}
 
 
 def tiny_rl(peft: str) -> dict:
