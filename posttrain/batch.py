@@ -28,8 +28,12 @@ class RolloutBatch:
     # phase); None: the rollout's own, the very same tensor (posttrain's engine in fp32 is the trainer's forward)
     old_logprobs: Tensor | None = None
     # (B) what each trajectory of an environment rollout did (posttrain/rollout/multiturn.py): its segments,
-    # final answer, environment reward, tool calls, why it stopped; None from a bare `generate` call
+    # final answer, environment reward, tool calls, why it stopped, its decoder's counts; None from a bare
+    # `generate` call
     trajectories: Trajectories | None = None
+    # (B) the speculative decoder's counts of each row of a bare generate call (posttrain/rollout/speculative.py
+    # DecodeCounts); None: plain decoding, or the rollout driver's batch (its trajectories hold them, per turn summed)
+    decode_counts: DecodeCounts | None = None
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
@@ -50,25 +54,38 @@ class RolloutBatch:
         return self.response_mask.sum(-1).long()
 
 
-class Trajectories(tuple):
+class Records(tuple):
     """One plain-data record (a dict) per row of a RolloutBatch, indexed like its tensors: by an int (the record),
-    a slice, a list or a (long or bool) tensor of rows (a Trajectories). `to(device)` is itself, so a batch that
-    carries it moves like one made of tensors only. The record's keys: posttrain/rollout/multiturn.py."""
+    a slice, a list or a (long or bool) tensor of rows (a record sequence of the same class). `to(device)` is
+    itself, so a batch that carries one moves like one made of tensors only; `cat_padded` joins them in order and
+    a checkpoint stores them by class name (posttrain/rl/ahead.py)."""
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):
-            return Trajectories(super().__getitem__(idx))
+            return type(self)(super().__getitem__(idx))
         if isinstance(idx, Tensor) and idx.dim() > 0:
             idx = (idx.nonzero().squeeze(1) if idx.dtype == torch.bool else idx).tolist()
         elif hasattr(idx, "__index__"):  # one row (an int, a 0-dim tensor): its record
             return super().__getitem__(idx.__index__())
-        return Trajectories(super(Trajectories, self).__getitem__(int(i)) for i in idx)
+        return type(self)(super(Records, self).__getitem__(int(i)) for i in idx)
 
-    def to(self, *args, **kwargs) -> Trajectories:
+    def to(self, *args, **kwargs) -> Records:
         return self
 
     def dim(self) -> int:
         return 1
+
+
+class Trajectories(Records):
+    """What each trajectory of an environment rollout did, one record per row. The record's keys:
+    posttrain/rollout/multiturn.py."""
+
+
+class DecodeCounts(Records):
+    """The speculative decoder's counts, one record per row of a generate call: {"rows": 1, "row_passes": verify
+    passes the row was live in, "drafted": draft tokens verified for it, "accepted": those accepted, "tokens":
+    tokens it emitted (the first from the prefill)}. Sums over rows are `speculative_generate`'s `stats`
+    (posttrain/rollout/speculative.py; its `passes` aside)."""
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -153,8 +170,8 @@ def cat_padded(items: list, pad_token_id: int):
             continue
         left = f.name.startswith("prompt")
         value = pad_token_id if f.name.endswith("_ids") else 0
-        if isinstance(parts[0], Trajectories):
-            out[f.name] = Trajectories(r for x in parts for r in x)
+        if isinstance(parts[0], Records):
+            out[f.name] = type(parts[0])(r for x in parts for r in x)
             continue
         out[f.name] = torch.cat([pad_to(x, P if left else T, value, left) if x.dim() == 2 else x for x in parts])
     return type(items[0])(**out)

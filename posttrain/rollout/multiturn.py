@@ -24,7 +24,9 @@ rl.max_new_tokens: the same tokens, log-probs and random stream as a plain gener
 `trajectories[i]` (posttrain.batch.Trajectories) is plain data for the reward worker, the metrics and the
 rollout log: answer (the final assistant turn's text), reward (the environment's, or None), turns, tool_calls,
 tool_errors, calls, finished, truncated, segments ([{role, start, end}] over response positions), steps (each
-`env.step`'s Observation.info, in order).
+`env.step`'s Observation.info, in order), decode (the speculative decoder's counts summed over the trajectory's
+turns, a posttrain.batch.DecodeCounts record whose `rows` counts its generate calls; None when the engine
+reports none: plain decoding).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from posttrain.rollout.env import (
     observation_ids,
     opening_text,
 )
+from posttrain.rollout.speculative import speculative_metrics, sum_counts
 
 TRUNCATIONS = ("max_new_tokens", "max_turns", "max_tool_calls", "max_response_tokens")
 
@@ -70,7 +73,15 @@ class _Row:
 
 def _record() -> dict:
     return {"answer": "", "reward": None, "turns": 0, "tool_calls": 0, "tool_errors": 0, "calls": [],
-            "finished": False, "truncated": None, "segments": [], "steps": []}
+            "finished": False, "truncated": None, "segments": [], "steps": [], "decode": None}
+
+
+def add_counts(total: dict | None, counts: dict | None) -> dict | None:
+    """A trajectory's decoder counts so far plus one generate call's for its row (DecodeCounts records; None:
+    none reported)."""
+    if counts is None:
+        return total
+    return dict(counts) if total is None else {key: total[key] + counts[key] for key in total}
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class EpisodeDriver:
         out = generate(ids, mask, max_new_tokens=n_new, eos_token_id=self.stop_ids, pad_token_id=pad,
                        greedy=greedy, generator=generator, **self.sampling)
         lengths = out.response_mask.sum(-1).long().tolist()
+        counts = out.decode_counts or [None] * len(live)  # the engine's per-row counts (speculative decoding)
         still = []
         for k, i in enumerate(live):
             row, rec = rows[i], rows[i].record
@@ -141,6 +153,7 @@ class EpisodeDriver:
             row.sampled += [1.0] * len(tokens)
             rec["segments"].append({"role": "assistant", "start": start, "end": len(row.ids)})
             rec["turns"] += 1
+            rec["decode"] = add_counts(rec["decode"], counts[k])
             rec["answer"] = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if not complete:
                 rec["truncated"] = "max_response_tokens" if n >= room[i] else "max_new_tokens"
@@ -194,11 +207,15 @@ class EpisodeDriver:
 
 def trajectory_metrics(trajectories: Trajectories | None) -> dict[str, float]:
     """The step's environment metrics (docs/metrics.md) over its trajectories: env/turns, env/tool_calls and
-    env/tool_errors (means per trajectory), env/truncated_<reason> (the share cut by each limit). {} for a batch
+    env/tool_errors (means per trajectory), env/truncated_<reason> (the share cut by each limit); with speculative
+    decoding rollout/spec_* (`speculative_metrics` of the counts summed over every trajectory). {} for a batch
     without trajectories."""
     if not trajectories:
         return {}
     n = len(trajectories)
     out = {f"env/{key}": sum(t[key] for t in trajectories) / n for key in ("turns", "tool_calls", "tool_errors")}
     out.update({f"env/truncated_{why}": sum(t["truncated"] == why for t in trajectories) / n for why in TRUNCATIONS})
+    decoded = [t["decode"] for t in trajectories if t.get("decode") is not None]  # .get: records checkpointed before
+    if decoded:
+        out.update(speculative_metrics(sum_counts(decoded)))
     return out

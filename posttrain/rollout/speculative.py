@@ -32,10 +32,15 @@ positions (the lean forward's padding-free path), where a decode step runs B. It
 reading the weights and drafts are accepted often (text that copies its context). On this project's CPU at batch
 16 neither holds, and it measured 0.69-0.79x of generate() on SmolLM2 (docs/speculative.md). Models the lean
 forward does not cover (posttrain.models.lean: e.g. a LoRA wrapper) fall back to plain `generate`.
+
+Counts: the batch carries each row's (`DecodeCounts`: live verify passes, drafted, accepted, emitted tokens); the
+rollout driver sums them over a trajectory's turns into its record, and an RL step logs `speculative_metrics` of
+their sum over the step's samples (rollout/spec_*, docs/metrics.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -43,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posttrain.batch import RolloutBatch
+from posttrain.batch import DecodeCounts, RolloutBatch
 from posttrain.models.lean import LeanDecoder, lean_backbone, positions_from_mask
 from posttrain.models.packed import PackedLinear, linear
 from posttrain.rollout.generate import (
@@ -236,16 +241,21 @@ def speculative_generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_
     draft_tokens: k, the most tokens drafted per row and verify pass; ngram: n, the length of the matched suffix;
     draft_budget: draft tokens per live row and pass on average (DRAFT_BUDGET; `budget`).
     stats: a dict filled with counts: rows, verify passes, row_passes (live rows summed over passes), drafted
-    and accepted draft tokens, tokens emitted (each row's first comes from the prefill, the rest from passes)."""
+    and accepted draft tokens, tokens emitted (each row's first comes from the prefill, the rest from passes).
+    The same counts per row come back in the batch's `decode_counts` (`DecodeCounts`), whose sums they are; a
+    model decoded without speculation (no lean forward) counts one pass per token after the first, no drafts."""
     device = next((p.device for p in model.parameters()), prompt_ids.device)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     lean = lean_backbone(model)
     if lean is None or lean.head is None:
         log.info("speculative decoding needs the lean forward (%s is not covered); decoding without it",
                  type(model).__name__)
-        return generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                        generator=generator)
+        out = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                       generator=generator)
+        tokens = out.response_lengths
+        return _with_counts(out, (tokens - 1).clamp(min=0), torch.zeros_like(tokens), torch.zeros_like(tokens),
+                            stats, passes=max(int(tokens.max()) - 1, 0) if len(tokens) else 0)
     verifier = _LeanVerifier(lean, prompt_ids, prompt_mask.long(), max_new_tokens, draft_tokens)
     return speculate(verifier, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                      pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
@@ -284,7 +294,8 @@ def speculate(verifier, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_toke
     finished = torch.isin(tok, stops)
     alive = ~finished & (n_out < N)
     rows = torch.arange(B, device=device)  # the batch rows the verifier still holds, in its order
-    passes = row_passes = drafted = accepted = 0
+    passes = 0
+    row_passes, drafted, accepted = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(3))  # per row
     while alive.any():
         if int(alive[rows].sum()) < COMPACT_BELOW * len(rows):
             keep = alive[rows].nonzero().squeeze(1)
@@ -319,13 +330,45 @@ def speculate(verifier, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_toke
         fed[rows] += torch.where(live, a + 1, 0)
         finished[rows] |= live & (stop_at < count)
         alive = ~finished & (n_out < N)
-        passes, row_passes = passes + 1, row_passes + int(live.sum())
-        drafted, accepted = drafted + int(m.sum()), accepted + int(a.masked_fill(~live, 0).sum())
-    if stats is not None:
-        stats.update(rows=B, passes=passes, row_passes=row_passes, drafted=drafted, accepted=accepted,
-                     tokens=int(mask.sum()))  # tokens - rows were emitted by the passes (the first by the prefill)
+        passes += 1
+        row_passes[rows] += live.long()
+        drafted[rows] += m  # 0 for rows not live
+        accepted[rows] += a.masked_fill(~live, 0)
     T = int(n_out.max())
     response = ctx[:, P:P + T].masked_fill(~mask[:, :T], pad_token_id)
-    return RolloutBatch(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), response_ids=response.cpu(),
-                        response_mask=mask[:, :T].float().cpu(), rollout_logprobs=logps[:, :T].cpu(),
-                        finished=finished.cpu())
+    out = RolloutBatch(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), response_ids=response.cpu(),
+                       response_mask=mask[:, :T].float().cpu(), rollout_logprobs=logps[:, :T].cpu(),
+                       finished=finished.cpu())
+    return _with_counts(out, row_passes, drafted, accepted, stats, passes)
+
+
+def _with_counts(batch: RolloutBatch, row_passes: Tensor, drafted: Tensor, accepted: Tensor, stats: dict | None,
+                 passes: int) -> RolloutBatch:
+    """`batch` with its rows' DecodeCounts (row_passes, drafted, accepted (B,) long; tokens: its response
+    lengths), and `stats` (when given) filled with their sums and the verify passes."""
+    tokens = batch.response_lengths  # tokens - rows were emitted by the passes (the first by the prefill)
+    counts = DecodeCounts({"rows": 1, "row_passes": p, "drafted": d, "accepted": a, "tokens": t} for p, d, a, t
+                          in zip(row_passes.tolist(), drafted.tolist(), accepted.tolist(), tokens.tolist()))
+    if stats is not None:
+        stats.update(passes=passes, **sum_counts(counts))
+    return dataclasses.replace(batch, decode_counts=counts)
+
+
+COUNTS = ("rows", "row_passes", "drafted", "accepted", "tokens")  # the keys of a DecodeCounts record
+
+
+def sum_counts(records) -> dict[str, int]:
+    """DecodeCounts records (of one call, or of many: shares, rounds, turns) -> their sums, key by key."""
+    records = list(records)
+    return {key: sum(int(r[key]) for r in records) for key in COUNTS}
+
+
+def speculative_metrics(total: dict) -> dict[str, float]:
+    """The acceptance metrics (docs/metrics.md) from summed counts (`sum_counts`, or `speculative_generate`'s
+    stats): accepted draft tokens per live row and verify pass, the share of drafted tokens accepted, and tokens
+    emitted per row-pass ((tokens - rows) / row_passes: 1 is no gain). Ratios of sums; nothing verified gives
+    0, 0 and 1."""
+    row_passes, drafted, accepted = total["row_passes"], total["drafted"], total["accepted"]
+    return {"rollout/spec_accepted_per_pass": accepted / row_passes if row_passes else 0.0,
+            "rollout/spec_acceptance": accepted / drafted if drafted else 0.0,
+            "rollout/spec_tokens_per_pass": (total["tokens"] - total["rows"]) / row_passes if row_passes else 1.0}
