@@ -18,15 +18,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/posttrain demo
 
+# two pytest workers (pytest-xdist), each test file on one of them (its module fixtures, e.g. a Ray session, built
+# once): most tests run one thread, so on two cores the suite takes about half the time it takes serially
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # the fast loop while developing: everything but the tests marked slow (runs, Ray, kill/resume)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# posttrain against TRL on identical work (issue 8): one table of ratios, also written to benchmarks/RESULTS.md
-bench: $(STAMP)
+# posttrain against TRL on identical work (issue 8): one table of ratios, also written to benchmarks/RESULTS.md;
+# the tiny model's rows, then SmolLM2-135M-Instruct's (decode, GRPO on GSM8K, peak RSS: about 25 more minutes)
+bench: $(STAMP) real-model
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	test -d benchmarks/.trl112/trl || $(PY) -m pip install -q --disable-pip-version-check --no-deps \
 		--target benchmarks/.trl112 trl==1.12.0

@@ -1,6 +1,6 @@
 """`make bench`: posttrain against TRL on identical work (issue 8), one table of ratios (--write: into RESULTS.md).
 
-    python benchmarks/bench.py [--runs 5] [--only grpo,ppo,rollout,tta,rss,cli,flops] [--write]
+    python benchmarks/bench.py [--runs 5] [--only grpo,ppo,rollout,tta,rss,cli,flops,real] [--write]
 
 Rows (each the median of --runs measurements, posttrain and TRL interleaved A B A B ... in one process where
 both can live in it, so machine load hits both alike):
@@ -13,6 +13,10 @@ both can live in it, so machine load hits both alike):
   rss      peak RSS of a process running 6 GRPO steps (separate subprocesses)
   cli      `posttrain rl` process start to the first training step, against `from trl import GRPOTrainer`
   flops    model FLOPs of a GRPO step over this machine's measured fp32 GEMM throughput
+  real     SmolLM2-135M-Instruct (`make real-model`; skipped with a note when it is not there), through
+           benchmarks/real_model.py: decode tok/s against `model.generate` at batch 16 and 64 (128 new tokens,
+           fp32), one GRPO step against TRL 1.16 on GSM8K prompts (8 prompts x 4 samples, <= 256 new tokens,
+           fp32 on both sides; posttrain bf16 as a note) and its peak RSS (one process per side); 3 runs a row
 
 Settings: the issue's tiny Llama (hidden 128, 4 layers, 4 heads, intermediate 512, 1.08M parameters, fp32),
 arithmetic prompts, 2 threads, no bf16, no gradient checkpointing. See benchmarks/setups.py.
@@ -357,7 +361,7 @@ def row(name, ours, theirs, goal, higher_is_better=False, unit="s", fmt="{:.3f}"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--only", default="grpo,ppo,rollout,tta,rss,cli,flops")
+    p.add_argument("--only", default="grpo,ppo,rollout,tta,rss,cli,flops,real")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--write", action="store_true", help="also replace the table in the tracked RESULTS.md (by "
                    "default the table is printed and written to benchmarks/.last-results.md, git-ignored)")
@@ -413,6 +417,8 @@ def main() -> None:
                              f"{S.THREADS} threads)")
         else:
             notes.append(f"measured fp32 GEMM throughput: {gemm:.0f} GFLOP/s on {S.THREADS} threads")
+    if "real" in parts:
+        bench_real(rows, notes, raw)
     after = machine()
     for r in rows:
         r.setdefault("met", r["goal"] is not None and r["ratio"] >= r["goal"])
@@ -438,6 +444,41 @@ def main() -> None:
     else:
         (HERE / ".last-results.md").write_text(f"{header}\n\n{table}\n\n" + "\n".join(notes) + "\n")
         print("table written to benchmarks/.last-results.md (python benchmarks/bench.py --write updates RESULTS.md)")
+
+
+REAL_MODEL = HERE.parent / "models" / "smollm2-135m-instruct"
+REAL_RUNS, REAL_NEW = 3, 256
+
+
+def bench_real(rows: list, notes: list, raw: dict) -> None:
+    """The real-model rows (benchmarks/real_model.py), appended to `rows` and `notes`."""
+    if not (REAL_MODEL / "config.json").is_file():
+        notes.append(f"real-model rows skipped: {REAL_MODEL} is missing (`make real-model`)")
+        return
+    import real_model as R
+
+    model, tok = R.load(REAL_MODEL)
+    decode = raw["real_decode"] = [R.decode_row(model, tok, b, 128, REAL_RUNS, False) for b in (16, 64)]
+    del model
+    for d in decode:
+        rows.append(row(f"SmolLM2 decode tok/s vs model.generate (batch {d['batch']}, <= 128 new tokens, fp32)",
+                        [d["posttrain_tok_s"]], [d["hf_tok_s"]], 1.5, higher_is_better=True, unit="tok/s",
+                        fmt="{:,.0f}"))
+        rows[-1]["n"] = REAL_RUNS
+    g = raw["real_grpo"] = R.grpo_row(REAL_MODEL, REAL_RUNS, task="gsm8k", new=REAL_NEW)
+    rows.append(row(f"SmolLM2 GRPO step, GSM8K (8 prompts x 4 samples, <= {REAL_NEW} new tokens, fp32)",
+                    [g["posttrain_s"]], [g["trl_s"]], 3.0))
+    rows[-1]["n"] = REAL_RUNS
+    notes.append(f"SmolLM2 GRPO step phases (posttrain fp32, mean s): {g['phases_fp32']}; mean response length "
+                 f"{g['response_length']:.1f}; posttrain with model.dtype=bfloat16: {g['posttrain_bf16_s']:.1f} s "
+                 f"({g['trl_s'] / g['posttrain_bf16_s']:.2f}x TRL fp32), phases {g['phases_bf16']}")
+    rss = {r["kind"]: r["peak_rss_mib"] for r in R.rss_row(REAL_MODEL, "gsm8k", REAL_NEW)}
+    raw["real_rss"] = rss
+    if rss.get("posttrain") and rss.get("trl"):
+        rows.append(row(f"SmolLM2 peak RSS, 2 GRPO steps (GSM8K, <= {REAL_NEW} new tokens; goal ratio >= 1)",
+                        [rss["posttrain"]], [rss["trl"]], 1.0, unit="MiB", fmt="{:.0f}"))
+        rows[-1]["n"] = 1
+    notes.append("SmolLM2 peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" if v else f"{k} died" for k, v in rss.items()))
 
 
 def write_results(header: str, table: str, notes: list[str]) -> None:

@@ -2,13 +2,15 @@
 on identical work, interleaved A B A B in one process so machine load hits both alike.
 
     python benchmarks/real_model.py [--model models/smollm2-135m-instruct] [--runs 3] [--only decode,grpo,rss]
+                                    [--task ifeval|gsm8k] [--new 128] [--batches 16,64] [--dtypes fp32,bf16]
 
 Rows:
   decode   rollout tokens/s, batch 16 and 64 GSM8K questions rendered with the chat template, sampling at
            temperature 1, up to 128 new tokens, stopping at <|im_end|>: posttrain `generate` vs `model.generate`.
            Tokens are the generated ones up to and including each row's end-of-turn (padding after it is not
            counted on either side). float32 on both sides, then both inside bf16 autocast.
-  grpo     one GRPO step, 8 prompts x 4 samples, <= 128 new tokens, task ifeval, k3 KL (beta 0.04) to a
+  grpo     one GRPO step, 8 prompts x 4 samples, <= --new tokens, --task (ifeval; gsm8k: ../shared/data's
+           GSM8K train, `make bench`: 256 new tokens), k3 KL (beta 0.04) to a
            reference, one optimizer step: posttrain `RLRun.step` vs TRL's GRPOTrainer step, float32 on both sides
            (TRL's CPU path has no bf16 autocast for generation); posttrain's per-phase times; and posttrain's
            step with model.dtype=bfloat16 on its own.
@@ -100,14 +102,17 @@ def decode_row(model, tok, batch: int, new: int, runs: int, low: bool) -> dict:
 
 
 # ---------------------------------------------------------------- GRPO step
-def run_config(model_path, out, dtype="float32"):
+TASKS = {"ifeval": {"name": "ifeval", "num_eval": 8},
+         "gsm8k": {"name": "gsm8k", "path": str(GSM8K), "num_eval": 8}}
+
+
+def run_config(model_path, out, dtype="float32", task="ifeval", new=128):
     from posttrain.config import build_config
 
     return build_config({"output_dir": str(out), "threads": THREADS, "progress": False,
-                         "model": {"path": str(model_path), "dtype": dtype},
-                         "task": {"name": "ifeval", "num_eval": 8},
+                         "model": {"path": str(model_path), "dtype": dtype}, "task": TASKS[task],
                          "rl": {"preset": "grpo", "steps": 100, "prompts_per_step": 8, "group_size": 4, "lr": 1e-6,
-                                "warmup_steps": 0, "kl_coef": 0.04, "kl_estimator": "k3", "max_new_tokens": 128,
+                                "warmup_steps": 0, "kl_coef": 0.04, "kl_estimator": "k3", "max_new_tokens": new,
                                 "temperature": 1.0, "mini_batches": 1, "micro_batch_size": 8}}, [])
 
 
@@ -136,15 +141,12 @@ def trl_trainer(cfg, model_path, task, out, steps, clock):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from posttrain.tasks.instructions import instruction_reward
-
     c = cfg.rl
     probs = task.train_problems  # prompts already rendered with the chat template by fit_task
-    data = Dataset.from_dict({"prompt": [p.prompt for p in probs], "instruction_id": [p.instruction_id for p in probs],
-                              "instruction_kwargs": [json.dumps(p.kwargs) for p in probs]})
+    data = Dataset.from_dict({"prompt": [p.prompt for p in probs], "idx": list(range(len(probs)))})
 
-    def reward(prompts, completions, instruction_id, instruction_kwargs, **_):
-        return instruction_reward(prompts, completions, instruction_id, [json.loads(k) for k in instruction_kwargs])
+    def reward(prompts, completions, idx, **_):  # the task's own verifiable reward, as posttrain scores it
+        return [float(r) for r in task.reward(prompts, completions, [probs[i] for i in idx])]
 
     args = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=c.prompts_per_step * c.group_size,
@@ -162,12 +164,12 @@ def trl_trainer(cfg, model_path, task, out, steps, clock):
                        processing_class=tok, callbacks=[clock.callback])
 
 
-def grpo_row(model_path, runs: int, warmup: int = 1) -> dict:
+def grpo_row(model_path, runs: int, warmup: int = 1, task: str = "ifeval", new: int = 128) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from setups import StepClock
 
     tmp = Path(tempfile.mkdtemp())
-    cfg = run_config(model_path, tmp)
+    cfg = run_config(model_path, tmp, task=task, new=new)
     model, tok = load(model_path)
     step, task = posttrain_step(cfg, model, tok)
     ours, phases = [], []
@@ -181,7 +183,7 @@ def grpo_row(model_path, runs: int, warmup: int = 1) -> dict:
     clock = StepClock(between)
     trl_trainer(cfg, model_path, task, tmp / "trl", warmup + runs, clock).train()
     low_model, _ = load(model_path)
-    low_step, _ = posttrain_step(run_config(model_path, tmp / "bf16", "bfloat16"), low_model, tok)
+    low_step, _ = posttrain_step(run_config(model_path, tmp / "bf16", "bfloat16", task, new), low_model, tok)
     low, low_phases = [], []
     for _ in range(warmup + runs):
         start = time.perf_counter()
@@ -195,12 +197,12 @@ def grpo_row(model_path, runs: int, warmup: int = 1) -> dict:
             "response_length": statistics.mean(p["response_length"] for p in phases[warmup:])}
 
 
-def rss_worker(kind: str, model_path) -> dict:
+def rss_worker(kind: str, model_path, task: str = "ifeval", new: int = 128) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from setups import StepClock
 
     tmp = Path(tempfile.mkdtemp())
-    cfg = run_config(model_path, tmp, "bfloat16" if kind == "posttrain-bf16" else "float32")
+    cfg = run_config(model_path, tmp, "bfloat16" if kind == "posttrain-bf16" else "float32", task, new)
     model, tok = load(model_path)
     if kind.startswith("posttrain"):
         step, _ = posttrain_step(cfg, model, tok)
@@ -216,11 +218,11 @@ def rss_worker(kind: str, model_path) -> dict:
     return {"kind": kind, "peak_rss_mib": int(hwm.split()[1]) / 1024}
 
 
-def rss_row(model_path) -> list[dict]:
+def rss_row(model_path, task: str = "ifeval", new: int = 128) -> list[dict]:
     out = []
     for kind in ("posttrain", "posttrain-bf16", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", str(model_path)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", str(model_path), "--task", task,
+                               "--new", str(new)], capture_output=True, text=True)
         if proc.returncode != 0:  # e.g. -9: the kernel's OOM killer (the step needs more than the machine has)
             out.append({"kind": kind, "peak_rss_mib": None, "exit": proc.returncode})
             continue
@@ -233,29 +235,34 @@ def main() -> None:
     p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--only", default="decode,grpo,rss")
+    p.add_argument("--task", default="ifeval", choices=sorted(TASKS), help="the GRPO and RSS rows' prompts")
+    p.add_argument("--new", type=int, default=128, help="the GRPO and RSS rows' max new tokens")
+    p.add_argument("--batches", default="16,64", help="the decode rows' batch sizes")
+    p.add_argument("--dtypes", default="fp32,bf16", help="the decode rows' precisions")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(THREADS)
     if args.worker:
-        print(json.dumps(rss_worker(args.worker, args.model)))
+        print(json.dumps(rss_worker(args.worker, args.model, args.task, args.new)))
         return
     parts = args.only.split(",")
     results = {}
     if "decode" in parts:
         model, tok = load(args.model)
-        results["decode"] = [decode_row(model, tok, b, 128, args.runs, low) for low in (False, True) for b in (16, 64)]
+        results["decode"] = [decode_row(model, tok, int(b), 128, args.runs, d == "bf16")
+                             for d in args.dtypes.split(",") for b in args.batches.split(",")]
         for r in results["decode"]:
             print(f"decode batch {r['batch']:2d} {r['dtype']}: posttrain {r['posttrain_tok_s']:6.1f} tok/s, "
                   f"model.generate {r['hf_tok_s']:6.1f} tok/s, {r['ratio']:.2f}x "
                   f"(tokens per run {r['posttrain_tokens']:.0f} vs {r['hf_tokens']:.0f})", flush=True)
     if "grpo" in parts:
-        g = results["grpo"] = grpo_row(args.model, args.runs)
+        g = results["grpo"] = grpo_row(args.model, args.runs, task=args.task, new=args.new)
         print(f"GRPO step fp32: posttrain {g['posttrain_s']:.1f} s, TRL {g['trl_s']:.1f} s, "
               f"{g['trl_s'] / g['posttrain_s']:.2f}x; posttrain bf16 {g['posttrain_bf16_s']:.1f} s "
               f"({g['trl_s'] / g['posttrain_bf16_s']:.2f}x TRL fp32)\n  phases fp32 {g['phases_fp32']}\n  phases bf16 "
               f"{g['phases_bf16']}", flush=True)
     if "rss" in parts:
-        results["rss"] = rss_row(args.model)
+        results["rss"] = rss_row(args.model, args.task, args.new)
         print("peak RSS: " + ", ".join(f"{r['kind']} {r['peak_rss_mib']:.0f} MiB" if r["peak_rss_mib"] is not None
                                        else f"{r['kind']} died (exit {r['exit']})" for r in results["rss"]))
     (REPO / "benchmarks" / ".last-real-model.json").write_text(json.dumps(results, indent=2))
