@@ -465,7 +465,7 @@ def bench_real(rows: list, notes: list, raw: dict) -> None:
                         [d["posttrain_tok_s"]], [d["hf_tok_s"]], 1.5, higher_is_better=True, unit="tok/s",
                         fmt="{:,.0f}"))
         rows[-1]["n"] = REAL_RUNS
-    g = raw["real_grpo"] = R.grpo_row(REAL_MODEL, REAL_RUNS, task="gsm8k", new=REAL_NEW)
+    g = raw["real_grpo"] = R.grpo_row(REAL_MODEL, REAL_RUNS, task_name="gsm8k", new=REAL_NEW)
     rows.append(row(f"SmolLM2 GRPO step, GSM8K (8 prompts x 4 samples, <= {REAL_NEW} new tokens, fp32)",
                     [g["posttrain_s"]], [g["trl_s"]], 3.0))
     rows[-1]["n"] = REAL_RUNS

@@ -164,12 +164,12 @@ def trl_trainer(cfg, model_path, task, out, steps, clock):
                        processing_class=tok, callbacks=[clock.callback])
 
 
-def grpo_row(model_path, runs: int, warmup: int = 1, task: str = "ifeval", new: int = 128) -> dict:
+def grpo_row(model_path, runs: int, warmup: int = 1, task_name: str = "ifeval", new: int = 128) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from setups import StepClock
 
     tmp = Path(tempfile.mkdtemp())
-    cfg = run_config(model_path, tmp, task=task, new=new)
+    cfg = run_config(model_path, tmp, task=task_name, new=new)
     model, tok = load(model_path)
     step, task = posttrain_step(cfg, model, tok)
     ours, phases = [], []
@@ -183,7 +183,7 @@ def grpo_row(model_path, runs: int, warmup: int = 1, task: str = "ifeval", new: 
     clock = StepClock(between)
     trl_trainer(cfg, model_path, task, tmp / "trl", warmup + runs, clock).train()
     low_model, _ = load(model_path)
-    low_step, _ = posttrain_step(run_config(model_path, tmp / "bf16", "bfloat16", task, new), low_model, tok)
+    low_step, _ = posttrain_step(run_config(model_path, tmp / "bf16", "bfloat16", task_name, new), low_model, tok)
     low, low_phases = [], []
     for _ in range(warmup + runs):
         start = time.perf_counter()
@@ -256,7 +256,7 @@ def main() -> None:
                   f"model.generate {r['hf_tok_s']:6.1f} tok/s, {r['ratio']:.2f}x "
                   f"(tokens per run {r['posttrain_tokens']:.0f} vs {r['hf_tokens']:.0f})", flush=True)
     if "grpo" in parts:
-        g = results["grpo"] = grpo_row(args.model, args.runs, task=args.task, new=args.new)
+        g = results["grpo"] = grpo_row(args.model, args.runs, task_name=args.task, new=args.new)
         print(f"GRPO step fp32: posttrain {g['posttrain_s']:.1f} s, TRL {g['trl_s']:.1f} s, "
               f"{g['trl_s'] / g['posttrain_s']:.2f}x; posttrain bf16 {g['posttrain_bf16_s']:.1f} s "
               f"({g['trl_s'] / g['posttrain_bf16_s']:.2f}x TRL fp32)\n  phases fp32 {g['phases_fp32']}\n  phases bf16 "
