@@ -48,9 +48,11 @@ class Stub:
                     stub.headers.append(dict(self.headers))
                     stub.active += 1
                     stub.max_active = max(stub.max_active, stub.active)
+                time.sleep(stub.delay)
+                status, data = stub.reply(body, n)
+                with stub.lock:  # before the reply goes out: once it is read, the client's slot is free again and
+                    stub.active -= 1  # its next request may arrive before this handler would have counted it done
                 try:
-                    time.sleep(stub.delay)
-                    status, data = stub.reply(body, n)
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
@@ -58,9 +60,6 @@ class Stub:
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout)
                     pass
-                finally:
-                    with stub.lock:
-                        stub.active -= 1
 
             def log_message(self, *args):
                 pass
