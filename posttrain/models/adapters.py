@@ -21,9 +21,11 @@ A soft prompt P (N, C) goes before every sequence the same way in the training f
 0..N-1 for P and N + (count of real tokens before) for the sequence, so left padding does not shift them and
 a KV-cached decode step (whose cache already holds P) only adds N to its position.
 
-The lean forward (models/lean.py) does not read adapter weights, so an adapted model runs through the
-transformers/peft forward, for training and generation alike: `lean_backbone` refuses a LoRA model (its layers are
-peft's) with a logged reason, and finds no backbone in a `SoftPromptForward` (it has no `.model`).
+The lean forward (models/lean.py) reads peft's vanilla LoRA layers exactly (models/lean_lora.py): factored,
+W x + s B (A x), under autograd, and merged into its fused weights for generation and the no-grad passes; the
+reference `AdapterOff` runs it with the adapters left out. What it cannot read exactly (dropout while training,
+DoRA, a merged layer) runs through the transformers/peft forward, as does a soft prompt (`SoftPromptForward` has no
+`.model`, so `lean_backbone` finds no backbone in it).
 peft is imported only here, and only when model.peft is set (the `peft` extra).
 """
 

@@ -10,8 +10,11 @@ rounding (~1e-6); generation and the training forward both use it, so the PPO ra
 
 `lean_backbone(model)` returns None for anything it does not cover (another architecture, a RoPE variant
 whose frequencies change with the length, gradient checkpointing, hooks, dropout in training mode, sliding
-windows, and any projection or norm that is not exactly the module it reads weights from, such as a LoRA
-adapter's wrapper: the reason is logged once); callers then use the HF forward. POSTTRAIN_LEAN=0 in the environment switches it off.
+windows, and any projection or norm that is not exactly the module it reads weights from, such as a quantised
+linear or a LoRA variant it does not read: the reason is logged once); callers then use the HF forward.
+POSTTRAIN_LEAN=0 in the environment switches it off. peft's vanilla LoRA layers are read exactly
+(models/lean_lora.py: factored under autograd, merged into the fused weights otherwise), and the reference
+`AdapterOff` runs the same backbone with the adapters left out.
 
 Shapes: B = rows, L = positions in this call, S = key positions (cache length), C = hidden size,
 H / Hkv = query / key-value heads, D = head size.
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posttrain.models.adapters import hf_module
+from posttrain.models.adapters import AdapterOff, hf_module
+from posttrain.models.lean_lora import AdaptedLinear, fused, lora_base
 from posttrain.models.packed import PackedLinear, linear, packing_available
 
 # Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
@@ -68,14 +72,15 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 def unrecognised_module(backbone) -> str | None:
     """The first module of the decoder stack that is not what the lean forward reads its weights from (exactly
-    torch.nn.Linear projections, the model's own RMSNorm), as "layers.3.self_attn.q_proj (LoraLinear)"; None
-    if all are. A wrapped projection (a LoRA adapter, a quantised linear) has its own forward, which reading
-    its `.weight` would skip: no gradient would reach the adapter, and nothing else would notice."""
+    torch.nn.Linear projections or peft's vanilla LoRA layers around them (`lean_lora.lora_base`), the model's own
+    RMSNorm), as "layers.3.self_attn.q_proj (Linear8bitLt)"; None if all are. Another wrapped projection (a
+    quantised linear, DoRA) has its own forward, which reading its `.weight` would skip: the output would be
+    another function's, and nothing else would notice."""
     for i, layer in enumerate(backbone.layers):
         parts = [("self_attn", name) for name in _LINEARS] + [("mlp", name) for name in _MLP]
         for block, name in parts:
             module = getattr(getattr(layer, block, None), name, None)
-            if type(module) is not torch.nn.Linear:
+            if lora_base(module) is None:
                 return f"layers.{i}.{block}.{name} ({type(module).__name__})"
         for name in ("input_layernorm", "post_attention_layernorm"):
             module = getattr(layer, name, None)
@@ -108,7 +113,13 @@ def _hooked(model) -> bool:
 
 def lean_backbone(model) -> "LeanBackbone | None":
     """The lean view of `model` (a causal LM or a scalar-head model around a supported backbone), or None. A peft
-    model is looked at through its base model, whose LoRA layers `unrecognised_module` refuses."""
+    model is looked at through its base model (its LoRA layers read by models/lean_lora.py); `AdapterOff(policy)`
+    (the LoRA reference) is the policy's view with the adapters left out."""
+    if isinstance(model, AdapterOff):
+        lean = lean_backbone(model.policy)
+        if lean is not None:
+            lean.adapters = False
+        return lean
     model = hf_module(model)
     backbone = getattr(model, "model", None) if not type(model).__name__.endswith("Model") else model
     if backbone is None or not _backbone_supported(backbone) or _hooked(model):
@@ -166,12 +177,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Te
 @dataclass
 class _Layer:
     ln1: Tensor
-    w_qkv: Tensor | PackedLinear  # PackedLinear (decoding on CPU): holds b_qkv, which is then None
-    b_qkv: Tensor | None
-    w_o: Tensor | PackedLinear
+    w_qkv: Tensor | PackedLinear | AdaptedLinear  # PackedLinear (decoding on CPU) and AdaptedLinear (LoRA under
+    b_qkv: Tensor | None                          # autograd) hold b_qkv, which is then None
+    w_o: Tensor | PackedLinear | AdaptedLinear
     ln2: Tensor
-    w_gate_up: Tensor | PackedLinear
-    w_down: Tensor | PackedLinear
+    w_gate_up: Tensor | PackedLinear | AdaptedLinear
+    w_down: Tensor | PackedLinear | AdaptedLinear
 
     def packed(self, rows: int) -> _Layer:
         """The same layer with its matmul weights packed for `rows` input rows (posttrain.models.packed)."""
@@ -194,19 +205,19 @@ class LeanBackbone:
         self.eps = cfg.rms_norm_eps
         self.scale = self.D ** -0.5
         self.rotary = backbone.rotary_emb
+        self.adapters = True  # apply peft LoRA adapters where the layers have them (False: the reference's base)
 
     def layers(self) -> list[_Layer]:
-        """Fused weights (q|k|v and gate|up) of every layer; differentiable (torch.cat) when grad is on."""
+        """Fused weights (q|k|v and gate|up) of every layer; differentiable (torch.cat) when grad is on. With LoRA
+        adapters (lean_lora.fused): merged into the fused weights without autograd, factored (AdaptedLinear) with."""
         out = []
+        on = self.adapters
         for layer in self.backbone.layers:
             a, m = layer.self_attn, layer.mlp
-            bias = None
-            if a.q_proj.bias is not None:
-                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            out.append(_Layer(layer.input_layernorm.weight,
-                              torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
-                              a.o_proj.weight, layer.post_attention_layernorm.weight,
-                              torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
+            w_qkv, b_qkv = fused([a.q_proj, a.k_proj, a.v_proj], bias=True, adapters=on)
+            out.append(_Layer(layer.input_layernorm.weight, w_qkv, b_qkv, fused([a.o_proj], adapters=on)[0],
+                              layer.post_attention_layernorm.weight, fused([m.gate_proj, m.up_proj], adapters=on)[0],
+                              fused([m.down_proj], adapters=on)[0]))
         return out
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -374,7 +385,8 @@ class LeanDecoder:
 
     def __init__(self, lean: LeanBackbone, prompt_mask: Tensor, max_new_tokens: int) -> None:
         self.lean = lean
-        self.layers = lean.layers()
+        with torch.no_grad():  # plain fused tensors (a LoRA adapter merged in) that can be cast and packed
+            self.layers = lean.layers()
         self.head_weight, self.head_bias = lean.head.weight, lean.head.bias
         low = _autocast_dtype(lean.head.weight.device)  # bf16 under model.dtype=bfloat16 (models/precision.py)
         if low is not None and low != self.head_weight.dtype:  # cast the matmul weights once, not every step

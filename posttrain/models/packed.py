@@ -68,8 +68,8 @@ class PackedLinear:
         return y[:n].view(*lead, -1)
 
 
-def linear(x: Tensor, weight: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
-    """F.linear, or a PackedLinear (which holds its own bias)."""
-    if type(weight) is PackedLinear:
+def linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
+    """F.linear, or a callable weight that holds its own bias (a PackedLinear, lean_lora's AdaptedLinear)."""
+    if not isinstance(weight, Tensor):
         return weight(x)
     return F.linear(x, weight, bias)

@@ -31,7 +31,7 @@ Cost: a verify pass runs the B pending tokens plus the drafts (at most DRAFT_BUD
 positions (the lean forward's padding-free path), where a decode step runs B. It pays when decoding is bound by
 reading the weights and drafts are accepted often (text that copies its context). On this project's CPU at batch
 16 neither holds, and it measured 0.69-0.79x of generate() on SmolLM2 (docs/speculative.md). Models the lean
-forward does not cover (posttrain.models.lean: e.g. a LoRA wrapper) fall back to plain `generate`.
+forward does not cover (posttrain.models.lean: e.g. a DoRA layer or a soft prompt) fall back to plain `generate`.
 
 Counts: the batch carries each row's (`DecodeCounts`: live verify passes, drafted, accepted, emitted tokens); the
 rollout driver sums them over a trajectory's turns into its record, and an RL step logs `speculative_metrics` of

@@ -64,13 +64,14 @@ def test_an_unknown_target_module_is_one_line_naming_the_models_modules(tmp_path
 
 @pytest.mark.parametrize("real", [False, True], ids=["tiny", "stand_in"])
 def test_the_lean_forward_never_bypasses_the_adapter(tmp_path, real, request):
-    """lean_backbone refuses a LoRA model (its projections are peft layers), so the training forward and generation
-    run through transformers/peft: their log-probs are the adapted model's, and the first PPO ratio stays 1."""
+    """The lean forward reads peft's LoRA layers (models/lean_lora.py: merged in generation, factored in training):
+    the log-probs of generation and of the training forward are the adapted model's as peft computes them, not the
+    base's, and the first PPO ratio stays 1 (gradients: tests/models/test_lean_lora.py)."""
     extra = [f"model.path={request.getfixturevalue('stand_in')}"] if real else []
     _, model, tokenizer = lora_model(tmp_path, *extra)
     perturb_adapter(model)
     model.eval()
-    assert lean_backbone(model) is None
+    assert lean_backbone(model) is not None
     b = batch(tokenizer, model)
     logprobs, _ = response_logprobs(model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
     assert torch.allclose(logprobs, b.rollout_logprobs, atol=1e-5)  # ratio 1 between generation and training
