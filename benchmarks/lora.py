@@ -2,7 +2,8 @@
 (configs/grpo_ifeval.yaml: ifeval, 8 prompts x 8 samples, <= 64 new tokens, 2 minibatches, no KL term), each
 kind in its own process so that its peak RSS is its own.
 
-    python benchmarks/lora.py [--steps 3] [--rank 16] [--kl 0.0] [--threads 2] [--model models/smollm2-135m-instruct]
+    python benchmarks/lora.py [--steps 3] [--rank 16] [--kl 0.0] [--micro-batch 32] [--gradient-checkpointing]
+                              [--threads 2] [--model models/smollm2-135m-instruct]
 
 Per kind (full: every weight trains; lora: model.peft=lora, r = alpha / 2 = --rank on the seven projections):
   peak RSS    VmHWM of the worker after its steps (weights, gradients, AdamW moments, activations, KV cache)
@@ -11,7 +12,10 @@ Per kind (full: every weight trains; lora: model.peft=lora, r = alpha / 2 = --ra
   phases      mean seconds per named phase of the loop (generate, score, reference, update, ...)
 The learning rates are the demo's (1e-5) for full and 10x (1e-4) for LoRA (docs/peft.md); speed and memory do not
 depend on them. --kl 0.04 adds a KL term: full fine-tuning then holds a frozen copy of the model as reference,
-LoRA the same module with its adapter off. The goal (issue 20): LoRA's peak RSS <= 0.7x full fine-tuning's.
+LoRA the same module with its adapter off. --micro-batch sets rl.micro_batch_size for both kinds (the demo's 32:
+activations, common to both, are most of the peak; smaller micro-batches leave the part LoRA saves a larger share);
+--gradient-checkpointing sets model.gradient_checkpointing for both (each layer recomputed in the backward pass).
+The goal (issue 20): LoRA's peak RSS <= 0.7x full fine-tuning's.
 Prints a table and writes benchmarks/.last-lora.json.
 """
 
@@ -34,11 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 KINDS = ("full", "lora")
 
 
-def config(kind: str, model: str, rank: int, kl: float, threads: int, out: Path):
+def config(kind: str, model: str, rank: int, kl: float, threads: int, out: Path, micro_batch: int = 32,
+           checkpointing: bool = False):
     from posttrain.config import load_config
 
     overrides = [f"model.path={model}", f"threads={threads}", "progress=false", f"output_dir={out}",
-                 f"rl.kl_coef={kl}"]
+                 f"rl.kl_coef={kl}", f"rl.micro_batch_size={micro_batch}",
+                 f"model.gradient_checkpointing={str(checkpointing).lower()}"]
     if kind == "lora":
         overrides += ["model.peft=lora", f"model.lora.r={rank}", f"model.lora.alpha={2 * rank}", "rl.lr=1e-4"]
     return load_config(REPO / "configs" / "grpo_ifeval.yaml", overrides)
@@ -55,7 +61,8 @@ def worker(kind: str, args) -> dict:
     from posttrain.tasks import build_task, fit_task
     from posttrain.train.optim import PhaseTimer
 
-    cfg = config(kind, args.model, args.rank, args.kl, args.threads, Path(tempfile.mkdtemp()))
+    cfg = config(kind, args.model, args.rank, args.kl, args.threads, Path(tempfile.mkdtemp()), args.micro_batch,
+                 args.gradient_checkpointing)
     torch.set_num_threads(args.threads)
     model, tok = load_policy(cfg.model, cfg.seed)
     task = build_task(cfg.task, cfg.seed)
@@ -86,6 +93,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--kl", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=32, help="rl.micro_batch_size for both kinds")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing for both")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -94,7 +103,8 @@ def main() -> None:
     rows = []
     for kind in KINDS:
         argv = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--steps", str(args.steps),
-                "--rank", str(args.rank), "--kl", str(args.kl), "--threads", str(args.threads)]
+                "--rank", str(args.rank), "--kl", str(args.kl), "--threads", str(args.threads),
+                "--micro-batch", str(args.micro_batch)] + ["--gradient-checkpointing"] * args.gradient_checkpointing
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, check=False)
         if proc.returncode != 0:  # e.g. -9: the kernel's OOM killer
             print(f"{kind}: the worker failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
@@ -109,7 +119,8 @@ def main() -> None:
     if full and lora:
         print(f"LoRA r={args.rank} / full: peak RSS {lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}x (goal <= 0.7), "
               f"time per step {lora['s_per_step'] / full['s_per_step']:.2f}x ({args.steps} steps each, kl_coef "
-              f"{args.kl}, {args.threads} threads)")
+              f"{args.kl}, micro-batch {args.micro_batch}, "
+              f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.threads} threads)")
     (REPO / "benchmarks" / ".last-lora.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 

@@ -9,7 +9,7 @@ from the modules at each call, so optimizer steps are seen), so it agrees with t
 rounding (~1e-6); generation and the training forward both use it, so the PPO ratio stays 1.
 
 `lean_backbone(model)` returns None for anything it does not cover (another architecture, a RoPE variant
-whose frequencies change with the length, gradient checkpointing, hooks, dropout in training mode, sliding
+whose frequencies change with the length, hooks, dropout in training mode, sliding
 windows, and any projection or norm that is not exactly the module it reads weights from, such as a quantised
 linear or a LoRA variant it does not read: the reason is logged once); callers then use the HF forward.
 POSTTRAIN_LEAN=0 in the environment switches it off. peft's vanilla LoRA layers are read exactly
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.adapters import AdapterOff, hf_module
 from posttrain.models.lean_lora import AdaptedLinear, fused, lora_base
@@ -57,8 +58,6 @@ def _backbone_supported(backbone) -> bool:
     if getattr(cfg, "mlp_bias", False) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         return False
     if backbone.training and getattr(cfg, "attention_dropout", 0.0) > 0:
-        return False
-    if getattr(backbone, "gradient_checkpointing", False):
         return False
     embed = backbone.embed_tokens
     if type(embed) is not torch.nn.Embedding or embed.max_norm is not None or embed.scale_grad_by_freq:
@@ -160,11 +159,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Te
     batched matmuls and a softmax: on this CPU 3.8x faster than `scaled_dot_product_attention` forward and 2.4x
     forward + backward at (64, 4, 8, 32) x 15 keys, where SDPA's flash kernel is mostly fixed cost; larger ones
     use SDPA (flash, no (L, S) matrix kept). Both compute the same equation; they differ by float rounding (~1e-6).
+    Under autograd a large small-path problem is recomputed in the backward pass rather than kept (RECOMPUTE_SCORES).
     """
     L, S = q.size(2), k.size(2)
     if L * S > SMALL_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.size(1) != k.size(1))
-    B, H, _, D = q.shape
+    if q.requires_grad and torch.is_grad_enabled() and q.size(0) * q.size(1) * L * S > RECOMPUTE_SCORES:
+        # the softmax output autograd would keep (float32, and its bf16 cast under autocast) is recomputed in the
+        # backward pass instead: e.g. 680 of the 3,060 MiB a SmolLM2 GRPO micro-batch of 32 x 64 tokens keeps
+        return checkpoint(_small_attention, q, k, v, bias, scale, use_reentrant=False)
+    return _small_attention(q, k, v, bias, scale)
+
+
+# Score tensors (B x H x L x S) larger than this, under autograd, are recomputed in the backward pass (above).
+RECOMPUTE_SCORES = 1 << 21
+
+
+def _small_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """`attention` as two batched matmuls and a softmax (the same equation and shapes)."""
+    B, H, L, D = q.shape
+    S = k.size(2)
     Hkv = k.size(1)
     group = H // Hkv  # grouped-query attention: query head h reads key-value head h // group
     # the group's query heads as extra rows of one matmul per key-value head: no copy of the keys and values
@@ -207,17 +221,18 @@ class LeanBackbone:
         self.rotary = backbone.rotary_emb
         self.adapters = True  # apply peft LoRA adapters where the layers have them (False: the reference's base)
 
-    def layers(self) -> list[_Layer]:
+    def layers(self, merge: bool = False) -> list[_Layer]:
         """Fused weights (q|k|v and gate|up) of every layer; differentiable (torch.cat) when grad is on. With LoRA
-        adapters (lean_lora.fused): merged into the fused weights without autograd, factored (AdaptedLinear) with."""
+        adapters (lean_lora.fused): factored (AdaptedLinear), or with `merge` merged into fused plain tensors."""
         out = []
         on = self.adapters
         for layer in self.backbone.layers:
             a, m = layer.self_attn, layer.mlp
-            w_qkv, b_qkv = fused([a.q_proj, a.k_proj, a.v_proj], bias=True, adapters=on)
-            out.append(_Layer(layer.input_layernorm.weight, w_qkv, b_qkv, fused([a.o_proj], adapters=on)[0],
-                              layer.post_attention_layernorm.weight, fused([m.gate_proj, m.up_proj], adapters=on)[0],
-                              fused([m.down_proj], adapters=on)[0]))
+            w_qkv, b_qkv = fused([a.q_proj, a.k_proj, a.v_proj], True, on, merge)
+            out.append(_Layer(layer.input_layernorm.weight, w_qkv, b_qkv, fused([a.o_proj], False, on, merge)[0],
+                              layer.post_attention_layernorm.weight,
+                              fused([m.gate_proj, m.up_proj], False, on, merge)[0],
+                              fused([m.down_proj], False, on, merge)[0]))
         return out
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,29 +254,39 @@ class LeanBackbone:
         are zeros. They must be positions the bias masks as keys (padding), so no used position's value
         changes; their own outputs are zeros.
         """
-        H, Hkv, D = self.H, self.Hkv, self.D
         B, L = input_ids.shape
         embed = self.backbone.embed_tokens
         where = None if used is None else used.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions
         ids = input_ids if where is None else input_ids.reshape(-1)[where]
         x = F.embedding(ids, embed.weight, embed.padding_idx)  # (B, L, C) or (N, C); no gradient to the pad row
-        half = D // 2
+        recompute = getattr(self.backbone, "gradient_checkpointing", False) and torch.is_grad_enabled()
         for i, w in enumerate(layers):
-            h = F.rms_norm(x, (self.C,), w.ln1, self.eps)
-            qkv = _unpack(linear(h, w.w_qkv, w.b_qkv), where, B * L)
-            qkv = qkv.view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
-            qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # RoPE on q and k at once
-            q, k = qk[:, :H], qk[:, H:]
-            if cache is not None:
-                k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
-            a = attention(q, k, v, bias, self.scale).transpose(1, 2).reshape(B * L, H * D)
-            x = x + linear(a.view(B, L, H * D) if where is None else a.index_select(0, where), w.w_o)
-            h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
-            gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, w.w_down)
+            if recompute:  # model.gradient_checkpointing: keep each layer's input, recompute the rest in backward
+                x = checkpoint(self.layer, i, w, x, cos, sin, bias, cache, where, B, L, use_reentrant=False)
+            else:
+                x = self.layer(i, w, x, cos, sin, bias, cache, where, B, L)
         x = F.rms_norm(x, (self.C,), self.backbone.norm.weight, self.eps)
         return x if where is None else _unpack(x, where, B * L).view(B, L, self.C)
+
+    def layer(self, i: int, w: _Layer, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache, where: Tensor | None,
+              B: int, L: int) -> Tensor:
+        """Decoder layer i on x, (B, L, C) or packed (N, C) at `where`: the residual stream after it. Its only side
+        effect is `cache.append`, which a PrefixKV makes idempotent (a recomputed layer writes the same entry)."""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        half = D // 2
+        h = F.rms_norm(x, (self.C,), w.ln1, self.eps)
+        qkv = _unpack(linear(h, w.w_qkv, w.b_qkv), where, B * L)
+        qkv = qkv.view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
+        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # RoPE on q and k at once
+        q, k = qk[:, :H], qk[:, H:]
+        if cache is not None:
+            k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
+        a = attention(q, k, v, bias, self.scale).transpose(1, 2).reshape(B * L, H * D)
+        x = x + linear(a.view(B, L, H * D) if where is None else a.index_select(0, where), w.w_o)
+        h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
+        gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, w.w_down)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., C) final hidden states -> (..., V) logits through the causal LM's head."""
@@ -293,10 +318,9 @@ class LeanBackbone:
         prefix = PrefixKV(inverse)
         h_prompt = self.forward(ids_u, cos, sin, attention_bias(mask_u, ids_u.size(1)), layers, prefix,
                                 used=padding_free(mask_u.bool()))
-        prefix.sharing = True
         positions = positions_from_mask(key_mask)[:, -T:]
         cos, sin = self.rope(positions)
-        h_resp = self.forward(response_ids, cos, sin, attention_bias(key_mask, T), layers, prefix,
+        h_resp = self.forward(response_ids, cos, sin, attention_bias(key_mask, T), layers, prefix.shared(),
                               used=padding_free(response_mask.bool()))
         return torch.cat([h_prompt[:, -1:][inverse], h_resp[:, :-1]], dim=1)
 
@@ -336,13 +360,24 @@ class PrefixKV:
     """Keys and values of distinct prompts, collected in a first pass and shared by the rows that repeat them
     (`inverse`) in a second pass over the responses. Works under autograd (no in-place writes)."""
 
-    def __init__(self, inverse: Tensor) -> None:
-        self.inverse, self.k, self.v, self.sharing = inverse, [], [], False
+    def __init__(self, inverse: Tensor, sharing: bool = False) -> None:
+        self.inverse, self.k, self.v, self.sharing = inverse, [], [], sharing
+
+    def shared(self) -> PrefixKV:
+        """The second pass's view: the same collected keys and values, each row's prefix put before its own. A
+        separate object, so a layer of the first pass recomputed in the backward pass (model.gradient_checkpointing)
+        still collects."""
+        view = PrefixKV(self.inverse, sharing=True)
+        view.k, view.v = self.k, self.v
+        return view
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.sharing:
-            self.k.append(k)
-            self.v.append(v)
+        if not self.sharing:  # by index: a layer recomputed in the backward pass rewrites its own entry
+            if layer == len(self.k):
+                self.k.append(k)
+                self.v.append(v)
+            else:
+                self.k[layer], self.v[layer] = k, v
             return k, v
         return (torch.cat([self.k[layer][self.inverse], k], dim=2),
                 torch.cat([self.v[layer][self.inverse], v], dim=2))
@@ -386,7 +421,7 @@ class LeanDecoder:
     def __init__(self, lean: LeanBackbone, prompt_mask: Tensor, max_new_tokens: int) -> None:
         self.lean = lean
         with torch.no_grad():  # plain fused tensors (a LoRA adapter merged in) that can be cast and packed
-            self.layers = lean.layers()
+            self.layers = lean.layers(merge=True)
         self.head_weight, self.head_bias = lean.head.weight, lean.head.bias
         low = _autocast_dtype(lean.head.weight.device)  # bf16 under model.dtype=bfloat16 (models/precision.py)
         if low is not None and low != self.head_weight.dtype:  # cast the matmul weights once, not every step

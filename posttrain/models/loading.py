@@ -12,7 +12,7 @@ from transformers.utils import logging as hf_logging  # transformers itself, not
 
 from posttrain.config import ModelConfig
 from posttrain.errors import ModelLoadError
-from posttrain.models.adapters import apply_peft, is_peft, save_merged
+from posttrain.models.adapters import apply_peft, hf_module, is_peft, save_merged
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,7 +41,27 @@ def load_policy(cfg: ModelConfig, seed: int = 0,
     transformers' modelling code: models/tiny.py) where the lean forward runs it (no peft, POSTTRAIN_LEAN not
     0); `save_pretrained` and `posttrain.models.tiny.transformers_model` give its transformers model."""
     model, tokenizer = _load_policy(cfg, seed, lean_tiny)
-    return apply_peft(model, cfg, seed, tokenizer).to(resolve_device(cfg)), tokenizer
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = apply_peft(model, cfg, seed, tokenizer)
+    if cfg.gradient_checkpointing and hasattr(hf_module(model), "disable_input_require_grads"):
+        hf_module(model).disable_input_require_grads()  # peft hooks the embeddings again (see below)
+    return model.to(resolve_device(cfg)), tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """model.gradient_checkpointing: transformers' own switch (non-reentrant checkpoints, which need no input that
+    requires grad, so a LoRA model's frozen embeddings are fine), or the flag the lean forward reads on the tiny
+    lean model's backbone (models/lean.py checkpoints each layer under autograd)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):  # the name before transformers 5.2x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "disable_input_require_grads"):
+        # enabling also hooks the embeddings to make their output require grad, which only reentrant checkpoints
+        # need; the hook would keep the lean forward off (it refuses hooked models)
+        model.disable_input_require_grads()
+    model.model.gradient_checkpointing = True
 
 
 def _load_policy(cfg: ModelConfig, seed: int, lean_tiny: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 from posttrain.config import ModelConfig
 from posttrain.models import build_tiny_model
 from posttrain.models.lean import lean_backbone
+from posttrain.models.loading import enable_gradient_checkpointing
 from posttrain.models.logprobs import causal_lm_logits, response_logprobs
 from posttrain.models.value import build_scalar_model, response_values
 from posttrain.models.chat import encode_prompts
@@ -113,18 +114,17 @@ def test_other_models_fall_back_to_their_hf_forward(tokenizer):
     torch.testing.assert_close(out.rollout_logprobs, logprobs, atol=1e-5, rtol=0)
 
 
-def test_hooks_gradient_checkpointing_and_the_switch_select_the_hf_forward(tokenizer, monkeypatch):
+def test_hooks_and_the_switch_select_the_hf_forward_and_checkpointing_keeps_the_lean_one(tokenizer, monkeypatch):
     model = llama(tokenizer, 2)
     assert lean_backbone(model) is not None
     handle = model.lm_head.register_forward_hook(lambda module, args, out: out + 1)
     assert lean_backbone(model) is None  # a hook would be skipped: use the forward that runs it
     handle.remove()
-    enable, disable = (("activation_checkpointing_enable", "activation_checkpointing_disable")
-                       if hasattr(model, "activation_checkpointing_enable") else
-                       ("gradient_checkpointing_enable", "gradient_checkpointing_disable"))  # transformers < 5.2x
-    getattr(model, enable)()
+    enable_gradient_checkpointing(model)  # model.gradient_checkpointing: the lean forward checkpoints its layers
+    assert model.model.gradient_checkpointing and lean_backbone(model) is not None
+    model.enable_input_require_grads()  # what a reentrant checkpoint needs: a hook on the embeddings
     assert lean_backbone(model) is None
-    getattr(model, disable)()
+    model.disable_input_require_grads()
     monkeypatch.setenv("POSTTRAIN_LEAN", "0")
     assert lean_backbone(model) is None
 
@@ -191,3 +191,50 @@ def test_a_wrapped_projection_falls_back_to_the_hf_forward_and_trains_the_adapte
     # with every module plain again the lean path is taken
     layer.q_proj = layer.q_proj.base
     assert lean_backbone(model) is not None
+
+
+@pytest.mark.parametrize("shared_prompts", [False, True], ids=["one_pass", "shared_prompts"])
+def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients_bit_for_bit(tokenizer, shared_prompts):
+    """model.gradient_checkpointing: each layer recomputed in the backward pass (the prompt pass of rows that share
+    a prompt included, whose keys and values the response pass reads) gives exactly what the plain pass gives."""
+    results = []
+    for checkpointing in (False, True):
+        model = llama(tokenizer, 2)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.eval()  # the RL learner's mode: transformers' forward would not checkpoint here, the lean one does
+        prompts = ["1+2=", "1+2=", "30+4=", "30+4="] if shared_prompts else ["1+2=", "30+4=", "5+5=", "7+1="]
+        ids, mask, out = sample(model, tokenizer, prompts)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logprobs, _ = response_logprobs(model, ids, mask, out.response_ids, out.response_mask)
+        logprobs.sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()], sum(saved)))
+    (plain_lp, plain_g, plain_saved), (ckpt_lp, ckpt_g, ckpt_saved) = results
+    assert torch.equal(plain_lp, ckpt_lp)
+    assert all(torch.equal(a, b) for a, b in zip(plain_g, ckpt_g))
+    assert ckpt_saved < plain_saved / 2  # what autograd keeps: the layers' inputs, not their insides
+
+
+def test_large_score_tensors_are_recomputed_in_backward_with_the_same_gradients(monkeypatch):
+    """Under autograd, a small-path attention whose (B, H, L, S) scores exceed RECOMPUTE_SCORES keeps q, k, v and
+    recomputes the softmax in the backward pass: the same output and gradients, bit for bit, and less kept."""
+    from posttrain.models import lean
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 4, 8, 16, generator=g, requires_grad=True)
+    k = torch.randn(4, 2, 12, 16, generator=g, requires_grad=True)
+    v = torch.randn(4, 2, 12, 16, generator=g, requires_grad=True)
+    bias = lean.attention_bias(torch.ones(4, 12, dtype=torch.long), 8)
+
+    def run(threshold):
+        monkeypatch.setattr(lean, "RECOMPUTE_SCORES", threshold)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = lean.attention(q, k, v, bias, 0.25)
+        return out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)), sum(saved)
+
+    kept, recomputed = run(4 * 4 * 8 * 12), run(4 * 4 * 8 * 12 - 1)
+    assert torch.equal(kept[0], recomputed[0])
+    assert all(torch.equal(a, b) for a, b in zip(kept[1], recomputed[1]))
+    assert recomputed[2] < kept[2]

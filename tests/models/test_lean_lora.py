@@ -85,7 +85,7 @@ def test_the_same_on_a_qwen2_model_whose_qkv_have_biases(tmp_path, tokenizer, mo
     check_equal_to_peft(model, tokenizer, monkeypatch)
 
 
-def test_under_autograd_the_base_is_not_fused_and_without_it_the_adapter_is_merged(tmp_path):
+def test_training_leaves_the_base_unfused_and_decoding_merges_the_adapter(tmp_path):
     _, model, _ = lora_model(tmp_path)
     perturb_adapter(model)
     lean = lean_backbone(model)
@@ -94,8 +94,9 @@ def test_under_autograd_the_base_is_not_fused_and_without_it_the_adapter_is_merg
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.w_qkv.weights[0] is q.base_layer.weight  # the frozen weight itself, no copy
     with torch.no_grad():
-        merged = lean.layers()[0]
-    assert type(merged.w_qkv) is torch.Tensor
+        assert type(lean.layers()[0].w_qkv) is AdaptedLinear  # log pi_old recomputed: the update's very ops
+    merged = lean.layers(merge=True)[0]  # decoding
+    assert type(merged.w_qkv) is torch.Tensor and not merged.w_qkv.requires_grad
     expected = q.base_layer.weight + q.scaling["default"] * q.lora_B["default"].weight @ q.lora_A["default"].weight
     assert torch.allclose(merged.w_qkv[:q.out_features], expected, atol=1e-6)
 
@@ -139,3 +140,19 @@ def test_what_it_cannot_read_exactly_is_left_to_peft(tmp_path):
     import peft
     dora = peft.get_peft_model(plain, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     assert lean_backbone(dora) is None
+
+
+def test_in_bf16_log_pi_old_recomputed_equals_the_updates_forward_exactly(tmp_path, stand_in):
+    """bf16 rounds two op orders differently by far more than float32 (models/precision.py recomputes log pi_old
+    with the training forward for that reason): the no-grad recompute runs the update's very ops, so the first
+    ratio is exactly 1 with a non-zero adapter."""
+    _, model, tokenizer = lora_model(tmp_path, f"model.path={stand_in}")
+    perturb_adapter(model, seed=3)
+    model.eval()
+    b = batch(tokenizer, model)
+    args = (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with torch.no_grad():
+            old, _ = response_logprobs(model, *args)
+        new, _ = response_logprobs(model, *args)
+    assert new.requires_grad and torch.equal(old, new.detach())
