@@ -11,6 +11,7 @@ of an adapted model.
                                   a frozen copy of the starting prompt; otherwise a frozen deep copy
     trainable_state_dict(model)   what a checkpoint holds of a model: the adapter (its trainable tensors) with
                                   peft, the whole state dict without; `load_trainable_state_dict` puts it back
+    synced_state_dict(model)      what a Ray weight sync sends: the same, each tied tensor once
     plain_state_dict(model)       the base weights under the base model's own names (a critic starts from them)
     save_merged(model, out)       out/ the merged model (AutoModelForCausalLM loads it; a soft prompt cannot be
                                   merged, so there it is the unchanged base), out/adapter/ the adapter
@@ -241,6 +242,19 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
         return model.state_dict()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def synced_state_dict(model) -> dict[str, torch.Tensor]:
+    """What a weight sync sends a rollout worker: `trainable_state_dict` with each tensor once. A tied weight (SmolLM2's
+    lm_head is its embed_tokens) appears under two names in a state dict; the later name is left out, and loading
+    the first into the worker's model (which ties them the same way) sets both."""
+    out, seen = {}, set()
+    for name, t in trainable_state_dict(model).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
 
 
 def load_trainable_state_dict(model, sd: dict[str, torch.Tensor]) -> None:

@@ -40,7 +40,8 @@ from posttrain.config import RLConfig, RunConfig
 from posttrain.data.text import PtxSampler, load_ptx_texts
 from posttrain.errors import ModelLoadError
 from posttrain.invariants import check_ratio_is_one
-from posttrain.models.adapters import AdapterOff, load_trainable_state_dict, reference_of, trainable_state_dict
+from posttrain.models.adapters import (AdapterOff, load_trainable_state_dict, reference_of, synced_state_dict,
+                                       trainable_state_dict)
 from posttrain.models.logprobs import response_logprobs
 from posttrain.models.precision import recompute_old_logprobs
 from posttrain.models.reward import RewardModel
@@ -363,12 +364,12 @@ class Learner:
     # weights and checkpoints --------------------------------------------------------------------------------
     def checksum(self) -> str:
         """The sha256 of what `weights` sends (every rank must hold the same)."""
-        return state_dict_sha256(trainable_state_dict(self.state.policy))
+        return state_dict_sha256(synced_state_dict(self.state.policy))
 
     def weights(self) -> tuple[dict[str, Tensor], str]:
-        """What a rollout worker needs of the policy (on CPU) and its sha256: every weight, or with model.peft the
-        adapter alone (`trainable_state_dict`: the base is frozen, and the workers hold it already)."""
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state_dict(self.state.policy).items()}
+        """What a rollout worker needs of the policy (on CPU) and its sha256: every weight (a tied one once), or with
+        model.peft the adapter alone (`synced_state_dict`: the base is frozen, and the workers hold it already)."""
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in synced_state_dict(self.state.policy).items()}
         return sd, state_dict_sha256(sd)
 
     def snapshot(self) -> tuple[dict, dict]:

@@ -19,7 +19,7 @@ from posttrain.algos.shaping import overlong_penalty
 from posttrain.batch import RolloutBatch
 from posttrain.config import RunConfig
 from posttrain.errors import WorkerError
-from posttrain.models.adapters import trainable_state_dict
+from posttrain.models.adapters import synced_state_dict
 from posttrain.models.chat import decode_responses, stop_token_ids
 from posttrain.rewards.base import RewardBreakdown, reward_metrics
 from posttrain.rollout.engines import RolloutEngine, TorchEngine
@@ -55,7 +55,7 @@ class RolloutWorker:
         self.stop = stop_token_ids(tokenizer)
         # what a sync sends: the names the learner trains (with model.peft the adapter, else every weight), read
         # before the engine freezes the model; the worker's model is the learner's starting policy, adapter and all
-        self.synced_names = frozenset(trainable_state_dict(model))
+        self.synced_names = frozenset(synced_state_dict(model))
         self.engine = make_engine(cfg, model, tokenizer, shared=shared)
         if task is None and cfg.env.name != "single_turn":
             task = build_task(cfg.task, cfg.seed, cfg.rl.reward_funcs, cfg.rl.reward_weights)

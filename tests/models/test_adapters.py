@@ -141,3 +141,21 @@ def test_final_is_the_merged_model_and_final_adapter_loads_on_the_base(tmp_path,
 def test_apply_peft_without_peft_is_the_model_itself(tiny_model, tiny_model_cfg):
     assert apply_peft(tiny_model, tiny_model_cfg) is tiny_model
     assert trainable_state_dict(tiny_model).keys() == tiny_model.state_dict().keys()
+
+
+def test_a_sync_sends_a_tied_weight_once_and_the_worker_ties_it_the_same_way(tmp_path, stand_in):
+    from posttrain.models.adapters import synced_state_dict
+    from posttrain.rollout.engines import TorchEngine, state_dict_sha256
+
+    cfg = build_config(tiny_run_dict(tmp_path), [f"model.path={stand_in}"])
+    learner, _ = load_policy(cfg.model, seed=0)
+    worker, _ = load_policy(cfg.model, seed=0)
+    assert learner.lm_head.weight is learner.model.embed_tokens.weight  # SmolLM2 ties them
+    with torch.no_grad():
+        learner.model.embed_tokens.weight.add_(1.0)
+    sent = synced_state_dict(learner)
+    assert "model.embed_tokens.weight" in sent and "lm_head.weight" not in sent
+    assert set(sent) == set(learner.state_dict()) - {"lm_head.weight"}
+    sha = TorchEngine(worker).load_weights({k: v.clone() for k, v in sent.items()})
+    assert sha == state_dict_sha256(sent)
+    assert torch.equal(worker.lm_head.weight, learner.lm_head.weight)  # set through the tie
