@@ -31,13 +31,14 @@ def lora_model(tmp_path, *overrides, seed=0):
     return cfg, model, tokenizer
 
 
-def perturb_adapter(model, seed=1):
-    """Non-zero LoRA B matrices (peft starts them at 0, where the adapter is the identity and proves nothing)."""
+def perturb_adapter(model, seed=1, which="lora_B", scale=0.5):
+    """Non-zero LoRA B matrices (peft starts them at 0, where the adapter is the identity and proves nothing), or
+    with which="lora_A" A drawn afresh."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            if which in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def batch(tokenizer, model, n=4):

@@ -22,11 +22,7 @@ from tests.models.test_adapters import LORA, batch, lora_model, perturb_adapter 
 
 def perturb_a(model, seed=2):
     """LoRA A matrices drawn afresh, so A's gradient (B^T dY x^T, zero while B = 0) is tested too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    perturb_adapter(model, seed, which="lora_A", scale=0.3)
 
 
 def logprobs_and_grads(model, args, lean: bool, monkeypatch):
