@@ -137,7 +137,7 @@ def posttrain_step(cfg, model, tok):
     return step, task
 
 
-def trl_trainer(cfg, model_path, task, out, steps, clock):
+def trl_trainer(cfg, model_path, task, out, steps, clock, micro: int = 0):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -148,8 +148,13 @@ def trl_trainer(cfg, model_path, task, out, steps, clock):
     def reward(prompts, completions, idx, **_):  # the task's own verifiable reward, as posttrain scores it
         return [float(r) for r in task.reward(prompts, completions, [probs[i] for i in idx])]
 
+    # micro (--trl-micro-batch): TRL's forward in micro-batches of that many sequences (gradient accumulation; still
+    # one generation and one optimizer step per GRPO step); 0: the step's 32 sequences in one forward, TRL's fastest
+    # here where it fits (16.9 GB at <= 128 new tokens; at 256 it was killed for memory on this 24 GB machine)
+    micro = micro or c.prompts_per_step * c.group_size
     args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=c.prompts_per_step * c.group_size,
+        output_dir=str(out), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=c.prompts_per_step * c.group_size // micro,
         num_generations=c.group_size, max_completion_length=c.max_new_tokens, learning_rate=c.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
         max_grad_norm=c.grad_clip, beta=c.kl_coef, epsilon=c.clip_eps_low, loss_type="dapo", scale_rewards="group",
@@ -164,7 +169,8 @@ def trl_trainer(cfg, model_path, task, out, steps, clock):
                        processing_class=tok, callbacks=[clock.callback])
 
 
-def grpo_row(model_path, runs: int, warmup: int = 1, task_name: str = "ifeval", new: int = 128) -> dict:
+def grpo_row(model_path, runs: int, warmup: int = 1, task_name: str = "ifeval", new: int = 128,
+             trl_micro: int = 0) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from setups import StepClock
 
@@ -181,7 +187,7 @@ def grpo_row(model_path, runs: int, warmup: int = 1, task_name: str = "ifeval", 
         return False
 
     clock = StepClock(between)
-    trl_trainer(cfg, model_path, task, tmp / "trl", warmup + runs, clock).train()
+    trl_trainer(cfg, model_path, task, tmp / "trl", warmup + runs, clock, trl_micro).train()
     low_model, _ = load(model_path)
     low_step, _ = posttrain_step(run_config(model_path, tmp / "bf16", "bfloat16", task_name, new), low_model, tok)
     low, low_phases = [], []
@@ -197,7 +203,7 @@ def grpo_row(model_path, runs: int, warmup: int = 1, task_name: str = "ifeval", 
             "response_length": statistics.mean(p["response_length"] for p in phases[warmup:])}
 
 
-def rss_worker(kind: str, model_path, task: str = "ifeval", new: int = 128) -> dict:
+def rss_worker(kind: str, model_path, task: str = "ifeval", new: int = 128, trl_micro: int = 0) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from setups import StepClock
 
@@ -213,16 +219,17 @@ def rss_worker(kind: str, model_path, task: str = "ifeval", new: int = 128) -> d
         task = build_task(cfg.task, cfg.seed)
         fit_task(task, cfg, model, tok, cfg.rl.prompts_per_step)
         del model
-        trl_trainer(cfg, model_path, task, tmp / "trl", 2, StepClock()).train()
+        trl_trainer(cfg, model_path, task, tmp / "trl", 2, StepClock(), trl_micro).train()
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     return {"kind": kind, "peak_rss_mib": int(hwm.split()[1]) / 1024}
 
 
-def rss_row(model_path, task: str = "ifeval", new: int = 128) -> list[dict]:
+def rss_row(model_path, task: str = "ifeval", new: int = 128, trl_micro: int = 0) -> list[dict]:
     out = []
     for kind in ("posttrain", "posttrain-bf16", "trl"):
         proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", str(model_path), "--task", task,
-                               "--new", str(new)], capture_output=True, text=True)
+                               "--new", str(new), "--trl-micro-batch", str(trl_micro)], capture_output=True,
+                              text=True)
         if proc.returncode != 0:  # e.g. -9: the kernel's OOM killer (the step needs more than the machine has)
             out.append({"kind": kind, "peak_rss_mib": None, "exit": proc.returncode})
             continue
@@ -239,11 +246,13 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128, help="the GRPO and RSS rows' max new tokens")
     p.add_argument("--batches", default="16,64", help="the decode rows' batch sizes")
     p.add_argument("--dtypes", default="fp32,bf16", help="the decode rows' precisions")
+    p.add_argument("--trl-micro-batch", type=int, default=0, help="TRL's forward in micro-batches of this many "
+                   "sequences (gradient accumulation); 0: all of a step's sequences in one forward")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(THREADS)
     if args.worker:
-        print(json.dumps(rss_worker(args.worker, args.model, args.task, args.new)))
+        print(json.dumps(rss_worker(args.worker, args.model, args.task, args.new, args.trl_micro_batch)))
         return
     parts = args.only.split(",")
     results = {}
@@ -256,13 +265,14 @@ def main() -> None:
                   f"model.generate {r['hf_tok_s']:6.1f} tok/s, {r['ratio']:.2f}x "
                   f"(tokens per run {r['posttrain_tokens']:.0f} vs {r['hf_tokens']:.0f})", flush=True)
     if "grpo" in parts:
-        g = results["grpo"] = grpo_row(args.model, args.runs, task_name=args.task, new=args.new)
+        g = results["grpo"] = grpo_row(args.model, args.runs, task_name=args.task, new=args.new,
+                                         trl_micro=args.trl_micro_batch)
         print(f"GRPO step fp32: posttrain {g['posttrain_s']:.1f} s, TRL {g['trl_s']:.1f} s, "
               f"{g['trl_s'] / g['posttrain_s']:.2f}x; posttrain bf16 {g['posttrain_bf16_s']:.1f} s "
               f"({g['trl_s'] / g['posttrain_bf16_s']:.2f}x TRL fp32)\n  phases fp32 {g['phases_fp32']}\n  phases bf16 "
               f"{g['phases_bf16']}", flush=True)
     if "rss" in parts:
-        results["rss"] = rss_row(args.model, args.task, args.new)
+        results["rss"] = rss_row(args.model, args.task, args.new, args.trl_micro_batch)
         print("peak RSS: " + ", ".join(f"{r['kind']} {r['peak_rss_mib']:.0f} MiB" if r["peak_rss_mib"] is not None
                                        else f"{r['kind']} died (exit {r['exit']})" for r in results["rss"]))
     (REPO / "benchmarks" / ".last-real-model.json").write_text(json.dumps(results, indent=2))
