@@ -152,19 +152,20 @@ def attention_bias(key_mask: Tensor, queries: int) -> Tensor:
 SMALL_ATTENTION = 1 << 14
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, recompute: bool = True) -> Tensor:
     """softmax(q k^T * scale + bias) v. q (B, H, L, D), k and v (B, Hkv, S, D), bias (B, 1, L, S) -> (B, H, L, D).
 
     Small problems (L * S <= SMALL_ATTENTION, e.g. a GRPO response pass of 8 queries over 15 keys) run as two
     batched matmuls and a softmax: on this CPU 3.8x faster than `scaled_dot_product_attention` forward and 2.4x
     forward + backward at (64, 4, 8, 32) x 15 keys, where SDPA's flash kernel is mostly fixed cost; larger ones
     use SDPA (flash, no (L, S) matrix kept). Both compute the same equation; they differ by float rounding (~1e-6).
-    Under autograd a large small-path problem is recomputed in the backward pass rather than kept (RECOMPUTE_SCORES).
+    Under autograd a large small-path problem is recomputed in the backward pass rather than kept (RECOMPUTE_SCORES),
+    unless `recompute` is False (the caller's whole layer is recomputed already: model.gradient_checkpointing).
     """
     L, S = q.size(2), k.size(2)
     if L * S > SMALL_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.size(1) != k.size(1))
-    if q.requires_grad and torch.is_grad_enabled() and q.size(0) * q.size(1) * L * S > RECOMPUTE_SCORES:
+    if recompute and q.requires_grad and torch.is_grad_enabled() and q.size(0) * q.size(1) * L * S > RECOMPUTE_SCORES:
         # the softmax output autograd would keep (float32, and its bf16 cast under autocast) is recomputed in the
         # backward pass instead: e.g. 680 of the 3,060 MiB a SmolLM2 GRPO micro-batch of 32 x 64 tokens keeps
         return checkpoint(_small_attention, q, k, v, bias, scale, use_reentrant=False)
@@ -262,16 +263,17 @@ class LeanBackbone:
         recompute = getattr(self.backbone, "gradient_checkpointing", False) and torch.is_grad_enabled()
         for i, w in enumerate(layers):
             if recompute:  # model.gradient_checkpointing: keep each layer's input, recompute the rest in backward
-                x = checkpoint(self.layer, i, w, x, cos, sin, bias, cache, where, B, L, use_reentrant=False)
+                x = checkpoint(self.layer, i, w, x, cos, sin, bias, cache, where, B, L, False, use_reentrant=False)
             else:
                 x = self.layer(i, w, x, cos, sin, bias, cache, where, B, L)
         x = F.rms_norm(x, (self.C,), self.backbone.norm.weight, self.eps)
         return x if where is None else _unpack(x, where, B * L).view(B, L, self.C)
 
     def layer(self, i: int, w: _Layer, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache, where: Tensor | None,
-              B: int, L: int) -> Tensor:
+              B: int, L: int, recompute_scores: bool = True) -> Tensor:
         """Decoder layer i on x, (B, L, C) or packed (N, C) at `where`: the residual stream after it. Its only side
-        effect is `cache.append`, which a PrefixKV makes idempotent (a recomputed layer writes the same entry)."""
+        effect is `cache.append`, which a PrefixKV makes idempotent (a recomputed layer writes the same entry).
+        recompute_scores: False inside a checkpointed layer, whose attention is recomputed with it anyway."""
         H, Hkv, D = self.H, self.Hkv, self.D
         half = D // 2
         h = F.rms_norm(x, (self.C,), w.ln1, self.eps)
@@ -282,7 +284,7 @@ class LeanBackbone:
         q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
-        a = attention(q, k, v, bias, self.scale).transpose(1, 2).reshape(B * L, H * D)
+        a = attention(q, k, v, bias, self.scale, recompute_scores).transpose(1, 2).reshape(B * L, H * D)
         x = x + linear(a.view(B, L, H * D) if where is None else a.index_select(0, where), w.w_o)
         h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
         gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
