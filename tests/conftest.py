@@ -19,7 +19,7 @@ TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads"
 
 def tiny_run_dict(output_dir) -> dict:
     """A complete tiny run: every setting a test relies on is spelled out, so tuning the defaults in
-    config.py does not change what the tests measure."""
+    posttrain/config/ does not change what the tests measure."""
     return {
         "seed": 0,
         "output_dir": str(output_dir),

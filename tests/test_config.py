@@ -173,7 +173,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_shipped_demo_config_equals_the_embedded_defaults():
-    """configs/demo.yaml documents the default run; it must not drift from posttrain/config.py."""
+    """configs/demo.yaml documents the default run; it must not drift from posttrain/config/."""
     path = Path(__file__).parent.parent / "configs" / "demo.yaml"
     assert load_config(path) == RunConfig()
 
