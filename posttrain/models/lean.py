@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.adapters import AdapterOff, hf_module
 from posttrain.models.lean_lora import AdaptedLinear, fused, lora_base
+from posttrain.models.lean_ops import rms_norm, swiglu
 from posttrain.models.packed import PackedLinear, linear, packing_available
 
 # Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
@@ -199,6 +200,14 @@ class _Layer:
     w_gate_up: Tensor | PackedLinear | AdaptedLinear
     w_down: Tensor | PackedLinear | AdaptedLinear
 
+    def cast(self, dtype: torch.dtype) -> _Layer:
+        """The matmul weights cast to `dtype` once, as autocast would at every call: a forward that runs the layers
+        twice (a shared prompt, then the responses) then keeps one cast copy for its backward pass, not two."""
+        def to(w):
+            return None if w is None else w.to(dtype)
+        return _Layer(self.ln1, to(self.w_qkv), to(self.b_qkv), to(self.w_o), self.ln2, to(self.w_gate_up),
+                      to(self.w_down))
+
     def packed(self, rows: int) -> _Layer:
         """The same layer with its matmul weights packed for `rows` input rows (posttrain.models.packed)."""
         def pack(w, b=None):
@@ -227,13 +236,14 @@ class LeanBackbone:
         adapters (lean_lora.fused): factored (AdaptedLinear), or with `merge` merged into fused plain tensors."""
         out = []
         on = self.adapters
+        low = None if merge else _autocast_dtype(self.backbone.embed_tokens.weight.device)
         for layer in self.backbone.layers:
             a, m = layer.self_attn, layer.mlp
             w_qkv, b_qkv = fused([a.q_proj, a.k_proj, a.v_proj], True, on, merge)
-            out.append(_Layer(layer.input_layernorm.weight, w_qkv, b_qkv, fused([a.o_proj], False, on, merge)[0],
-                              layer.post_attention_layernorm.weight,
-                              fused([m.gate_proj, m.up_proj], False, on, merge)[0],
-                              fused([m.down_proj], False, on, merge)[0]))
+            w = _Layer(layer.input_layernorm.weight, w_qkv, b_qkv, fused([a.o_proj], False, on, merge)[0],
+                       layer.post_attention_layernorm.weight, fused([m.gate_proj, m.up_proj], False, on, merge)[0],
+                       fused([m.down_proj], False, on, merge)[0])
+            out.append(w if low is None or low == w_qkv.dtype else w.cast(low))
         return out
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,7 +276,7 @@ class LeanBackbone:
                 x = checkpoint(self.layer, i, w, x, cos, sin, bias, cache, where, B, L, False, use_reentrant=False)
             else:
                 x = self.layer(i, w, x, cos, sin, bias, cache, where, B, L)
-        x = F.rms_norm(x, (self.C,), self.backbone.norm.weight, self.eps)
+        x = rms_norm(x, self.backbone.norm.weight, self.eps)
         return x if where is None else _unpack(x, where, B * L).view(B, L, self.C)
 
     def layer(self, i: int, w: _Layer, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache, where: Tensor | None,
@@ -276,7 +286,7 @@ class LeanBackbone:
         recompute_scores: False inside a checkpointed layer, whose attention is recomputed with it anyway."""
         H, Hkv, D = self.H, self.Hkv, self.D
         half = D // 2
-        h = F.rms_norm(x, (self.C,), w.ln1, self.eps)
+        h = rms_norm(x, w.ln1, self.eps)
         qkv = _unpack(linear(h, w.w_qkv, w.b_qkv), where, B * L)
         qkv = qkv.view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, L, D)
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
@@ -286,9 +296,8 @@ class LeanBackbone:
             k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
         a = attention(q, k, v, bias, self.scale, recompute_scores).transpose(1, 2).reshape(B * L, H * D)
         x = x + linear(a.view(B, L, H * D) if where is None else a.index_select(0, where), w.w_o)
-        h = F.rms_norm(x, (self.C,), w.ln2, self.eps)
-        gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, w.w_down)
+        h = rms_norm(x, w.ln2, self.eps)
+        return x + linear(swiglu(linear(h, w.w_gate_up)), w.w_down)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., C) final hidden states -> (..., V) logits through the causal LM's head."""

@@ -75,6 +75,14 @@ class AdaptedLinear:
     def __init__(self, weights: list[Tensor], bias: Tensor | None, a: Tensor, b: Tensor) -> None:
         self.weights, self.bias, self.a, self.b = weights, bias, a, b
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights[0].dtype
+
+    def to(self, dtype: torch.dtype) -> AdaptedLinear:
+        """The frozen weights and the adapter cast to `dtype` (differentiably), once for every call that follows."""
+        return AdaptedLinear([w.to(dtype) for w in self.weights], self.bias, self.a.to(dtype), self.b.to(dtype))
+
     def __call__(self, x: Tensor) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):  # cast once: autocast would save a bf16 copy of x per matmul
             x = x.to(torch.get_autocast_dtype(x.device.type))
