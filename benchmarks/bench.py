@@ -466,6 +466,9 @@ def bench_real(rows: list, notes: list, raw: dict) -> None:
                         [d["posttrain_tok_s"]], [d["hf_tok_s"]], 1.5, higher_is_better=True, unit="tok/s",
                         fmt="{:,.0f}"))
         rows[-1]["n"] = REAL_RUNS
+    # the peak-RSS workers (one process per side) run first: after the in-process GRPO rows below this process held
+    # 12.4 GB, and with TRL's RSS worker beside it the kernel's OOM killer ended the 2026-12-02 run
+    raw["real_rss"] = {r["kind"]: r["peak_rss_mib"] for r in R.rss_row(REAL_MODEL, "gsm8k", REAL_NEW, REAL_TRL_MICRO)}
     # TRL in micro-batches of 8 like posttrain: in one forward of 32 sequences at <= 256 new tokens it was killed for
     # memory (24 GB anon RSS) on this 24 GB machine
     g = raw["real_grpo"] = R.grpo_row(REAL_MODEL, REAL_RUNS, task_name="gsm8k", new=REAL_NEW, trl_micro=REAL_TRL_MICRO)
@@ -476,8 +479,7 @@ def bench_real(rows: list, notes: list, raw: dict) -> None:
     notes.append(f"SmolLM2 GRPO step phases (posttrain fp32, mean s): {g['phases_fp32']}; mean response length "
                  f"{g['response_length']:.1f}; posttrain with model.dtype=bfloat16: {g['posttrain_bf16_s']:.1f} s "
                  f"({g['trl_s'] / g['posttrain_bf16_s']:.2f}x TRL fp32), phases {g['phases_bf16']}")
-    rss = {r["kind"]: r["peak_rss_mib"] for r in R.rss_row(REAL_MODEL, "gsm8k", REAL_NEW, REAL_TRL_MICRO)}
-    raw["real_rss"] = rss
+    rss = raw["real_rss"]
     if rss.get("posttrain") and rss.get("trl"):
         rows.append(row(f"SmolLM2 peak RSS, 2 GRPO steps (GSM8K, <= {REAL_NEW} new tokens; goal ratio >= 1)",
                         [rss["posttrain"]], [rss["trl"]], 1.0, unit="MiB", fmt="{:.0f}"))

@@ -1,8 +1,10 @@
 """backend ray with model.peft=lora on a local Ray instance (2 CPUs; one Ray session and one cluster for the module:
 1 rollout worker, scoring in the driver, 2 gloo learner ranks, LoRA r=4 on the tiny SFT model):
 
-1. GRPO for 3 steps (a checkpoint after each): the metrics and the final adapter equal the single-process run
-   (InlineRoles.like_ray) bit for bit; the adapter moved and the first minibatch's ratio is 1.
+1. GRPO for 3 steps (a checkpoint after each), the rollout worker killed (SIGKILL) while it generates step 3:
+   a fresh worker (base model, adapter, then the adapter sync) finishes the run, and the metrics and the final
+   adapter equal the single-process run (InlineRoles.like_ray) bit for bit; the adapter moved and the first
+   minibatch's ratio is 1.
 2. A sync sends the adapter alone: every tensor of the payload is a LoRA tensor, every adapter tensor is in it,
    and `ray/sync_bytes` is its size, several times smaller than a full sync's (the same model without LoRA).
 3. The rollout worker's sha256 catches one flipped bit in the adapter on its way, and it refuses a payload that
@@ -29,7 +31,7 @@ from posttrain.rl.roles import InlineRoles, state_dict_bytes  # noqa: E402
 from posttrain.train.checkpoint import checkpoint_root, load_checkpoint  # noqa: E402
 from posttrain.train.control import Resumed, RunControl  # noqa: E402
 from posttrain.train.metrics import MetricsLogger  # noqa: E402
-from tests.distributed.test_ray_cluster import Env, Rows, start, steady  # noqa: E402
+from tests.distributed.test_ray_cluster import Env, Rows, kill_when_step_generates, start, steady  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +66,12 @@ def ray_run(env):
     model, tokenizer, task = start(cfg)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     cluster = start_ray_cluster(cfg, model, tokenizer, task)
+    killed = {}
+    kill_when_step_generates(cluster, cfg, lambda: cluster.rollout_workers.pids[0], killed)
     rows = logged_run(cfg, cluster, task, env.out / "run")
     yield {"cluster": cluster, "rows": rows, "model": model, "task": task, "initial": initial,
-           "adapter": adapter(model), "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+           "adapter": adapter(model), "weights": {k: v.clone() for k, v in model.state_dict().items()},
+           "killed": killed, "restarts": list(cluster.budget.log), "pids": list(cluster.rollout_workers.pids)}
     cluster.shutdown()
 
 
@@ -83,6 +88,16 @@ def test_ray_with_lora_equals_the_single_process_run(ray_run, env):
     assert any(not torch.equal(final[k], initial[k]) for k in expected)  # and the adapter learned
     assert all(r["first_log_ratio_max"] < 1e-5 for r in ray_run["rows"])  # generation applies the adapter exactly
     assert 0 < ray_run["rows"][0]["reward_mean"] < 1 and ray_run["rows"][-1]["grad_norm"] > 0
+
+
+def test_a_killed_lora_rollout_worker_is_replaced_and_the_run_completes(ray_run):
+    (restart,) = ray_run["restarts"]
+    assert restart["role"] == "rollout worker" and restart["worker"] == 0
+    assert ray_run["pids"][0] != ray_run["killed"]["pid"]  # a fresh process holds worker 0
+    assert [r["ray/restarts"] for r in ray_run["rows"]] == [0, 0, 1]
+    assert [r["step"] for r in ray_run["rows"]] == [1, 2, 3]
+    # the replacement generated step 3 with the learner's adapter: test 1's equality with the inline run covers
+    # its samples, and its sync was the adapter alone like every other (test 2)
 
 
 def test_a_sync_sends_the_adapter_alone(ray_run, env, tmp_path, ray_config, sft_model_dir):
