@@ -10,6 +10,8 @@ Per kind (full: every weight trains; lora: model.peft=lora, r = alpha / 2 = --ra
   s/step      median wall time of the steps after the first (the first warms allocators and caches)
   trainable   trainable parameters (what has gradients and two AdamW moments)
   phases      mean seconds per named phase of the loop (generate, score, reference, update, ...)
+  phase RSS   per phase, the highest RSS seen inside it over all steps (VmRSS sampled every 5 ms by a thread),
+              and the RSS when the worker's steps began: where in the step each kind's peak sits
 The learning rates are the demo's (1e-5) for full and 10x (1e-4) for LoRA (docs/peft.md); speed and memory do not
 depend on them. --kl 0.04 adds a KL term: full fine-tuning then holds a frozen copy of the model as reference,
 LoRA the same module with its adapter off. --micro-batch sets rl.micro_batch_size for both kinds (the demo's 32:
@@ -50,6 +52,42 @@ def config(kind: str, model: str, rank: int, kl: float, threads: int, out: Path,
     return load_config(REPO / "configs" / "grpo_ifeval.yaml", overrides)
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _phase_rss_timer():
+    """A PhaseTimer that also records, per phase, the highest RSS a sampling thread saw while the phase ran."""
+    import contextlib
+    import threading
+
+    from posttrain.train.optim import PhaseTimer
+
+    class RssPhaseTimer(PhaseTimer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.high: dict[str, float] = {}
+            self._now = 0.0
+            threading.Thread(target=self._sample, daemon=True).start()
+
+        def _sample(self) -> None:
+            while True:
+                self._now = max(self._now, _rss_mib())
+                time.sleep(0.005)
+
+        @contextlib.contextmanager
+        def __call__(self, name: str):
+            outer, self._now = self._now, _rss_mib()  # a nested phase: the outer one's high so far is kept
+            with super().__call__(name):
+                yield
+            high = max(self._now, _rss_mib())
+            self.high[name] = max(self.high.get(name, 0.0), high)
+            self._now = max(outer, high)
+
+    return RssPhaseTimer()
+
+
 def worker(kind: str, args) -> dict:
     import tempfile
 
@@ -59,7 +97,6 @@ def worker(kind: str, args) -> dict:
     from posttrain.models.precision import compute_dtype, precision
     from posttrain.rl.loop import RLRun
     from posttrain.tasks import build_task, fit_task
-    from posttrain.train.optim import PhaseTimer
 
     cfg = config(kind, args.model, args.rank, args.kl, args.threads, Path(tempfile.mkdtemp()), args.micro_batch,
                  args.gradient_checkpointing)
@@ -68,7 +105,8 @@ def worker(kind: str, args) -> dict:
     task = build_task(cfg.task, cfg.seed)
     fit_task(task, cfg, model, tok, cfg.rl.prompts_per_step)
     run = RLRun.local(cfg, model, tok, task)
-    timer, seconds, phases = PhaseTimer(), [], []
+    timer, seconds, phases = _phase_rss_timer(), [], []
+    start_rss = _rss_mib()
     for _ in range(args.steps):
         start = time.perf_counter()
         with precision(cfg.model):
@@ -83,6 +121,7 @@ def worker(kind: str, args) -> dict:
             "total": sum(p.numel() for p in model.parameters()), "dtype": str(compute_dtype(cfg.model)),
             "phases": {k[5:]: round(statistics.mean(p.get(k, 0.0) for p in later), 2) for k in later[-1]
                        if k.startswith("time/")},
+            "rss_at_start_mib": round(start_rss), "phase_rss_mib": {k: round(v) for k, v in timer.high.items()},
             "first_log_ratio_max": metrics.get("first_log_ratio_max"), "response_length": metrics["response_length"]}
 
 
@@ -114,7 +153,9 @@ def main() -> None:
         r = rows[-1]
         print(f"{kind:4s}: peak RSS {r['peak_rss_mib']:6.0f} MiB, {r['s_per_step']:5.1f} s/step (first "
               f"{r['first_step_s']:.1f} s), trainable {r['trainable'] / 1e6:.2f}M of {r['total'] / 1e6:.1f}M, "
-              f"{r['dtype']}, first ratio max {r['first_log_ratio_max']:.1e}\n      phases {r['phases']}", flush=True)
+              f"{r['dtype']}, first ratio max {r['first_log_ratio_max']:.1e}\n      phases {r['phases']}\n"
+              f"      highest RSS per phase (MiB; {r['rss_at_start_mib']} before the steps) {r['phase_rss_mib']}",
+              flush=True)
     full, lora = (next((r for r in rows if r["kind"] == k and "exit" not in r), None) for k in KINDS)
     if full and lora:
         print(f"LoRA r={args.rank} / full: peak RSS {lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}x (goal <= 0.7), "
