@@ -53,7 +53,9 @@ def test_training_lowers_the_loss_and_calibration_is_stored(tmp_path, make_confi
         result = train_rm(cfg, state, logger)
     assert fixed_batch_loss(rm, pairs) < before - 0.1  # it fits its 8 training pairs
     assert 0 <= result["eval_accuracy"] <= 1 and math.isfinite(result["eval_margin"])
-    assert result == {**evaluate_rm(rm, held), "reward_mean": rm.mean, "reward_std": rm.std}
+    # the same evaluation as train_rm's last one, batch size included: a different batching pads to other lengths,
+    # which moves the scores by float rounding (~1e-7 on an AMD EPYC)
+    assert result == {**evaluate_rm(rm, held, cfg.rm.batch_size), "reward_mean": rm.mean, "reward_std": rm.std}
     rm.save(tmp_path / "rm")
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert config["reward_mean"] == pytest.approx(result["reward_mean"])
