@@ -5,18 +5,10 @@ Everything here is sized so that a whole SFT + GRPO run takes about a second on 
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-# Before torch (and with it MKL) loads, here and in every subprocess a test starts: MKL's conditional numerical
-# reproducibility mode. The suite compares runs bit for bit (Ray against inline, resumed against uninterrupted); on
-# an AMD EPYC (2026-12-02) MKL's sgemm gave results ~1e-7 apart for the same product in two copies of one model
-# (tests/distributed/test_ray_lora.py's prompt-tuning run), which COMPATIBLE removes (docs/distributed.md).
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 from posttrain.config import ModelConfig, RunConfig, build_config
 from posttrain.models import build_char_tokenizer, build_tiny_model
