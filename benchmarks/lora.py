@@ -52,9 +52,10 @@ def config(kind: str, model: str, rank: int, kl: float, threads: int, out: Path,
     return load_config(REPO / "configs" / "grpo_ifeval.yaml", overrides)
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set now (VmRSS) or at its peak (VmHWM), MiB, from /proc/self/status."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def _phase_rss_timer():
@@ -113,9 +114,8 @@ def worker(kind: str, args) -> dict:
             metrics = run.step(timer)
         seconds.append(time.perf_counter() - start)
         phases.append(timer.pop())
-    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     later = phases[1:] or phases
-    return {"kind": kind, "peak_rss_mib": int(hwm.split()[1]) / 1024,
+    return {"kind": kind, "peak_rss_mib": _rss_mib("VmHWM"),
             "s_per_step": statistics.median(seconds[1:] or seconds), "first_step_s": seconds[0],
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total": sum(p.numel() for p in model.parameters()), "dtype": str(compute_dtype(cfg.model)),
