@@ -1,21 +1,31 @@
 """Linear layers with their weights prepacked for CPU decoding: the same products, computed faster.
 
 A decode step multiplies a few rows (the batch, one token each) by every weight matrix of the model. With so few
-rows the matmul is bound by reading the weights, and MKL's sgemm on a plain row-major weight reads them well below
-the memory bandwidth (measured on this project's 2-core Xeon at batch 16: 6-7 GB/s against 17 GB/s for a plain sum
-over the same bytes). Packing the weight once into the GEMM library's own blocked layout for a known number of rows
-(MKL's `cblas_sgemm_pack` for float32, oneDNN's reorder for bfloat16: the ops `torch.ops.mkl._mkl_linear` and
-`torch.ops.mkldnn._linear_pointwise` that inductor's CPU freezing pass uses) makes these matmuls 1.4-2.5x faster
-with bit-identical results (benchmarks/real_model.py, tests/models/test_packed.py).
+rows the matmul is bound by reading the weights, and MKL's sgemm on a plain row-major weight (what `F.linear`
+runs in float32) reads them well below the memory bandwidth. Packing the weight once into a GEMM library's own
+blocked layout (the ops `torch.ops.mkl._mkl_linear` and `torch.ops.mkldnn._linear_pointwise` that inductor's CPU
+freezing pass uses) makes these matmuls faster. Which library packs float32 is chosen once per process by the CPU
+(`fp32_backend`), never by timing, so a run's numbers do not depend on which kernel won a race:
 
-A packed weight is a snapshot: the decoder packs when a generation starts (the weights of that call), and repacks
-when the batch shrinks to half of the rows it was packed for (finished rows leave the batch); in between, fewer
-rows are zero-padded up to the packed count, which costs little in a matmul that is bound by weight reads.
-POSTTRAIN_PACK=0 in the environment switches packing off (the plain `F.linear` then runs, as on other devices).
+- **mkl** on Intel CPUs: MKL's `cblas_sgemm_pack`, bit-identical to `F.linear` at the packed row count; measured
+  1.4-2.5x on the project's 2-core Xeon at batch 16 (benchmarks/packed.py). Fewer rows are zero-padded up to the
+  packed count, more fall back to `F.linear`.
+- **onednn** on other CPUs (AMD): MKL takes a slower generic path there (on the project's AMD EPYC its packed
+  sgemm was 0.6-1.4x of `F.linear`, and `F.linear` reads SmolLM2's head at 5.7 GB/s at 16 rows), while oneDNN's
+  reordered weight runs 1.3-3.1x faster than `F.linear` at 16-64 rows and 1.2-1.6x at 2,048 (prefill). The
+  results equal `F.linear`'s to float rounding (|diff| ~1e-6 relative: another summation order), and are the
+  same for any row count with the same reordered weight, so rows are never padded and prompts of any length
+  use it too.
+
+bfloat16 always uses oneDNN's reorder. A packed weight is a snapshot: the decoder packs when a generation starts
+(the weights of that call), and (mkl) repacks when the batch shrinks to half of the rows it was packed for.
+POSTTRAIN_PACK in the environment: `0` switches packing off (the plain `F.linear` then runs, as on other
+devices); `mkl` or `onednn` forces the float32 library; unset or `1` chooses by the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,25 +33,62 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`, ...) from /proc/cpuinfo; '' where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _has_mkl() -> bool:
+    return torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _has_onednn(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fp32_backend() -> str | None:
+    """'mkl' | 'onednn' | None (no packing): the library that packs float32 weights in this process."""
+    choice = os.environ.get("POSTTRAIN_PACK", "1")
+    if choice == "0":
+        return None
+    if choice not in ("1", "mkl", "onednn"):
+        raise ValueError(f"POSTTRAIN_PACK={choice!r}: expected 0, 1, mkl or onednn")
+    if choice == "1":
+        choice = "mkl" if cpu_vendor() == "GenuineIntel" or not _has_onednn(torch.float32) else "onednn"
+    available = _has_mkl() if choice == "mkl" else _has_onednn(torch.float32)
+    return choice if available else None
+
+
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether weights of `dtype` on `device` can be prepacked here (a CPU build with MKL / oneDNN)."""
     if device.type != "cpu" or os.environ.get("POSTTRAIN_PACK", "1") == "0":
         return False
     if dtype == torch.float32:
-        return torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear")
+        return fp32_backend() is not None
     if dtype == torch.bfloat16:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return _has_onednn(torch.bfloat16)
     return False
 
 
 class PackedLinear:
-    """y = x W^T + b for inputs of up to `rows` rows (all leading dimensions flattened), W (N, K) packed for
-    exactly `rows`; fewer rows are zero-padded to `rows`, more fall back to F.linear on the plain weight."""
+    """y = x W^T + b for inputs of any number of rows (all leading dimensions flattened), W (N, K) packed for
+    `rows` of them. mkl: fewer rows are zero-padded to `rows`, more fall back to F.linear on the plain weight;
+    onednn: any row count runs on the reordered weight as it is."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         self.weight, self.bias, self.rows = weight.detach(), None if bias is None else bias.detach(), rows
-        if self.weight.dtype == torch.float32:
+        self.backend = fp32_backend() if self.weight.dtype == torch.float32 else "onednn"
+        if self.backend == "mkl":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
@@ -51,20 +98,20 @@ class PackedLinear:
         return self.weight.dtype
 
     def repack(self, rows: int) -> PackedLinear:
-        return PackedLinear(self.weight, self.bias, rows)
+        """Packed for `rows` (mkl); onednn's reordered weight serves every row count, so it is kept."""
+        return self if self.backend == "onednn" else PackedLinear(self.weight, self.bias, rows)
 
     def __call__(self, x: Tensor) -> Tensor:
         lead, K = x.shape[:-1], x.size(-1)
         x2 = x.reshape(-1, K).to(self.weight.dtype)
         n = x2.size(0)
+        if self.backend == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "").view(*lead, -1)
         if n > self.rows:
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         if n < self.rows:
             x2 = torch.cat([x2, x2.new_zeros(self.rows - n, K)])
-        if self.weight.dtype == torch.float32:
-            y = torch.ops.mkl._mkl_linear(x2, self.packed, self.weight, self.bias, self.rows)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        y = torch.ops.mkl._mkl_linear(x2, self.packed, self.weight, self.bias, self.rows)
         return y[:n].view(*lead, -1)
 
 

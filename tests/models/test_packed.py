@@ -9,7 +9,15 @@ from posttrain.config import ModelConfig
 from posttrain.models import build_tiny_model
 from posttrain.models.chat import encode_prompts
 from posttrain.models.lean import LeanDecoder
-from posttrain.models.packed import PackedLinear, linear, packing_available
+from posttrain.models.packed import (
+    PackedLinear,
+    _has_mkl,
+    _has_onednn,
+    cpu_vendor,
+    fp32_backend,
+    linear,
+    packing_available,
+)
 from posttrain.rollout import generate
 
 DTYPES = [d for d in (torch.float32, torch.bfloat16) if packing_available(d, torch.device("cpu"))]
@@ -30,14 +38,52 @@ def test_packed_linear_equals_f_linear_for_every_row_count(dtype, bias):
         assert out.shape == ref.shape == (rows, 1, 48) and out.dtype == dtype
         tol = 1e-6 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    assert packed.repack(3).rows == 3 and linear(x, w, b).shape == (13, 1, 48)  # a plain tensor: F.linear
+    assert packed.repack(3).rows == (3 if packed.backend == "mkl" else 8)  # onednn's weight serves every count
+    assert linear(x, w, b).shape == (13, 1, 48)  # a plain tensor: F.linear
 
 
-def test_fp32_packed_matmul_is_bit_identical_to_f_linear():
+@pytest.mark.skipif(not _has_mkl(), reason="this torch build has no MKL")
+def test_fp32_mkl_packed_matmul_is_bit_identical_to_f_linear(monkeypatch):
     """Where MKL's packed sgemm runs (rows == packed rows) it computes the very same sums as sgemm."""
+    monkeypatch.setenv("POSTTRAIN_PACK", "mkl")
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(96, 64, generator=g), torch.randn(16, 64, generator=g)
-    assert torch.equal(PackedLinear(w, None, 16)(x), F.linear(x, w))
+    packed = PackedLinear(w, None, 16)
+    assert packed.backend == "mkl" and torch.equal(packed(x), F.linear(x, w))
+
+
+@pytest.mark.skipif(not _has_onednn(torch.float32), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_onednn_packed_matmul_serves_every_row_count_with_the_same_sums(monkeypatch, dtype):
+    """oneDNN's reordered weight: F.linear's products to float rounding, and for a row its result does not
+    depend on how many other rows are in the call (rows leave the batch without a repack, and a run's numbers
+    do not depend on its batch composition); the same call twice gives the same bits."""
+    monkeypatch.setenv("POSTTRAIN_PACK", "onednn")
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(200, 96, generator=g).to(dtype), torch.randn(200, generator=g).to(dtype)
+    x = torch.randn(64, 96, generator=g).to(dtype)
+    packed = PackedLinear(w, b, 16)
+    assert packed.backend == "onednn" and packed.repack(4) is packed
+    full = packed(x)
+    for n in (1, 5, 16, 40):
+        assert torch.equal(packed(x[:n]), full[:n])
+    assert torch.equal(packed(x), full)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(full, F.linear(x, w, b), atol=tol, rtol=tol)
+
+
+def test_fp32_backend_follows_the_switch_and_the_cpu(monkeypatch):
+    for forced in ("mkl", "onednn"):
+        monkeypatch.setenv("POSTTRAIN_PACK", forced)
+        assert fp32_backend() in (forced, None)
+    monkeypatch.setenv("POSTTRAIN_PACK", "0")
+    assert fp32_backend() is None
+    monkeypatch.setenv("POSTTRAIN_PACK", "fast")
+    with pytest.raises(ValueError, match="POSTTRAIN_PACK='fast'"):
+        fp32_backend()
+    monkeypatch.delenv("POSTTRAIN_PACK")
+    expected = "mkl" if cpu_vendor() == "GenuineIntel" else "onednn"
+    assert fp32_backend() in (expected, "mkl" if expected == "onednn" and not _has_onednn(torch.float32) else None)
 
 
 @pytest.fixture
@@ -46,9 +92,11 @@ def model(tokenizer):
     return build_tiny_model(cfg, tokenizer, seed=0).eval()
 
 
-def test_generation_with_packed_weights_equals_generation_without(model, tokenizer, monkeypatch):
-    """Same tokens, masks and log-probs with and without packing, with rows finishing at different steps (the
-    batch shrinks and the weights are repacked for fewer rows)."""
+@pytest.mark.parametrize("backend", [b for b, ok in (("mkl", _has_mkl()), ("onednn", _has_onednn(torch.float32)))
+                                     if ok])
+def test_generation_with_packed_weights_equals_generation_without(model, tokenizer, monkeypatch, backend):
+    """Same tokens, masks and log-probs with and without packing (either float32 library), with rows finishing
+    at different steps (the batch shrinks and mkl's weights are repacked for fewer rows)."""
     packs = []
     pack = LeanDecoder._pack
     monkeypatch.setattr(LeanDecoder, "_pack", lambda self, rows: packs.append(rows) or pack(self, rows))
@@ -56,7 +104,7 @@ def test_generation_with_packed_weights_equals_generation_without(model, tokeniz
     ids, mask = encode_prompts(tokenizer, prompts)
     stops = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list("0123456789"))]  # rows end early
     runs = []
-    for flag in ("1", "0"):
+    for flag in (backend, "0"):
         monkeypatch.setenv("POSTTRAIN_PACK", flag)
         runs.append(generate(model, ids, mask, max_new_tokens=24, eos_token_id=stops,
                              pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(3)))
