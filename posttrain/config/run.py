@@ -85,9 +85,9 @@ class RunConfig(_Section):
             raise ValueError(f"ray.max_staleness={self.ray.max_staleness} trains on samples of a policy up to "
                              f"{self.ray.max_staleness} update(s) old: set rl.rollout_correction (tis, mis or "
                              "icepop) so that the policy loss weighs pi_old / pi_rollout (docs/distributed.md)")
-        if self.model.peft is not None and self.ray.engine == "vllm":
-            raise ValueError(f"model.peft={self.model.peft} is not available with ray.engine=vllm yet (the sync "
-                             "sends the adapter alone, and vLLM's LoRA path is not written); set ray.engine=torch")
+        if self.model.peft == "prompt_tuning" and self.ray.engine == "vllm":
+            raise ValueError("model.peft=prompt_tuning is not available with ray.engine=vllm (vLLM serves no soft "
+                             "prompts); set ray.engine=torch")
         if self.model.dtype != "float32":
             raise ValueError(f"model.dtype={self.model.dtype} is not available with backend=ray yet (its actors "
                              "compute in float32); set model.dtype=float32 or backend=local")

@@ -22,6 +22,15 @@ tests/distributed/test_vllm_engine.py (marked gpu) skips without CUDA and vllm. 
   `load_weights` maps them onto its fused layout (qkv, gate_up); prefix caching is off, so no stale KV cache.
   The checksum returned is that of the tensors received: vLLM's fused parameters cannot be hashed against the
   learner's, so the check covers the transfer, not the copy into the fused layout.
+- LoRA (`model.peft: lora`): vLLM starts on the base model (the adapter's frozen weights under their plain names,
+  `plain_state_dict`) with `enable_lora=True` and `max_lora_rank` the smallest rank vLLM accepts that is >= r, and
+  every request carries a `LoRARequest`. A sync sends the adapter alone (the rollout worker refuses anything
+  else): the engine loads it into its own CPU copy of the peft model, writes it in peft's format
+  (adapter_config.json, adapter_model.safetensors) to a new directory, and switches to a `LoRARequest` with a new
+  id, which vLLM loads on the next generate; the previous directory is deleted then (it was loaded, or never will
+  be). The checksum is that of the adapter the CPU copy holds, as TorchEngine computes it. Prompt tuning is
+  refused (vLLM serves no soft prompts). tests/distributed/test_vllm_lora.py checks the files and requests this
+  path hands vLLM against a stand-in for vLLM on the CPU; the GPU test of test_vllm_engine.py has not run.
 """
 
 from __future__ import annotations
@@ -34,7 +43,12 @@ import torch
 from torch import Tensor
 
 from posttrain.batch import RolloutBatch, right_pad
+from posttrain.errors import ConfigError
+from posttrain.models.adapters import is_peft, is_prompt_tuned, plain_state_dict
 from posttrain.rollout.engines import state_dict_sha256
+
+# The LoRA ranks vLLM's `max_lora_rank` takes (vllm/config/lora.py).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class WeightSync:
@@ -52,24 +66,63 @@ class VLLMEngine:
 
     def __init__(self, model, tokenizer, seed: int = 0, gpu_memory_utilization: float = 0.3, dtype: str = "auto"):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if is_prompt_tuned(model):
+            raise ConfigError("model.peft=prompt_tuning is not available with ray.engine=vllm (vLLM serves no soft "
+                              "prompts); set ray.engine=torch")
         try:
             import vllm  # noqa: PLC0415
         except ImportError:
-            from posttrain.errors import ConfigError  # noqa: PLC0415
-
             raise ConfigError("ray.engine 'vllm' needs vLLM on the rollout workers: pip install 'posttrain[vllm]' "
                               "(a CUDA machine)") from None
         self._vllm = vllm
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.peft_model, self.lora, self._adapter_dir = (model if is_peft(model) else None), None, None
+        lora = {}
+        if self.peft_model is not None:
+            r = model.peft_config[model.active_adapter].r
+            rank = next((k for k in VLLM_LORA_RANKS if k >= r), None)
+            if rank is None:
+                raise ConfigError(f"model.lora.r={r} is larger than vLLM's largest max_lora_rank "
+                                  f"({VLLM_LORA_RANKS[-1]}); set ray.engine=torch or a smaller rank")
+            lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
         path = tempfile.mkdtemp(prefix="posttrain-vllm-")
         try:
-            model.save_pretrained(path, safe_serialization=True)
+            if self.peft_model is None:
+                model.save_pretrained(path, safe_serialization=True)
+            else:  # the frozen base under its own names; the adapter goes with every request (LoRARequest)
+                model.get_base_model().save_pretrained(path, state_dict=plain_state_dict(model),
+                                                       safe_serialization=True)
             tokenizer.save_pretrained(path)
             self.llm = vllm.LLM(model=path, tokenizer=path, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                                 gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False,
-                                logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.WeightSync")
+                                logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.WeightSync",
+                                **lora)
         finally:
             shutil.rmtree(path, ignore_errors=True)
+        self._syncs = 0
+        if self.peft_model is not None:
+            self._write_adapter()
+
+    def _write_adapter(self) -> None:
+        """The CPU copy's adapter to a new directory, and a LoRARequest with a new id for it (vLLM caches adapters
+        by id, so a reused id would keep serving the old weights); the previous directory is deleted."""
+        from vllm.lora.request import LoRARequest  # noqa: PLC0415
+
+        self._syncs += 1
+        previous, self._adapter_dir = self._adapter_dir, tempfile.mkdtemp(prefix="posttrain-vllm-lora-")
+        self.peft_model.save_pretrained(self._adapter_dir, safe_serialization=True)
+        self.lora = LoRARequest(f"posttrain-{self._syncs}", self._syncs, self._adapter_dir)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def close(self) -> None:
+        """Delete the adapter directory (LoRA); the engine cannot generate with the adapter afterwards."""
+        if getattr(self, "_adapter_dir", None) is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+            self._adapter_dir = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_token_id: int,
                  pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -85,7 +138,7 @@ class VLLMEngine:
                                             top_k=top_k if top_k > 0 else -1, top_p=top_p, seed=None if greedy else s,
                                             stop_token_ids=[eos_token_id], detokenize=False, logprobs=0)
                   for s in seeds]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         responses, finished, logprobs = [], [], []
         for out in outputs:
             completion = out.outputs[0]
@@ -106,7 +159,16 @@ class VLLMEngine:
                             finished=torch.tensor(finished, dtype=torch.bool))
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> str:
-        """Load the learner's weights into vLLM in place; returns the sha256 of the tensors received."""
+        """Load the learner's weights into vLLM in place; returns the sha256 of the tensors received. With LoRA
+        `state_dict` is the adapter: the sha256 of what the CPU copy holds under those names after loading it."""
+        if self.peft_model is not None:
+            _, unexpected = self.peft_model.load_state_dict(state_dict, strict=False)
+            if unexpected:
+                raise ValueError(f"load_weights: the model has no tensor {unexpected[0]!r} ({len(unexpected)} "
+                                 "unknown)")
+            self._write_adapter()
+            held = self.peft_model.state_dict()
+            return state_dict_sha256({name: held[name] for name in state_dict})
         sha = state_dict_sha256(state_dict)
         self.llm.collective_rpc("posttrain_load_weights", args=(list(state_dict.items()),))
         return sha

@@ -192,7 +192,8 @@ def test_prompt_tuning_syncs_its_soft_prompt_alone(tmp_path, ray_config, sft_mod
 @pytest.mark.parametrize("overrides,accepted", [
     (["model.peft=lora"], True),
     (["model.peft=prompt_tuning"], True),  # the soft prompt is synced the same way (its one tensor)
-    (["model.peft=lora", "ray.engine=vllm", "ray.rollout_worker_gpus=1"], False),
+    (["model.peft=lora", "ray.engine=vllm", "ray.rollout_worker_gpus=1"], True),  # LoRARequest (vllm_engine.py)
+    (["model.peft=prompt_tuning", "ray.engine=vllm", "ray.rollout_worker_gpus=1"], False),
 ])
 def test_the_config_takes_peft_with_backend_ray(overrides, accepted):
     base = ["backend=ray", "rl.prompts_per_step=4", "rl.group_size=4"]
@@ -202,4 +203,4 @@ def test_the_config_takes_peft_with_backend_ray(overrides, accepted):
     with pytest.raises(ConfigError) as err:
         build_config(None, [*base, *overrides])
     message = str(err.value)
-    assert "model.peft=lora is not available with ray.engine=vllm yet" in message and "\n" not in message
+    assert "model.peft=prompt_tuning is not available with ray.engine=vllm" in message and "\n" not in message

@@ -60,3 +60,29 @@ def test_vllm_sampling_is_reproducible_from_the_generator():
                                pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(sample(1).response_ids, sample(1).response_ids)
+
+
+def test_vllm_lora_serves_the_adapter_and_follows_adapter_syncs():
+    """model.peft=lora: vLLM on the base with a LoRARequest; greedy responses equal posttrain's generation with
+    the peft model, before and after a sync of the adapter alone (tests/distributed/test_vllm_lora.py checks
+    the files and requests on the CPU)."""
+    pytest.importorskip("peft")
+    from posttrain.models.adapters import apply_peft, synced_state_dict  # noqa: PLC0415
+
+    tokenizer = build_char_tokenizer()
+    cfg = MODEL.model_copy(update={"peft": "lora"})
+    model = apply_peft(build_tiny_model(MODEL, tokenizer, seed=0).float(), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompts = ["1+2=", "37+58=", "9+9="]
+    engine = VLLMEngine(model, tokenizer, seed=0, gpu_memory_utilization=0.2, dtype="float32")
+    assert greedy(engine, tokenizer, prompts)[0] == greedy(TorchEngine(model), tokenizer, prompts)[0]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    sd = synced_state_dict(model)
+    assert engine.load_weights(sd) == state_dict_sha256(sd)
+    assert greedy(engine, tokenizer, prompts)[0] == greedy(TorchEngine(model), tokenizer, prompts)[0]
