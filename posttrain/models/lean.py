@@ -301,7 +301,7 @@ class LeanBackbone:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., C) final hidden states -> (..., V) logits through the causal LM's head."""
-        return F.linear(hidden, self.head.weight, self.head.bias)
+        return linear(hidden, self.head.weight, self.head.bias)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """A full causal forward pass without a cache: (B, L) left-padded -> (B, L, C)."""

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.adapters import hf_module
 from posttrain.models.lean import lean_backbone, positions_from_mask
+from posttrain.models.packed import linear
 
 
 def causal_lm_logits(model, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
@@ -65,7 +66,7 @@ CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of float32, e.g. 170 tokens
 def _token_logprobs(hidden: Tensor, actions: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
                     with_entropy: bool) -> tuple[Tensor, Tensor]:
     """(N, C) hidden, (N,) actions -> (N,) log pi(a | s) and (N,) entropy (zeros when not asked for)."""
-    logp_all = F.log_softmax(F.linear(hidden, weight, bias).float() / temperature, dim=-1)  # (N, V)
+    logp_all = F.log_softmax(linear(hidden, weight, bias).float() / temperature, dim=-1)  # (N, V)
     logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else logprobs.new_zeros(())
     return logprobs, entropy

@@ -30,6 +30,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torch.utils.weak
 from torch import Tensor
 
 
@@ -80,6 +81,12 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     return False
 
 
+# float32 weights smaller than this stay plain on the onednn backend: on the project's AMD EPYC at 64 rows oneDNN
+# took 25 us where F.linear took 16 for a tiny Llama's 128 x 128 (and 100 x 128 head), while from 1024 x 128 on
+# it was faster (benchmarks/packed.py covers SmolLM2's shapes, all above it).
+ONEDNN_MIN_WEIGHT = 1 << 17
+
+
 class PackedLinear:
     """y = x W^T + b for inputs of any number of rows (all leading dimensions flattened), W (N, K) packed for
     `rows` of them. mkl: fewer rows are zero-padded to `rows`, more fall back to F.linear on the plain weight;
@@ -88,6 +95,9 @@ class PackedLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         self.weight, self.bias, self.rows = weight.detach(), None if bias is None else bias.detach(), rows
         self.backend = fp32_backend() if self.weight.dtype == torch.float32 else "onednn"
+        if self.backend == "onednn" and self.weight.dtype == torch.float32 and self.weight.numel() < ONEDNN_MIN_WEIGHT:
+            self.backend, self.packed = "plain", None  # a small weight: oneDNN's fixed cost loses to F.linear
+            return
         if self.backend == "mkl":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
         else:
@@ -99,12 +109,14 @@ class PackedLinear:
 
     def repack(self, rows: int) -> PackedLinear:
         """Packed for `rows` (mkl); onednn's reordered weight serves every row count, so it is kept."""
-        return self if self.backend == "onednn" else PackedLinear(self.weight, self.bias, rows)
+        return self if self.backend in ("onednn", "plain") else PackedLinear(self.weight, self.bias, rows)
 
     def __call__(self, x: Tensor) -> Tensor:
         lead, K = x.shape[:-1], x.size(-1)
         x2 = x.reshape(-1, K).to(self.weight.dtype)
         n = x2.size(0)
+        if self.backend == "plain":
+            return F.linear(x2, self.weight, self.bias).view(*lead, -1)
         if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "").view(*lead, -1)
         if n > self.rows:
@@ -116,7 +128,56 @@ class PackedLinear:
 
 
 def linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
-    """F.linear, or a callable weight that holds its own bias (a PackedLinear, lean_lora's AdaptedLinear)."""
+    """F.linear, or a callable weight that holds its own bias (a PackedLinear, lean_lora's AdaptedLinear). A large
+    float32 CPU product outside autocast runs its forward on oneDNN where `fp32_backend` chose it (`train_linear`)."""
     if not isinstance(weight, Tensor):
         return weight(x)
+    if (_TRAIN_ONEDNN and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and x.numel() * weight.size(0) >= TRAIN_ONEDNN_MACS and not torch.is_autocast_enabled("cpu")):
+        return _OnednnLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+# The training and reference forward (many rows) on oneDNN where the decode path uses it: on the project's AMD EPYC
+# 1.1-1.5x F.linear's forward at 2,048 rows of SmolLM2's shapes (benchmarks/packed.py). Products below this many
+# multiply-adds (rows x K x N) keep F.linear: oneDNN's fixed cost loses there (a tiny Llama's 64 x 128 x 128).
+TRAIN_ONEDNN_MACS = 1 << 24
+# Weights of at least this many elements keep their reordered copy until they change (`_version`): a 49k-token
+# head is reordered once per optimizer step, not once per chunk of log-probs (a reorder costs ~the product of a
+# 170-token chunk). Smaller ones are reordered at each call (2-3% of a 2,048-row product) and not kept.
+KEEP_REORDERED = 1 << 23
+_TRAIN_ONEDNN = os.environ.get("POSTTRAIN_PACK", "1") != "0" and fp32_backend() == "onednn"
+_reordered: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _reorder(weight: Tensor) -> Tensor:
+    if weight.numel() < KEEP_REORDERED:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2048)
+    held = _reordered.get(weight)
+    if held is None or held[0] != weight._version:
+        held = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2048))
+        _reordered[weight] = held
+    return held[1]
+
+
+class _OnednnLinear(torch.autograd.Function):
+    """y = x W^T + b with the forward on oneDNN's reordered W and the backward F.linear's own: dx = dy W,
+    dW = dy^T x, db = sum dy (MKL, as autograd computes them for F.linear). x (..., K), W (N, K), b (N,)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        lead, K = x.shape[:-1], x.size(-1)
+        x2 = x.reshape(-1, K)
+        ctx.save_for_backward(x2, weight)
+        ctx.lead, ctx.has_bias = lead, bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), _reorder(weight), bias, "none", [], "").view(
+            *lead, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, weight.size(0))
+        dx = g.mm(weight).view(*ctx.lead, -1) if ctx.needs_input_grad[0] else None
+        dw = g.t().mm(x2) if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
