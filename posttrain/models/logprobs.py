@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.adapters import hf_module
 from posttrain.models.lean import lean_backbone, positions_from_mask
-from posttrain.models.packed import linear
+from posttrain.models.packed import linear, training_reorder
 
 
 def causal_lm_logits(model, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
@@ -64,9 +64,10 @@ CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of float32, e.g. 170 tokens
 
 
 def _token_logprobs(hidden: Tensor, actions: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                    with_entropy: bool) -> tuple[Tensor, Tensor]:
-    """(N, C) hidden, (N,) actions -> (N,) log pi(a | s) and (N,) entropy (zeros when not asked for)."""
-    logp_all = F.log_softmax(linear(hidden, weight, bias).float() / temperature, dim=-1)  # (N, V)
+                    with_entropy: bool, reordered: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(N, C) hidden, (N,) actions -> (N,) log pi(a | s) and (N,) entropy (zeros when not asked for). `reordered`:
+    the head as packed.training_reorder gives it (the same values), or None."""
+    logp_all = F.log_softmax(linear(hidden, weight, bias, reordered).float() / temperature, dim=-1)  # (N, V)
     logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else logprobs.new_zeros(())
     return logprobs, entropy
@@ -89,9 +90,10 @@ def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, action
     a = actions.reshape(B * T).index_select(0, where)
     n = max(1, chunk_elements // weight.size(0))
     recompute = torch.is_grad_enabled() and len(where) > n
+    reordered = training_reorder(weight) if len(where) > n else None  # one snapshot of the head for every chunk
     lps, ents = [], []
     for s in range(0, len(where), n):
-        args = (h[s:s + n], a[s:s + n], weight, bias, temperature, with_entropy)
+        args = (h[s:s + n], a[s:s + n], weight, bias, temperature, with_entropy, reordered)
         lp, ent = checkpoint(_token_logprobs, *args, use_reentrant=False) if recompute else _token_logprobs(*args)
         lps.append(lp)
         ents.append(ent)

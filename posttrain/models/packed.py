@@ -30,7 +30,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-import torch.utils.weak
 from torch import Tensor
 
 
@@ -127,14 +126,16 @@ class PackedLinear:
         return y[:n].view(*lead, -1)
 
 
-def linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight, bias: Tensor | None = None, reordered: Tensor | None = None) -> Tensor:
     """F.linear, or a callable weight that holds its own bias (a PackedLinear, lean_lora's AdaptedLinear). A large
-    float32 CPU product outside autocast runs its forward on oneDNN where `fp32_backend` chose it (`train_linear`)."""
+    float32 CPU product outside autocast runs its forward on oneDNN where `fp32_backend` chose it (`_OnednnLinear`),
+    on `reordered` (`training_reorder(weight)`, taken by a caller that multiplies the same weight many times) or on
+    a reorder made for this call."""
     if not isinstance(weight, Tensor):
         return weight(x)
     if (_TRAIN_ONEDNN and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
             and x.numel() * weight.size(0) >= TRAIN_ONEDNN_MACS and not torch.is_autocast_enabled("cpu")):
-        return _OnednnLinear.apply(x, weight, bias)
+        return _OnednnLinear.apply(x, weight, bias, _reorder(weight) if reordered is None else reordered)
     return F.linear(x, weight, bias)
 
 
@@ -142,36 +143,36 @@ def linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
 # 1.1-1.5x F.linear's forward at 2,048 rows of SmolLM2's shapes (benchmarks/packed.py). Products below this many
 # multiply-adds (rows x K x N) keep F.linear: oneDNN's fixed cost loses there (a tiny Llama's 64 x 128 x 128).
 TRAIN_ONEDNN_MACS = 1 << 24
-# Weights of at least this many elements keep their reordered copy until they change (`_version`): a 49k-token
-# head is reordered once per optimizer step, not once per chunk of log-probs (a reorder costs ~the product of a
-# 170-token chunk). Smaller ones are reordered at each call (2-3% of a 2,048-row product) and not kept.
-KEEP_REORDERED = 1 << 23
 _TRAIN_ONEDNN = os.environ.get("POSTTRAIN_PACK", "1") != "0" and fp32_backend() == "onednn"
-_reordered: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
 
 
 def _reorder(weight: Tensor) -> Tensor:
-    if weight.numel() < KEEP_REORDERED:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2048)
-    held = _reordered.get(weight)
-    if held is None or held[0] != weight._version:
-        held = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2048))
-        _reordered[weight] = held
-    return held[1]
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2048)
+
+
+def training_reorder(weight: Tensor) -> Tensor | None:
+    """oneDNN's reordered copy of `weight` as it is now, for a caller that multiplies it many times between two
+    changes (the chunked log-probs: a 49k head reordered once per call, not once per chunk, which would cost about
+    a 170-token chunk's product), or None where `linear` would not use oneDNN for it. A snapshot: the caller
+    must not keep it past a change of the weight (an optimizer step; fused AdamW does not even bump `_version`)."""
+    if (_TRAIN_ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")):
+        return _reorder(weight)
+    return None
 
 
 class _OnednnLinear(torch.autograd.Function):
-    """y = x W^T + b with the forward on oneDNN's reordered W and the backward F.linear's own: dx = dy W,
-    dW = dy^T x, db = sum dy (MKL, as autograd computes them for F.linear). x (..., K), W (N, K), b (N,)."""
+    """y = x W^T + b with the forward on oneDNN's reordered W (`reordered`, the same values) and the backward
+    F.linear's own: dx = dy W, dW = dy^T x, db = sum dy (MKL, as autograd computes them for F.linear).
+    x (..., K), W (N, K), b (N,)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, reordered: Tensor) -> Tensor:
         lead, K = x.shape[:-1], x.size(-1)
         x2 = x.reshape(-1, K)
         ctx.save_for_backward(x2, weight)
         ctx.lead, ctx.has_bias = lead, bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), _reorder(weight), bias, "none", [], "").view(
-            *lead, -1)
+        return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), reordered, bias, "none", [], "").view(*lead, -1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -180,4 +181,4 @@ class _OnednnLinear(torch.autograd.Function):
         dx = g.mm(weight).view(*ctx.lead, -1) if ctx.needs_input_grad[0] else None
         dw = g.t().mm(x2) if ctx.needs_input_grad[1] else None
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return dx, dw, db, None

@@ -30,7 +30,8 @@ def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, tot
 
 
 class PhaseTimer:
-    """Accumulates wall time per named phase: `with timer("generate"): ...`; `pop()` returns and resets."""
+    """Accumulates wall time per named phase: `with timer("generate"): ...`; `pop()` returns and resets. Where CUDA
+    is in use, each phase ends with torch.cuda.synchronize(), so kernels a phase queued count in it, not the next."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -41,6 +42,8 @@ class PhaseTimer:
         try:
             yield
         finally:
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def pop(self) -> dict[str, float]:

@@ -9,6 +9,7 @@ from posttrain.config import ModelConfig
 from posttrain.models import build_tiny_model
 from posttrain.models.chat import encode_prompts
 from posttrain.models.lean import LeanDecoder
+from posttrain.models.logprobs import chunked_logprobs
 from posttrain.models import packed as packed_module
 from posttrain.models.packed import (PackedLinear, _has_mkl, _has_onednn, cpu_vendor, fp32_backend, linear,
                                      packing_available)
@@ -128,10 +129,9 @@ def test_packing_is_off_with_the_switch_and_off_the_cpu(monkeypatch):
 def test_training_linear_on_onednn_has_f_linears_values_and_gradients(monkeypatch, bias):
     """The training forward's large products (packed._OnednnLinear): F.linear's output to float rounding, and
     the very gradients F.linear's backward computes from the same output gradient (the backward is the same
-    matmuls); a weight above KEEP_REORDERED keeps its reordered copy until it changes (an optimizer step)."""
+    matmuls)."""
     monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", True)
     monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
-    monkeypatch.setattr(packed_module, "KEEP_REORDERED", 64 * 32)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 32, generator=g, requires_grad=True)
     b = torch.randn(64, generator=g, requires_grad=True) if bias else None
@@ -145,15 +145,35 @@ def test_training_linear_on_onednn_has_f_linears_values_and_gradients(monkeypatc
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    kept = packed_module._reordered[w][1]
-    linear(x, w, b)
-    assert packed_module._reordered[w][1] is kept  # no change, no reorder
-    with torch.no_grad():
-        w.add_(1.0)  # what an optimizer step does: a new _version
-    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    assert packed_module._reordered[w][1] is not kept
     monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1 << 40)  # small products keep F.linear
     assert "Onednn" not in type(linear(x, w, b).grad_fn).__name__
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 F.linear is left to autocast
         monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
         assert linear(x, w, b).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not _has_onednn(torch.float32), reason="this torch build has no oneDNN")
+def test_chunked_logprobs_on_onednn_follow_the_head_through_fused_adamw_steps(monkeypatch):
+    """The head's reordered copy is a snapshot per chunked_logprobs call, shared by its chunks and their backward
+    recompute, never kept past it: fused AdamW changes the weights without bumping `_version`, so a cache keyed on
+    it served a stale head after the first step (the first-minibatch ratio check caught it on SmolLM2, |log
+    ratio| 1.5e-3 at step 3). Log-probs and gradients equal the F.linear computation at every step."""
+    monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", True)
+    monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Parameter(torch.randn(300, 16, generator=g))
+    hidden = torch.randn(2, 9, 16, generator=g)
+    actions = torch.randint(0, 300, (2, 9), generator=g)
+    mask = torch.ones(2, 9)
+    opt = torch.optim.AdamW([head], lr=0.5, fused=True)
+    for _ in range(3):
+        lp, _ = chunked_logprobs(hidden, head, None, actions, mask, chunk_elements=300 * 4)  # 5 chunks of 4 tokens
+        (grad,) = torch.autograd.grad(lp.sum(), head)
+        monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", False)  # (a process constant: fixed per forward+backward)
+        ref, _ = chunked_logprobs(hidden, head, None, actions, mask, chunk_elements=300 * 4)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), head)
+        monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", True)
+        torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+        head.grad = grad
+        opt.step()
