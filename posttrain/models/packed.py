@@ -143,7 +143,7 @@ def linear(x: Tensor, weight, bias: Tensor | None = None, reordered: Tensor | No
 # 1.1-1.5x F.linear's forward at 2,048 rows of SmolLM2's shapes (benchmarks/packed.py). Products below this many
 # multiply-adds (rows x K x N) keep F.linear: oneDNN's fixed cost loses there (a tiny Llama's 64 x 128 x 128).
 TRAIN_ONEDNN_MACS = 1 << 24
-_TRAIN_ONEDNN = os.environ.get("POSTTRAIN_PACK", "1") != "0" and fp32_backend() == "onednn"
+_TRAIN_ONEDNN = os.environ.get("POSTTRAIN_PACK", "1") in ("1", "onednn") and fp32_backend() == "onednn"
 
 
 def _reorder(weight: Tensor) -> Tensor:
