@@ -104,7 +104,7 @@ def bench(name: str, out: Path, args) -> dict:
     fit_task(task, cfg, model, tok, cfg.rl.prompts_per_step)
     run = RLRun.local(cfg, model, tok, task)
     timer = PhaseTimer()
-    n = matmul_params(model)
+    body, head = matmul_params(model)
     steps = []
     for i in range(1 + args.steps):
         start = time.perf_counter()
@@ -127,7 +127,6 @@ def bench(name: str, out: Path, args) -> dict:
         resp = float(cfg.rl.max_new_tokens)
     problems = task.sample_prompts(random.Random(0), B)
     prompt = statistics.mean(len(tok(getattr(q, "prompt", q), add_special_tokens=False).input_ids) for q in problems)
-    body, head = n
     tokens = B * (prompt + resp)
     # generation (2 per weight per token), reference (2), update (6); the head only where log-probs are taken
     flops = (2 + 2 + 6) * body * tokens + 2 * head * B * resp + (2 + 6) * head * B * resp

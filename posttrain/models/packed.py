@@ -71,7 +71,7 @@ def fp32_backend() -> str | None:
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether weights of `dtype` on `device` can be prepacked here (a CPU build with MKL / oneDNN)."""
-    if device.type != "cpu" or os.environ.get("POSTTRAIN_PACK", "1") == "0":
+    if device.type != "cpu" or os.environ.get("POSTTRAIN_PACK", "1") == "0":  # (bf16 follows the switch too)
         return False
     if dtype == torch.float32:
         return fp32_backend() is not None
@@ -133,8 +133,7 @@ def linear(x: Tensor, weight, bias: Tensor | None = None, reordered: Tensor | No
     a reorder made for this call."""
     if not isinstance(weight, Tensor):
         return weight(x)
-    if (_TRAIN_ONEDNN and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and x.numel() * weight.size(0) >= TRAIN_ONEDNN_MACS and not torch.is_autocast_enabled("cpu")):
+    if x.dtype == weight.dtype and _trains_on_onednn(weight) and x.numel() * weight.size(0) >= TRAIN_ONEDNN_MACS:
         return _OnednnLinear.apply(x, weight, bias, _reorder(weight) if reordered is None else reordered)
     return F.linear(x, weight, bias)
 
@@ -155,10 +154,14 @@ def training_reorder(weight: Tensor) -> Tensor | None:
     changes (the chunked log-probs: a 49k head reordered once per call, not once per chunk, which would cost about
     a 170-token chunk's product), or None where `linear` would not use oneDNN for it. A snapshot: the caller
     must not keep it past a change of the weight (an optimizer step; fused AdamW does not even bump `_version`)."""
-    if (_TRAIN_ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")):
-        return _reorder(weight)
-    return None
+    return _reorder(weight) if _trains_on_onednn(weight) else None
+
+
+def _trains_on_onednn(weight: Tensor) -> bool:
+    """Whether the training path runs products with `weight` on oneDNN: float32 on the CPU, outside autocast
+    (whose bf16 F.linear is left to it), where `fp32_backend` chose oneDNN."""
+    return (_TRAIN_ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu"))
 
 
 class _OnednnLinear(torch.autograd.Function):
