@@ -199,36 +199,56 @@ def bench_tta(runs: int) -> dict:
     acc = lambda m: evaluate(m, tok, t, t.eval_problems, 200, 6)  # noqa: E731
     start_acc = acc(load_policy(sft))
     target = round(min(0.95, start_acc + 0.10), 2)
-    ours, theirs = [], []
+    ours, theirs, best = [], [], {"posttrain": [], "trl": []}
     for seed in range(runs):
         cfg = S.run_config(tmp, model_path=str(sft), max_new_tokens=6, lr=TTA_LR)
         cfg = cfg.model_copy(update={"seed": seed})
         # posttrain
         torch.manual_seed(seed)
         state, step = S.posttrain_rl(cfg, load_policy(sft))
-        spent, reached = 0.0, float("inf")
+        spent, reached, seen = 0.0, float("inf"), []
         for k in range(1, TTA_STEPS + 1):
             start = time.perf_counter()
             step()
             spent += time.perf_counter() - start
-            if k % TTA_EVAL_EVERY == 0 and acc(state.learner.policy) >= target:
-                reached = spent
-                break
+            if k % TTA_EVAL_EVERY == 0:
+                seen.append(acc(state.learner.policy))
+                if seen[-1] >= target:
+                    reached = spent
+                    break
         ours.append(reached)
+        best["posttrain"].append(max(seen))
         # TRL
-        hit = {"t": float("inf")}
+        hit = {"t": float("inf"), "seen": []}
         clock = S.StepClock()
 
         def between(model, k):  # evaluation time is not counted (StepClock leaves it out)
-            if k % TTA_EVAL_EVERY == 0 and acc(model) >= target:
-                hit["t"] = sum(clock.steps)
-                return True
+            if k % TTA_EVAL_EVERY == 0:
+                hit["seen"].append(acc(model))
+                if hit["seen"][-1] >= target:
+                    hit["t"] = sum(clock.steps)
+                    return True
             return False
 
         clock.between = between
         S.trl_grpo(cfg, sft, tmp, TTA_STEPS, clock, seed=seed).train()
         theirs.append(hit["t"])
-    return {"posttrain": ours, "trl": theirs, "target": target, "start": start_acc}
+        best["trl"].append(max(hit["seen"]))
+    return {"posttrain": ours, "trl": theirs, "target": target, "start": start_acc, "best": best}
+
+
+def tta_row(r: dict) -> dict:
+    """The time-to-accuracy row: a side that missed the target in a run counts as not reached (the median is over
+    every run, so it is finite only when most runs reached it); with either median infinite there is no ratio."""
+    out = row(f"time to held-out accuracy {r['target']:.2f} from SFT ({r['start']:.3f}), GRPO, <= {TTA_STEPS} steps",
+              r["posttrain"], r["trl"], 3.0)
+    for side in ("posttrain", "trl"):
+        hits = sum(t != float("inf") for t in r[side])
+        if median(r[side]) == float("inf"):
+            out[side] = f"not reached ({hits}/{len(r[side])} runs)"
+    if not all(median(r[side]) < float("inf") for side in ("posttrain", "trl")):
+        out["ratio"] = float("nan")
+    return out
 
 
 # ---------------------------------------------------------------- peak RSS (subprocesses)
@@ -393,8 +413,10 @@ def main() -> None:
                             r[new]["trl"], 3.0, higher_is_better=True, unit="tok/s", fmt="{:,.0f}"))
     if "tta" in parts:
         r = raw["tta"] = bench_tta(args.runs)
-        rows.append(row(f"time to held-out accuracy {r['target']:.2f} from SFT ({r['start']:.3f}), GRPO",
-                        r["posttrain"], r["trl"], 3.0))
+        rows.append(tta_row(r))
+        notes.append("time to accuracy, best held-out accuracy seen per run (every "
+                     f"{TTA_EVAL_EVERY} steps, <= {TTA_STEPS}): " + "; ".join(
+                         f"{side} " + ", ".join(f"{a:.3f}" for a in r["best"][side]) for side in ("posttrain", "trl")))
     if "rss" in parts:
         r = raw["rss"] = bench_rss(args.runs)
         rows.append(row("peak RSS, 6 GRPO steps (lower is better; goal ratio >= 1)", r["posttrain"], r["trl"], 1.0,
@@ -426,7 +448,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         goal = f">= {r['goal']:g}x" if r["goal"] is not None else "< 3 s"
-        lines.append(f"| {r['name']} | {r['posttrain']} | {r['trl']} | {r['ratio']:.2f}x | {goal} | "
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] == r["ratio"] else "n/a"
+        lines.append(f"| {r['name']} | {r['posttrain']} | {r['trl']} | {ratio} | {goal} | "
                      f"{'yes' if r['met'] else 'no'} | {r['n']} |")
     table = "\n".join(lines)
     # The 1-minute load average at the end includes this run's own two threads (~2): compare runs by it, and see
@@ -463,7 +486,7 @@ def bench_real(rows: list, notes: list, raw: dict) -> None:
     del model
     for d in decode:
         rows.append(row(f"SmolLM2 decode tok/s vs model.generate (batch {d['batch']}, <= 128 new tokens, fp32)",
-                        [d["posttrain_tok_s"]], [d["hf_tok_s"]], 1.5, higher_is_better=True, unit="tok/s",
+                        [d["posttrain_tok_s"]], [d["hf_tok_s"]], 2.0, higher_is_better=True, unit="tok/s",
                         fmt="{:,.0f}"))
         rows[-1]["n"] = REAL_RUNS
     # the peak-RSS workers (one process per side) run first: after the in-process GRPO rows below this process held
