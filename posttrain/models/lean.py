@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from posttrain.models.adapters import AdapterOff, hf_module
 from posttrain.models.lean_lora import AdaptedLinear, fused, lora_base
 from posttrain.models.lean_ops import rms_norm, swiglu
-from posttrain.models.packed import PackedLinear, linear, packing_available
+from posttrain.models.packed import PackedLinear, fixed_store, linear, packing_available
 
 # Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
 # o_proj, residual, RMSNorm, SwiGLU MLP (no bias), residual.
@@ -234,9 +234,15 @@ class LeanBackbone:
     def layers(self, merge: bool = False) -> list[_Layer]:
         """Fused weights (q|k|v and gate|up) of every layer; differentiable (torch.cat) when grad is on. With LoRA
         adapters (lean_lora.fused): factored (AdaptedLinear), or with `merge` merged into fused plain tensors."""
-        out = []
         on = self.adapters
         low = None if merge else _autocast_dtype(self.backbone.embed_tokens.weight.device)
+        # In a packed.weights_fixed block the fused weights are made once and shared by its micro-batches (several
+        # backward passes through one torch.cat are fine: it saves no tensors).
+        store = fixed_store()
+        key = ("lean.layers", id(self.backbone), merge, on, low, torch.is_grad_enabled())
+        if store is not None and key in store:
+            return store[key][1]
+        out = []
         for layer in self.backbone.layers:
             a, m = layer.self_attn, layer.mlp
             w_qkv, b_qkv = fused([a.q_proj, a.k_proj, a.v_proj], True, on, merge)
@@ -244,6 +250,8 @@ class LeanBackbone:
                        layer.post_attention_layernorm.weight, fused([m.gate_proj, m.up_proj], False, on, merge)[0],
                        fused([m.down_proj], False, on, merge)[0])
             out.append(w if low is None or low == w_qkv.dtype else w.cast(low))
+        if store is not None:
+            store[key] = (self.backbone, out)  # (the module held, so its id is not reused while the block lasts)
         return out
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:

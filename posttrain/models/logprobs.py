@@ -67,7 +67,8 @@ def _token_logprobs(hidden: Tensor, actions: Tensor, weight: Tensor, bias: Tenso
                     with_entropy: bool, reordered: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(N, C) hidden, (N,) actions -> (N,) log pi(a | s) and (N,) entropy (zeros when not asked for). `reordered`:
     the head as packed.training_reorder gives it (the same values), or None."""
-    logp_all = F.log_softmax(linear(hidden, weight, bias, reordered).float() / temperature, dim=-1)  # (N, V)
+    logits = linear(hidden, weight, bias, reordered).float()  # (N, V)
+    logp_all = F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # x / 1 == x exactly
     logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else logprobs.new_zeros(())
     return logprobs, entropy

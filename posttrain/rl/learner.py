@@ -43,6 +43,7 @@ from posttrain.invariants import check_ratio_is_one
 from posttrain.models.adapters import (AdapterOff, load_trainable_state_dict, reference_of, synced_state_dict,
                                        trainable_state_dict)
 from posttrain.models.logprobs import response_logprobs
+from posttrain.models.packed import weights_fixed
 from posttrain.models.precision import recompute_old_logprobs
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import critic_from_policy, response_values, scalar_model_from_pretrained
@@ -289,10 +290,11 @@ class Learner:
         return os.getpid()
 
     @torch.no_grad()
+    @weights_fixed()
     def forward(self, batches: list[RolloutBatch], recompute_logprobs: bool = False) -> list[dict]:
         """For each of this learner's shares of a rollout batch: log pi_ref (None without a reference), V_old (None
         without a critic) and, for an external engine, log pi_old recomputed by the training forward pass; in the
-        update's micro-batches (`map_micro_batches`)."""
+        update's micro-batches (`map_micro_batches`). No weight changes here (`weights_fixed`)."""
         c, state = self.cfg.rl, self.state
         out = []
         for batch in batches:
@@ -332,7 +334,8 @@ class Learner:
         state.buffer.add(_to(exp, self.device))
         first_epoch = state.buffer.minibatches(c.mini_batches, state.sampler)
         if state.recompute_old_logprobs:
-            trainer_old_logprobs(cfg, state, first_epoch, self.world)
+            with weights_fixed():
+                trainer_old_logprobs(cfg, state, first_epoch, self.world)
         mismatch = rollout_mismatch(*(torch.cat([getattr(mb, f) for mb in first_epoch])
                                       for f in ("old_logprobs", "rollout_logprobs", "loss_mask")),
                                     threshold=c.rollout_mismatch_threshold)
@@ -341,13 +344,15 @@ class Learner:
             minibatches = first_epoch if epoch == 0 else state.buffer.minibatches(c.mini_batches, state.sampler)
             for k, mb in enumerate(minibatches):
                 ptx_batch = state.ptx.next_batch(c.ptx_batch_size) if state.ptx is not None else None
-                actor = self.gradients(mb, c.check_invariants and epoch == k == 0, ptx_batch)
+                with weights_fixed():  # the minibatch's micro-batches; ended before the step changes the weights
+                    actor = self.gradients(mb, c.check_invariants and epoch == k == 0, ptx_batch)
                 grad_norm, ok = clipped_step(state.policy, state.optimizer, c.grad_clip, actor[0].pop("_loss"))
                 skipped += not ok
                 record = {"actor": actor, "grad_norm": grad_norm}
                 if state.critic is not None:
                     shares = [GlobalShare(_to(mb, self.device), r, self.world) for r in self.shares]
-                    critic = [critic_backward(cfg, state, share) for share in shares]
+                    with weights_fixed():
+                        critic = [critic_backward(cfg, state, share) for share in shares]
                     value_loss = self.reduce(state.critic, sum(s["value_loss"] for s in critic))
                     record["critic"] = critic
                     record["critic_grad_norm"], ok = clipped_step(state.critic, state.critic_optimizer, c.grad_clip,

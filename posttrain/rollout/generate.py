@@ -132,7 +132,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
     alive = torch.ones(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)  # the batch rows the stepper still decodes, in its order
     for t in range(max_new_tokens):
-        logits = raw.float() / temperature  # (B, V)
+        logits = raw.float() if temperature == 1.0 else raw.float() / temperature  # (B, V); x / 1 == x
         if greedy:
             tok = logits.argmax(-1)
         else:  # every row draws, finished or not, so the random stream does not depend on when rows finish

@@ -177,3 +177,72 @@ def test_chunked_logprobs_on_onednn_follow_the_head_through_fused_adamw_steps(mo
         torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
         head.grad = grad
         opt.step()
+
+
+@pytest.mark.skipif(not _has_onednn(torch.float32), reason="this torch build has no oneDNN")
+def test_weights_fixed_reorders_each_weight_once_per_block_and_sees_a_changed_weight(monkeypatch):
+    """Inside `weights_fixed()` a weight is reordered once and its copy reused (nested blocks share it); the copy
+    is made again after an in-place change that bumps `_version`, and dropped when the outermost block ends."""
+    monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", True)
+    monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
+    made = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(packed_module, "_reorder_now", lambda w: made.append(w) or reorder(w, 2048))
+    g = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(64, 32, generator=g))
+    x = torch.randn(5, 32, generator=g)
+    with packed_module.weights_fixed():
+        first = linear(x, w)
+        with packed_module.weights_fixed():
+            second = linear(x, w)
+        third = linear(x, w)  # the inner block's end keeps the outer copy
+        assert len(made) == 1 and torch.equal(first, second) and torch.equal(first, third)
+        with torch.no_grad():
+            w.mul_(2.0)  # bumps _version: reordered again
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        assert len(made) == 2
+    assert packed_module._FIXED.cache is None
+    linear(x, w), linear(x, w)  # outside a block: every call reorders
+    assert len(made) == 4
+
+
+@pytest.mark.skipif(not _has_onednn(torch.float32), reason="this torch build has no oneDNN")
+def test_rl_steps_with_the_reorder_cache_equal_steps_reordering_every_call(tmp_path, make_config, tiny_model,
+                                                                           tokenizer, monkeypatch):
+    """Two GRPO steps (two minibatches of two micro-batches each, so a step inside the update) on oneDNN: the same
+    weights, bit for bit, whether the reference pass and the gradient accumulation reuse one reorder per weight
+    (`weights_fixed`) or reorder at every call. A copy kept past an optimizer step would change the second
+    minibatch's gradient and the second step's reference pass."""
+    import copy
+
+    from posttrain.rl.loop import RLRun
+    from posttrain.tasks.arithmetic import ArithmeticTask
+    from posttrain.train.optim import PhaseTimer
+
+    class EvenFirstChar(ArithmeticTask):  # a reward the untrained model's samples differ in, so it learns
+        def reward(self, prompts, completions, problems):
+            return [float(bool(c) and ord(c[0]) % 2 == 0) for c in completions]
+
+    monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", True)
+    monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
+    cfg = make_config(tmp_path, "rl.mini_batches=2", "rl.micro_batch_size=4", "rl.kl_coef=0.05",
+                      "rl.warmup_steps=0", "rl.lr=1e-2")
+    made = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(packed_module, "_reorder_now", lambda w: made.append(1) or reorder(w, 2048))
+
+    def run(model):
+        torch.manual_seed(0)
+        state = RLRun.local(cfg, model, tokenizer, EvenFirstChar(cfg.task, cfg.seed))
+        for _ in range(2):
+            assert state.step(PhaseTimer())["grad_norm"] > 0
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    cached = run(copy.deepcopy(tiny_model))
+    with_cache = len(made)
+    monkeypatch.setattr(packed_module, "_reorder", lambda w: packed_module._reorder_now(w.detach()))  # every call
+    made.clear()
+    plain = run(copy.deepcopy(tiny_model))
+    assert len(made) > with_cache  # the cache saved reorders
+    for name, p in cached.items():
+        assert torch.equal(p, plain[name]), name
