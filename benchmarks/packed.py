@@ -1,12 +1,16 @@
 """The matmuls of a SmolLM2 decode step, one library against another (posttrain/models/packed.py).
 
-    python benchmarks/packed.py [--rows 16,64,2048] [--repeats 30]
+    python benchmarks/packed.py [--rows 16,64,2048] [--repeats 30] [--backward]
 
 For each of SmolLM2-135M's weight shapes (fused q|k|v, o, fused gate|up, down, the 49k-token head) and each row
 count, the median time of y = x W^T in float32 with: `F.linear` on the plain weight (what transformers runs), MKL's
 packed sgemm (`torch.ops.mkl._mkl_linear`, the weight packed for that row count), and oneDNN's reordered weight
 (`torch.ops.mkldnn._linear_pointwise`), all in one process, 2 threads; with the effective weight-read bandwidth
 (bytes of W / time) and the library posttrain's `fp32_backend` chooses on this CPU. Prints a table.
+
+--backward: instead, the two products of a linear layer's backward at 2,048 rows (dx = g W, dW = g^T x) as
+autograd runs them (`torch.mm`, MKL) against oneDNN on a reordered W^T (dx) and a reordered x^T (dW), the reorder
+made per call included (its time is what a per-step reorder costs); posttrain's backward uses the former.
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="16,64,2048")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--backward", action="store_true", help="the backward's products instead (2,048 rows)")
     args = p.parse_args()
     torch.set_num_threads(2)
+    if args.backward:
+        backward(max(3, args.repeats // 6))
+        return
     print(f"{cpu_vendor() or platform.processor()}, torch {torch.__version__}, 2 threads; "
           f"posttrain's float32 decode library here: {fp32_backend()}")
     print("| rows | weight | F.linear ms | MKL packed ms | oneDNN ms | MKL / F.linear | oneDNN / F.linear | "
@@ -60,6 +68,27 @@ def main() -> None:
             gb = n * k * 4 / 1e9
             print(f"| {rows} | {name} | {plain:.3f} | {packed:.3f} | {onednn:.3f} | {plain / packed:.2f}x | "
                   f"{plain / onednn:.2f}x | {gb / plain * 1e3:.1f} | {gb / onednn * 1e3:.1f} |")
+
+
+def backward(reps: int, rows: int = 2048) -> None:
+    def onednn(a, b_t, n):  # a (M, K) @ b_t^T, b_t (N, K) reordered here for M rows
+        return torch.ops.mkldnn._linear_pointwise(a, torch.ops.mkldnn._reorder_linear_weight(b_t, n), None, "none",
+                                                  [], "")
+
+    print(f"{cpu_vendor() or platform.processor()}, torch {torch.__version__}, 2 threads; {rows} rows")
+    print("| weight | dx MKL ms | dx oneDNN ms | dx MKL / oneDNN | dW MKL ms | dW oneDNN ms | dW MKL / oneDNN |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        gen = torch.Generator().manual_seed(0)
+        w, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+        g = torch.randn(rows, n, generator=gen)
+        torch.testing.assert_close(onednn(g, w.t().contiguous(), rows), g.mm(w), atol=1e-2, rtol=1e-3)
+        dx_mkl = median_ms(lambda: g.mm(w), reps)
+        dx_dnn = median_ms(lambda: onednn(g, w.t().contiguous(), rows), reps)
+        dw_mkl = median_ms(lambda: g.t().mm(x), reps)
+        dw_dnn = median_ms(lambda: onednn(g.t().contiguous(), x.t().contiguous(), n), reps)
+        print(f"| {name} | {dx_mkl:.2f} | {dx_dnn:.2f} | {dx_mkl / dx_dnn:.2f}x | {dw_mkl:.2f} | {dw_dnn:.2f} | "
+              f"{dw_mkl / dw_dnn:.2f}x |")
 
 
 if __name__ == "__main__":
