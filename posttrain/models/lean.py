@@ -237,7 +237,7 @@ class LeanBackbone:
         on = self.adapters
         low = None if merge else _autocast_dtype(self.backbone.embed_tokens.weight.device)
         # In a packed.weights_fixed block the fused weights are made once and shared by its micro-batches (several
-        # backward passes through one torch.cat are fine: it saves no tensors).
+        # backward passes through one torch.cat or cast are fine: they save no tensors).
         store = fixed_store()
         key = ("lean.layers", id(self.backbone), merge, on, low, torch.is_grad_enabled())
         if store is not None and key in store:
@@ -250,8 +250,11 @@ class LeanBackbone:
                        layer.post_attention_layernorm.weight, fused([m.gate_proj, m.up_proj], False, on, merge)[0],
                        fused([m.down_proj], False, on, merge)[0])
             out.append(w if low is None or low == w_qkv.dtype else w.cast(low))
-        if store is not None:
-            store[key] = (self.backbone, out)  # (the module held, so its id is not reused while the block lasts)
+        if store is not None and (not torch.is_grad_enabled() or all(
+                isinstance(w, Tensor) for layer in out for w in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down))):
+            # (the module held, so its id is not reused while the block lasts). Not LoRA's factored AdaptedLinear
+            # under autograd: building it saves tensors, which the first micro-batch's backward frees.
+            store[key] = (self.backbone, out)
         return out
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -152,3 +152,23 @@ def test_in_bf16_log_pi_old_recomputed_equals_the_updates_forward_exactly(tmp_pa
             old, _ = response_logprobs(model, *args)
         new, _ = response_logprobs(model, *args)
     assert new.requires_grad and torch.equal(old, new.detach())
+
+
+def test_lora_gradients_accumulate_over_micro_batches_in_a_weights_fixed_block(tmp_path):
+    """The learner accumulates a minibatch's gradient over micro-batches inside packed.weights_fixed(): with LoRA
+    the lean layers (factored AdaptedLinear, whose construction saves tensors) are built per micro-batch, so the
+    second backward works and the summed gradient equals the one of the whole batch (the first version shared them
+    across micro-batches: "Trying to backward through the graph a second time" in the Ray LoRA run)."""
+    from posttrain.models.packed import weights_fixed
+
+    _, model, tokenizer = lora_model(tmp_path)
+    perturb_adapter(model)
+    b = batch(tokenizer, model)
+    args = (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    whole = torch.autograd.grad(response_logprobs(model, *args)[0].sum(), trainable)
+    with weights_fixed():
+        for half in (slice(0, 2), slice(2, 4)):
+            response_logprobs(model, *(a[half] for a in args))[0].sum().backward()
+    for p, want in zip(trainable, whole, strict=True):
+        torch.testing.assert_close(p.grad, want, atol=1e-5, rtol=1e-4)
