@@ -208,6 +208,10 @@ class _Layer:
         return _Layer(self.ln1, to(self.w_qkv), to(self.b_qkv), to(self.w_o), self.ln2, to(self.w_gate_up),
                       to(self.w_down))
 
+    def factored(self) -> bool:
+        """Whether a matmul weight is LoRA's factored AdaptedLinear (not a plain tensor)."""
+        return any(isinstance(w, AdaptedLinear) for w in (self.w_qkv, self.w_o, self.w_gate_up, self.w_down))
+
     def packed(self, rows: int) -> _Layer:
         """The same layer with its matmul weights packed for `rows` input rows (posttrain.models.packed)."""
         def pack(w, b=None):
@@ -250,10 +254,9 @@ class LeanBackbone:
                        layer.post_attention_layernorm.weight, fused([m.gate_proj, m.up_proj], False, on, merge)[0],
                        fused([m.down_proj], False, on, merge)[0])
             out.append(w if low is None or low == w_qkv.dtype else w.cast(low))
-        if store is not None and (not torch.is_grad_enabled() or all(
-                isinstance(w, Tensor) for layer in out for w in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down))):
-            # (the module held, so its id is not reused while the block lasts). Not LoRA's factored AdaptedLinear
-            # under autograd: building it saves tensors, which the first micro-batch's backward frees.
+        # Not LoRA's factored AdaptedLinear under autograd: building it saves tensors, which the first micro-batch's
+        # backward frees. The module is held so that its id is not reused while the block lasts.
+        if store is not None and (not torch.is_grad_enabled() or not any(layer.factored() for layer in out)):
             store[key] = (self.backbone, out)
         return out
 

@@ -149,7 +149,7 @@ _TRAIN_ONEDNN = os.environ.get("POSTTRAIN_PACK", "1") in ("1", "onednn") and fp3
 
 def _reorder(weight: Tensor) -> Tensor:
     """oneDNN's reordered copy of `weight`; inside `weights_fixed()` made once per weight and reused."""
-    fixed = getattr(_FIXED, "cache", None)
+    fixed = fixed_store()
     if fixed is None:
         return _reorder_now(weight.detach())
     held = fixed.get(id(weight))
@@ -171,11 +171,10 @@ def weights_fixed():
     on oneDNN is reordered once in it, not once per call (and the lean forward fuses q|k|v and gate|up once,
     `fixed_store`). The reference pass over a batch's micro-batches and the gradient accumulation of one
     minibatch call every linear layer once per micro-batch; without this each call reorders its weight again
-    (SmolLM2 at 4 micro-batches: 3.5 s of a 79 s GRPO step). The copies are
-    dropped when the outermost block ends; the block holds for the thread that entered it. A weight changed in
-    place inside the block is caught only where it bumps `_version` (fused AdamW does not), so an optimizer step
-    must not run inside one."""
-    outer = getattr(_FIXED, "cache", None)
+    (SmolLM2 at 4 micro-batches: 3.5 s of a 79 s GRPO step). The copies are dropped when the outermost block
+    ends; the block holds for the thread that entered it. A weight changed in place inside the block is caught
+    only where it bumps `_version` (fused AdamW does not), so an optimizer step must not run inside one."""
+    outer = fixed_store()
     if outer is None:
         _FIXED.cache = {}
     try:

@@ -216,12 +216,8 @@ def test_rl_steps_with_the_reorder_cache_equal_steps_reordering_every_call(tmp_p
     import copy
 
     from posttrain.rl.loop import RLRun
-    from posttrain.tasks.arithmetic import ArithmeticTask
     from posttrain.train.optim import PhaseTimer
-
-    class EvenFirstChar(ArithmeticTask):  # a reward the untrained model's samples differ in, so it learns
-        def reward(self, prompts, completions, problems):
-            return [float(bool(c) and ord(c[0]) % 2 == 0) for c in completions]
+    from tests.models.test_precision import EvenFirstChar  # a reward the untrained model's samples differ in
 
     monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", True)
     monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
