@@ -61,37 +61,123 @@ def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_i
 
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of float32, e.g. 170 tokens of a 49,152-token vocabulary
+# Under autograd without entropy, a call's log-softmax outputs are kept for the backward pass when they hold at most
+# this many elements (512 MiB of float32; a SmolLM2 micro-batch of 8 x <= 256 response tokens holds <= 100M), so
+# the backward does not compute the head's product again; above it each chunk's logits are recomputed there.
+KEEP_ELEMENTS = 1 << 27
+
+
+def _log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                 reordered: Tensor | None) -> Tensor:
+    """(N, C) hidden -> (N, V) float32 log_softmax((W h + b) / temperature)."""
+    logits = linear(hidden, weight, bias, reordered).float()  # (N, V)
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # x / 1 == x exactly
 
 
 def _token_logprobs(hidden: Tensor, actions: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
                     with_entropy: bool, reordered: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(N, C) hidden, (N,) actions -> (N,) log pi(a | s) and (N,) entropy (zeros when not asked for). `reordered`:
     the head as packed.training_reorder gives it (the same values), or None."""
-    logits = linear(hidden, weight, bias, reordered).float()  # (N, V)
-    logp_all = F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # x / 1 == x exactly
+    logp_all = _log_softmax(hidden, weight, bias, temperature, reordered)
     logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else logprobs.new_zeros(())
     return logprobs, entropy
 
 
+class _HeadLogprobs(torch.autograd.Function):
+    """lp_i = log p_i(a_i) and H_i = -sum_v p_iv log p_iv, p_i = softmax(z_i), z_i = (W h_i + b) / tau, over N
+    positions in chunks of n, with the gradient written out rather than autograd's graph through gather,
+    log_softmax and the entropy (float32 only). With g = dL/dlp and e = dL/dH (None: H is not differentiated):
+
+        dL/dz_iv = g_i 1[v = a_i] - p_iv (g_i + e_i (log p_iv + H_i))
+        dL/dh_i = sum_v dL/dz_iv W_v / tau,   dL/dW = sum_i dL/dz_i h_i^T / tau,   dL/db = sum_i dL/dz_i / tau
+
+    h (N, C), a (N,), W (V, C), b (V,) or None -> lp (N,), H (N,) (zeros unless `entropy`). `keep`: the chunks'
+    log-softmax outputs are kept for the backward pass, which turns them into dL/dz in place; otherwise it
+    computes each chunk's logits again. dL/dW accumulates in one (V, C) buffer, not one per chunk. One backward
+    pass per graph (the kept buffers are used up)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, n: int,
+                reordered: Tensor | None, keep: bool, entropy: bool) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        lps, ents, kept = [], [], []
+        for s in range(0, h.size(0), n):
+            logp = _log_softmax(h[s:s + n], weight, bias, temperature, reordered)  # (n, V)
+            lps.append(logp.gather(-1, a[s:s + n].unsqueeze(-1)).squeeze(-1))
+            if entropy:
+                ents.append(-(logp.exp() * logp).sum(-1))
+            if keep:
+                kept.append(logp)
+        lp = torch.cat(lps) if lps else h.new_zeros(0)
+        ent = torch.cat(ents) if ents else torch.zeros_like(lp)
+        ctx.save_for_backward(h, a, weight, ent)
+        ctx.bias, ctx.temperature, ctx.n, ctx.reordered, ctx.kept, ctx.used = bias, temperature, n, reordered, kept, False
+        ctx.mark_non_differentiable(*(() if entropy else (ent,)))
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None):
+        if ctx.used:
+            raise RuntimeError("the head's log-probs were differentiated once already (their buffers are used up)")
+        ctx.used = True
+        h, a, weight, ent = ctx.saved_tensors
+        bias, tau, n, kept = ctx.bias, ctx.temperature, ctx.n, ctx.kept
+        if g_lp is None and g_ent is None:
+            return (None,) * 9
+        g_lp = torch.zeros_like(ent) if g_lp is None else g_lp
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dh = torch.empty_like(h) if need_h else None
+        dw = db = None
+        for c, s in enumerate(range(0, h.size(0), n)):
+            hc, g, idx = h[s:s + n], g_lp[s:s + n].unsqueeze(1), a[s:s + n].unsqueeze(1)
+            logp = kept[c] if kept else _log_softmax(hc, weight, bias, tau, ctx.reordered)  # (n, V)
+            if kept:
+                kept[c] = None  # freed once used
+            if g_ent is None:
+                dz = logp.exp_().mul_(-g)
+            else:
+                p = logp.exp()
+                dz = logp.add_(ent[s:s + n].unsqueeze(1)).mul_(g_ent[s:s + n].unsqueeze(1)).add_(g).mul_(p).neg_()
+            dz.scatter_add_(1, idx, g)  # (n, V) dL/dz
+            if tau != 1.0:
+                dz.div_(tau)
+            if need_h:
+                torch.mm(dz, weight, out=dh[s:s + n])
+            if need_w:
+                dw = dz.t().mm(hc) if dw is None else dw.addmm_(dz.t(), hc)
+            if need_b:
+                db = dz.sum(0) if db is None else db.add_(dz.sum(0))
+        return dh, None, dw, db, None, None, None, None, None
+
+
 def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, actions: Tensor, mask: Tensor,
                      temperature: float = 1.0, with_entropy: bool = False,
-                     chunk_elements: int = CHUNK_ELEMENTS) -> tuple[Tensor, Tensor | None]:
+                     chunk_elements: int = CHUNK_ELEMENTS,
+                     keep_elements: int = KEEP_ELEMENTS) -> tuple[Tensor, Tensor | None]:
     """log pi(a_t | s_t) = log_softmax(W h_t + b)[a_t] / temperature-scaled, and the entropy of pi(. | s_t), for
     the positions in `mask` only, without a (B, T, V) tensor.
 
     hidden (B, T, C) final hidden states predicting `actions` (B, T); weight (V, C), bias (V,) or None; mask
     (B, T). Returns (B, T) log-probs and entropy (or None), 0 off the mask. The masked positions are taken in
-    chunks of chunk_elements // V tokens; with autograd on and more than one chunk, each chunk's logits are
-    recomputed in the backward pass (activation checkpointing), so at most one chunk's (n, V) logits exist at a
-    time, forward or backward. Same values and gradients as the plain full-vocabulary computation."""
+    chunks of chunk_elements // V tokens, so no tensor is larger than one chunk's (n, V) logits. Under autograd
+    in float32 (the RL update), `_HeadLogprobs` differentiates it with its gradient written out:
+    the chunks' log-softmax outputs are kept for the backward pass when they total at most `keep_elements`,
+    else each chunk's logits are recomputed there. Otherwise, with more than one chunk, each chunk is
+    recomputed in the backward pass by activation checkpointing, so at most one chunk's logits exist at a time.
+    Same values and gradients as the plain full-vocabulary computation, to float rounding."""
     B, T, C = hidden.shape
     where = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices of the positions used
     h = hidden.reshape(B * T, C).index_select(0, where)
     a = actions.reshape(B * T).index_select(0, where)
     n = max(1, chunk_elements // weight.size(0))
-    recompute = torch.is_grad_enabled() and len(where) > n
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     reordered = training_reorder(weight) if len(where) > n else None  # one snapshot of the head for every chunk
+    if grad and _written_out(h, weight, bias):
+        keep = len(where) * weight.size(0) <= keep_elements
+        lp, ent = _HeadLogprobs.apply(h, a, weight, bias, temperature, n, reordered, keep, with_entropy)
+        return _scatter([lp], where, B, T, hidden), _scatter([ent], where, B, T, hidden) if with_entropy else None
+    recompute = grad and len(where) > n
     lps, ents = [], []
     for s in range(0, len(where), n):
         args = (h[s:s + n], a[s:s + n], weight, bias, temperature, with_entropy, reordered)
@@ -100,6 +186,13 @@ def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, action
         ents.append(ent)
     logprobs = _scatter(lps, where, B, T, hidden)
     return logprobs, _scatter(ents, where, B, T, hidden) if with_entropy else None
+
+
+def _written_out(h: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether `_HeadLogprobs` serves this call: float32 throughout, outside autocast (whose bf16 products autograd
+    handles)."""
+    return (h.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled(h.device.type))
 
 
 def _scatter(parts: list[Tensor], where: Tensor, B: int, T: int, like: Tensor) -> Tensor:

@@ -57,8 +57,9 @@ def test_values_and_gradients_equal_the_full_vocabulary_computation():
     hidden, weight, bias, actions, mask = inputs()
     for temperature in (1.0, 0.7):
         want = grads(lambda: plain(hidden, weight, bias, actions, mask, temperature), hidden, weight, bias)
-        for chunk in (V * 4, V * 1000):  # several chunks (recomputed in backward), and one
-            got = grads(lambda: chunked_logprobs(hidden, weight, bias, actions, mask, temperature, True, chunk),
+        for chunk, keep in ((V * 4, 0), (V * 4, 10 ** 9), (V * 1000, 0)):  # several chunks (recomputed in
+            # backward, or their log-softmax kept), and one
+            got = grads(lambda: chunked_logprobs(hidden, weight, bias, actions, mask, temperature, True, chunk, keep),
                         hidden, weight, bias)
             torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
             torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
@@ -88,3 +89,49 @@ def test_no_batch_by_length_by_vocab_tensor_forward_or_backward():
         lp, ent = chunked_logprobs(hidden, weight, bias, actions, mask, 1.0, True, chunk)
         (lp.sum() + ent.sum()).backward()
     assert seen.largest <= max(chunk, V * C), (seen.largest, full)
+
+
+def test_the_written_out_gradient_equals_autograds_kept_or_recomputed():
+    """The RL update's path (autograd, no entropy, float32): `_HeadLogprobs`, whose backward is written out, gives
+    the gradient of the full-vocabulary computation for any upstream gradient, with the log-softmax outputs kept
+    (keep_elements large) or recomputed per chunk (0), for one chunk and several, with and without a bias."""
+    hidden, weight, bias, actions, mask = inputs(3)
+    upstream = torch.randn(B, T, generator=torch.Generator().manual_seed(9))  # not all ones: a real weighting
+
+    def run(fn):
+        lp = fn()[0]
+        (lp * upstream).sum().backward()
+        out = [None if t is None else t.grad.clone() for t in (hidden, weight, b)]
+        for t in (hidden, weight, b):
+            if t is not None:
+                t.grad = None
+        return lp.detach(), out
+
+    for b in (bias, None):
+        for temperature in (1.0, 0.7):
+            want = run(lambda: plain(hidden, weight, torch.zeros(V) if b is None else b, actions, mask, temperature))
+            for chunk in (V * 4, V * 1000):
+                for keep in (0, 10 ** 9):
+                    got = run(lambda: chunked_logprobs(hidden, weight, b, actions, mask, temperature, False, chunk, keep))
+                    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+                    for g, w in zip(got[1], want[1]):
+                        if w is not None:
+                            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_the_written_out_gradient_is_pushed_the_right_way_and_used_once():
+    """A step along the gradient of sum(log pi(a)) raises every chosen token's log-prob (the sign of dL/dz is
+    right), and a second backward through the same graph is refused (its buffers became the gradient)."""
+    hidden, weight, _, actions, mask = inputs(4)
+    lp, _ = chunked_logprobs(hidden, weight, None, actions, mask, 1.0, False, V * 4)
+    lp.sum().backward(retain_graph=True)
+    with torch.no_grad():
+        after, _ = chunked_logprobs(hidden + 0.05 * hidden.grad, weight + 0.05 * weight.grad, None, actions, mask,
+                                    1.0, False, V * 4)
+    assert torch.all(after[mask == 1] > lp.detach()[mask == 1])
+    try:
+        lp.sum().backward()
+    except RuntimeError as err:
+        assert "once already" in str(err)
+    else:
+        raise AssertionError("a second backward went through")
