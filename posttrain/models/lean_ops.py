@@ -73,11 +73,16 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.float().chunk(2, dim=-1)
-        s = torch.sigmoid(gate)
         dyf = dy.float()
-        d_up = dyf * gate * s
-        d_gate = dyf * up * s * (1 + gate * (1 - s))
-        return torch.cat([d_gate, d_up], dim=-1).to(gate_up.dtype)
+        out = torch.empty(gate_up.shape, dtype=gate.dtype, device=gate_up.device)  # float32 (float64 stays)
+        d_gate, d_up = out.chunk(2, dim=-1)  # written in place: no torch.cat of the two halves
+        s = torch.sigmoid(gate)
+        torch.mul(gate, s, out=d_up)  # silu(g)
+        # silu'(g) = s (1 + g (1 - s)) = s + silu(g) (1 - s)
+        slope = torch.addcmul(s, d_up, 1 - s)
+        torch.mul(dyf, up, out=d_gate).mul_(slope)
+        d_up.mul_(dyf)
+        return out.to(gate_up.dtype)
 
 
 def swiglu(gate_up: Tensor) -> Tensor:
