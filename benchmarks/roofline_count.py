@@ -14,14 +14,15 @@ rows that finished but have not left the decode batch yet):
            (query, key) pair per layer for attention (q k^T and p v; causal: a token at position s attends to s + 1
            keys), 2 C V per position that needs logits. Backward: twice the forward's GEMM FLOPs (dX = dY W and
            dW = dY^T X), attention the same. Norms, RoPE, SiLU, softmax, sampling and AdamW are elementwise:
-           counted in bytes, not in FLOPs. The update counts the head's recomputation in backward
-           (models/logprobs.py chunked_logprobs recomputes each chunk's logits when there is more than one chunk).
+           counted in bytes, not in FLOPs. The update counts the head's recomputation in backward where there
+           is one (models/logprobs.py chunked_logprobs recomputes each chunk's logits when there is more than one
+           chunk and their log-softmax outputs total more than KEEP_ELEMENTS).
   bytes    weights: every matmul weight read once per pass (a decode step is a pass, a micro-batch's prompt and
            response passes are two) and the head's once per chunk of logits; backward reads them once more and
            reads + writes the weight gradients (accumulation). Activations: every op of a layer reads its inputs and
            writes its output once per token (ACTIVATIONS_PER_TOKEN); backward twice the forward's. KV cache: a
-           decode step reads the K and V of every key position of every row it decodes and writes one position;
-           prefill writes the prompts' and copies them to the rows that share them. Explicit attention (small
+           decode step reads the K and V of every key position of every row it decodes (a prompt that rows share
+           once: models/shared_kv.py) and writes one position; prefill writes the prompts'. Explicit attention (small
            score matrices, models/lean.py `attention`) moves its (H, queries, keys) scores SCORE_PASSES times.
            Logits: LOGIT_PASSES passes over (positions, V). Optimizer: AdamW (fused) reads parameter, gradient
            and both moments and writes three, the gradient clip reads the gradients twice and writes them once:
@@ -44,7 +45,7 @@ import torch
 
 from posttrain.batch import micro_rows
 from posttrain.models.lean import SMALL_ATTENTION, distinct_rows
-from posttrain.models.logprobs import CHUNK_ELEMENTS
+from posttrain.models.logprobs import CHUNK_ELEMENTS, KEEP_ELEMENTS
 
 SCORE_PASSES = 5  # scores written by q k^T, bias added (read + write), softmax (read + write) ... read by p v: ~5
 # passes over (positions, V) logits: sampling (head write, / temperature, softmax, cumsum, log_softmax, copy) ~10;
@@ -179,24 +180,29 @@ def _chunks(n: int, vocab: int) -> list[int]:
 
 def prefill_work(m: ModelShape, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Work:
     """The distinct prompts in one pass (rollout/generate.py -> LeanDecoder.prefill), logits at each one's last
-    position; their K and V written and copied to every row."""
+    position; their K and V written once (the decode cache shares them: models/shared_kv.py)."""
     _, first = distinct_rows(prompt_ids, prompt_mask)
-    p_u, p_b = _lengths(prompt_mask[first]), _lengths(prompt_mask)
-    copy = 2 * sum(p_b) if len(first) < len(p_b) else 0
+    p_u = _lengths(prompt_mask[first])
     P = prompt_mask.size(1)
     return forward_work(m, Pass(sum(p_u), sum(p * (p + 1) // 2 for p in p_u), [len(first)], LOGIT_PASSES["sample"],
-                                kv_write=sum(p_u) + copy, explicit=P * P <= SMALL_ATTENTION))
+                                kv_write=sum(p_u), explicit=P * P <= SMALL_ATTENTION))
 
 
-def decode_work(m: ModelShape, prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> Work:
+def decode_work(m: ModelShape, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                response_mask: torch.Tensor) -> Work:
     """One pass per decode step: row b with n_b response tokens is fed its first n_b - 1 (the first comes from
-    prefill's logits), the token at step t attending to p_b + t + 1 keys."""
+    prefill's logits), the token at step t attending to p_b + t + 1 keys. Where prompts repeat, the cache holds
+    each distinct prompt's keys once (models/shared_kv.py): a step reads those once and each row's t + 1."""
     p_b, n_b = _lengths(prompt_mask), _lengths(response_mask)
+    _, first = distinct_rows(prompt_ids, prompt_mask)
+    shared = len(first) < len(p_b)
+    prompt_keys = sum(p_b[i] for i in first.tolist())
     w = Work()
     for t in range(max(n_b) - 1):
         rows = [b for b, n in enumerate(n_b) if n - 1 > t]
         keys = [p_b[b] + t + 1 for b in rows]
-        w.add(forward_work(m, Pass(len(rows), sum(keys), [len(rows)], LOGIT_PASSES["sample"], kv_read=sum(keys),
+        read = prompt_keys + len(rows) * (t + 1) if shared else sum(keys)
+        w.add(forward_work(m, Pass(len(rows), sum(keys), [len(rows)], LOGIT_PASSES["sample"], kv_read=read,
                                    kv_write=len(rows))))
     return w
 
@@ -236,13 +242,14 @@ def reference_work(m: ModelShape, prompt_ids, prompt_mask, response_mask, micro_
 
 
 def update_work(m: ModelShape, prompt_ids, prompt_mask, response_mask, micro_batch_size: int | None) -> Work:
-    """Forward with entropy + backward per micro-batch, the head recomputed per chunk when there are several, one
-    AdamW step (bytes only)."""
+    """Forward with entropy + backward per micro-batch, the head recomputed per chunk when there are several and
+    their logits are not kept, one AdamW step (bytes only)."""
     w = Work()
     for p in training_passes(prompt_ids, prompt_mask, response_mask, micro_batch_size, m.vocab,
                              LOGIT_PASSES["entropy"]):
         w.add(forward_work(m, p, backward=True))
-        if len(p.head_rows) > 1:  # chunked_logprobs' checkpoint: each chunk's logits computed again in backward
+        if len(p.head_rows) > 1 and sum(p.head_rows) * m.vocab > KEEP_ELEMENTS:  # chunked_logprobs: each chunk's
+            # logits computed again in backward
             w.add(forward_work(m, Pass(0, 0, p.head_rows, LOGIT_PASSES["entropy"], explicit=False)))
     w.bytes["optimizer"] = 10 * m.params * m.elem
     return w
@@ -251,7 +258,7 @@ def update_work(m: ModelShape, prompt_ids, prompt_mask, response_mask, micro_bat
 def step_work(m: ModelShape, batch, micro_batch_size: int | None) -> dict[str, Work]:
     """Every counted phase of one GRPO step on its rollout batch (prompt_ids, prompt_mask, response_mask)."""
     ids, pm, rm = batch.prompt_ids, batch.prompt_mask, batch.response_mask
-    return {"prefill": prefill_work(m, ids, pm), "decode": decode_work(m, pm, rm),
+    return {"prefill": prefill_work(m, ids, pm), "decode": decode_work(m, ids, pm, rm),
             "reference": reference_work(m, ids, pm, rm, micro_batch_size),
             "update": update_work(m, ids, pm, rm, micro_batch_size)}
 

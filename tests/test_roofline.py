@@ -25,17 +25,18 @@ aten = torch.ops.aten
 
 
 class GemmRecorder(TorchDispatchMode):
-    """{(M, K, N): count} of every 2-D matmul (aten.mm, aten.addmm) run inside the mode."""
+    """{(M, K, N): count} of every 2-D matmul (aten.mm, aten.addmm, their in-place and out= forms) run inside the
+    mode."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gemms: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is aten.mm.default:
+        if func in (aten.mm.default, aten.mm.out):
             a, b = args[0], args[1]
             self.gemms[(a.size(0), a.size(1), b.size(1))] += 1
-        elif func is aten.addmm.default:
+        elif func in (aten.addmm.default, aten.addmm_.default, aten.addmm.out):
             a, b = args[1], args[2]
             self.gemms[(a.size(0), a.size(1), b.size(1))] += 1
         return func(*args, **(kwargs or {}))
@@ -97,7 +98,7 @@ def test_generation_gemms_are_prefill_plus_decode(tiny_model, tokenizer, monkeyp
     with GemmRecorder() as rec:
         out = generate(tiny_model, ids, pm, max_new_tokens=5, eos_token_id=m.vocab + 7, pad_token_id=0, greedy=True)
     assert out.response_mask.sum() == 30
-    pre, dec = rc.prefill_work(m, ids, pm), rc.decode_work(m, pm, out.response_mask)
+    pre, dec = rc.prefill_work(m, ids, pm), rc.decode_work(m, ids, pm, out.response_mask)
     assert rec.gemms == counted_gemms(pre) + counted_gemms(dec)
     assert pre.gemms[(2 * 5, m.hidden, m.linears()[0][2])] == m.layers  # 2 distinct prompts x 5 tokens
     assert dec.gemms[(6, m.hidden, m.vocab)] == 4  # 4 decode steps, 6 rows each
@@ -111,12 +112,25 @@ def test_decode_counts_only_rows_still_decoding(tiny_model):
     m = rc.ModelShape.of(tiny_model)
     pm = torch.tensor([[0, 1, 1], [1, 1, 1]])
     rm = (torch.arange(4) < torch.tensor([[4], [2]])).float()
-    w = rc.decode_work(m, pm, rm)
+    w = rc.decode_work(m, torch.tensor([[0, 5, 6], [7, 8, 9]]), pm, rm)
     assert w.gemms[(2, m.hidden, m.vocab)] == 1 and w.gemms[(1, m.hidden, m.vocab)] == 2
     keys = (3 + 4) + (4 + 5)  # step 0: rows of 2 and 3 real prompt tokens + 1; then row 0 alone at 4 and 5
     assert w.bytes["kv"] == (keys + 4) * m.kv_per_position * 4  # reads plus one written position per row-step
     attn = 4 * m.heads * m.head_dim * keys * m.layers
     assert w.flops == rc.gemm_flops(w.gemms) + attn
+
+
+def test_decode_reads_a_shared_prompts_keys_once(tiny_model):
+    """Two rows with one prompt (3 real tokens) decoding 3 tokens each: a step reads the prompt's keys once and
+    each row's own t + 1 (models/shared_kv.py), not 3 + t + 1 per row; the attention FLOPs are per row."""
+    m = rc.ModelShape.of(tiny_model)
+    ids, pm = torch.tensor([[0, 5, 6, 7]] * 2), torch.tensor([[0, 1, 1, 1]] * 2)
+    rm = torch.ones(2, 3)
+    w = rc.decode_work(m, ids, pm, rm)
+    reads = (3 + 2 * 1) + (3 + 2 * 2)  # steps 0 and 1
+    assert w.bytes["kv"] == (reads + 2 * 2) * m.kv_per_position * 4
+    keys = 2 * (3 + 1) + 2 * (3 + 2)
+    assert w.flops == rc.gemm_flops(w.gemms) + 4 * m.heads * m.head_dim * keys * m.layers
 
 
 def test_intensity_and_ridge():

@@ -35,6 +35,7 @@ from posttrain.models.adapters import AdapterOff, hf_module
 from posttrain.models.lean_lora import AdaptedLinear, fused, lora_base
 from posttrain.models.lean_ops import rms_norm, swiglu
 from posttrain.models.packed import PackedLinear, fixed_store, linear, packing_available
+from posttrain.models.shared_kv import SharedPromptKV
 
 # Backbone classes whose decoder layers are exactly: RMSNorm, q/k/v (optional bias) with RoPE, attention,
 # o_proj, residual, RMSNorm, SwiGLU MLP (no bias), residual.
@@ -306,9 +307,11 @@ class LeanBackbone:
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # RoPE on q and k at once
         q, k = qk[:, :H], qk[:, H:]
-        if cache is not None:
-            k, v = cache.append(i, k, v)  # (B, Hkv, S, D)
-        a = attention(q, k, v, bias, self.scale, recompute_scores).transpose(1, 2).reshape(B * L, H * D)
+        if cache is None:
+            a = attention(q, k, v, bias, self.scale, recompute_scores)
+        else:  # stores k, v and attends over everything the cache holds (B, Hkv, S, D)
+            a = cache.attend(i, q, k, v, bias, self.scale, recompute_scores)
+        a = a.transpose(1, 2).reshape(B * L, H * D)
         x = x + linear(a.view(B, L, H * D) if where is None else a.index_select(0, where), w.w_o)
         h = rms_norm(x, w.ln2, self.eps)
         return x + linear(swiglu(linear(h, w.w_gate_up)), w.w_down)
@@ -373,15 +376,33 @@ def positions_from_mask(mask: Tensor) -> Tensor:
 
 
 def distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, P) prompts -> (inverse (B,), first (U,)): row b holds the same prompt as row first[inverse[b]]."""
+    """(B, P) prompts -> (inverse (B,), first (U,)): row b holds the same prompt as row first[inverse[b]]. The
+    distinct prompts are numbered in the order they first appear (first is increasing), so rows grouped in
+    order (GRPO's G samples of each prompt in turn) have inverse 0, ..., 0, 1, ..., 1, ..."""
     B = ids.size(0)
     _, inverse = torch.unique(torch.cat([ids, mask.long()], dim=1), dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long, device=ids.device).scatter_reduce_(
         0, inverse, torch.arange(B, device=ids.device), "amin")
-    return inverse, first
+    order = first.argsort()
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=ids.device))
+    return rank[inverse], first[order]
 
 
-class PrefixKV:
+class KVStore:
+    """What the lean layer calls on a cache: `attend` stores this call's keys and values (`append`, which returns
+    everything stored, (B, Hkv, S, D)) and attends over them. models/shared_kv.py's SharedPromptKV stores them
+    otherwise and overrides `attend`."""
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float,
+               recompute: bool = True) -> Tensor:
+        k, v = self.append(layer, k, v)
+        return attention(q, k, v, bias, scale, recompute)
+
+
+class PrefixKV(KVStore):
     """Keys and values of distinct prompts, collected in a first pass and shared by the rows that repeat them
     (`inverse`) in a second pass over the responses. Works under autograd (no in-place writes)."""
 
@@ -408,7 +429,7 @@ class PrefixKV:
                 torch.cat([self.v[layer][self.inverse], v], dim=2))
 
 
-class KVCache:
+class KVCache(KVStore):
     """Keys and values for every layer, preallocated for `capacity` positions; `length` are filled."""
 
     def __init__(self, n_layers: int, B: int, Hkv: int, capacity: int, D: int, dtype: torch.dtype,
@@ -441,9 +462,14 @@ class LeanDecoder:
     Positions are passed in (real-token counts, as the training forward computes them); the attention bias
     masks the prompt's left padding and is built once; every response position is attended to (a finished
     row's later tokens are discarded by the caller, so what it attends to does not matter).
+
+    share_prompts: rows with the same prompt (GRPO's G samples) decode against one copy of its keys and values
+    (models/shared_kv.py), not one per row; `cache` is then a SharedPromptKV. Off, `cache` is a KVCache over
+    every row (what speculative decoding's verifier takes over).
     """
 
-    def __init__(self, lean: LeanBackbone, prompt_mask: Tensor, max_new_tokens: int) -> None:
+    def __init__(self, lean: LeanBackbone, prompt_mask: Tensor, max_new_tokens: int,
+                 share_prompts: bool = False) -> None:
         self.lean = lean
         with torch.no_grad():  # plain fused tensors (a LoRA adapter merged in) that can be cast and packed
             self.layers = lean.layers(merge=True)
@@ -464,8 +490,9 @@ class LeanDecoder:
         key_mask = torch.cat([prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
         self.bias = attention_bias(key_mask, 1)  # (B, 1, 1, capacity) for the decode steps
         self.prefill_bias = attention_bias(prompt_mask, P)
-        dtype = low or lean.head.weight.dtype
-        self.cache = KVCache(len(self.layers), B, lean.Hkv, capacity, lean.D, dtype, device)
+        self.dtype, self.capacity, self.max_new_tokens = low or lean.head.weight.dtype, capacity, max_new_tokens
+        self.share_prompts = share_prompts
+        self.cache: KVCache | SharedPromptKV | None = None  # made by `prefill`
         # cos/sin for every position a row can reach, indexed per step (static RoPE only: see lean_backbone)
         cos, sin = lean.rope(torch.arange(capacity, device=device).unsqueeze(0))
         self.cos_table, self.sin_table = cos[0, 0], sin[0, 0]  # (capacity, D)
@@ -476,18 +503,23 @@ class LeanDecoder:
         Repeated prompts (GRPO's G samples of each) are run once and their keys and values copied."""
         B, P = prompt_ids.shape
         inverse, first = distinct_rows(prompt_ids, prompt_mask)
+        n, Hkv, D, device = len(self.layers), self.lean.Hkv, self.lean.D, prompt_ids.device
         if len(first) == B:
+            self.cache = KVCache(n, B, Hkv, self.capacity, D, self.dtype, device)
             cache, ids, mask, pos, bias = self.cache, prompt_ids, prompt_mask, positions, self.prefill_bias
         else:
-            cache = KVCache(len(self.layers), len(first), self.lean.Hkv, P, self.lean.D, self.cache.k.dtype,
-                            self.cache.k.device)
+            cache = KVCache(n, len(first), Hkv, P, D, self.dtype, device)
             ids, mask, pos, bias = prompt_ids[first], prompt_mask[first], positions[first], self.prefill_bias[first]
         cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
         h = self.lean.forward(ids, cos, sin, bias, self.layers, cache, used=padding_free(mask.bool()))
         logits = linear(h[:, -1], self.head, self.head_bias)
         if cache is not self.cache:
-            self.cache.k[:, :, :, :P] = cache.k[:, inverse]
-            self.cache.v[:, :, :, :P] = cache.v[:, inverse]
+            if self.share_prompts:
+                self.cache = SharedPromptKV(cache.k, cache.v, mask, inverse, self.max_new_tokens)
+            else:
+                self.cache = KVCache(n, B, Hkv, self.capacity, D, self.dtype, device)
+                self.cache.k[:, :, :, :P] = cache.k[:, inverse]
+                self.cache.v[:, :, :, :P] = cache.v[:, inverse]
             logits = logits[inverse]
         self.cache.length = P
         return logits

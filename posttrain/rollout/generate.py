@@ -86,11 +86,16 @@ class _HFStepper:
         return out.logits[:, -1]
 
 
+# Rows with the same prompt decode against one copy of its keys and values (models/shared_kv.py); False copies
+# them to every row (the same logits to float rounding; tests/models/test_shared_kv.py compares the two).
+SHARE_PROMPTS = True
+
+
 class _LeanStepper:
     """Decoding through posttrain.models.lean: preallocated KV cache, fused projections (Llama, Qwen2)."""
 
     def __init__(self, lean, prompt_ids: Tensor, attn: Tensor, max_new_tokens: int) -> None:
-        self.decoder = LeanDecoder(lean, attn, max_new_tokens)
+        self.decoder = LeanDecoder(lean, attn, max_new_tokens, share_prompts=SHARE_PROMPTS)
         self.first = self.decoder.prefill(prompt_ids, attn, positions_from_mask(attn))
 
     def keep(self, rows: Tensor) -> None:

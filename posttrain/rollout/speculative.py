@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.batch import DecodeCounts, RolloutBatch
-from posttrain.models.lean import LeanDecoder, lean_backbone, positions_from_mask
+from posttrain.models.lean import KVStore, LeanDecoder, lean_backbone, positions_from_mask
 from posttrain.models.packed import PackedLinear, linear
 from posttrain.rollout.generate import (
     COMPACT_BELOW,
@@ -142,7 +142,7 @@ def budget(m: Tensor, total: int) -> Tensor:
     return (has & (rank < total)).sum(1)
 
 
-class _RaggedKV:
+class _RaggedKV(KVStore):
     """A KV cache where every row has its own length: a pass writes row r's L keys and values at slots
     slots[r] (R, L) and attends over the first `width` slots (its bias masks what each query may not see)."""
 

@@ -31,7 +31,7 @@ def test_decoder_casts_its_weights_once_and_samples_close_to_float32(tiny_model,
     gen = sys.modules[generate.__module__]
     seen = []
     init = LeanDecoder.__init__
-    monkeypatch.setattr(LeanDecoder, "__init__", lambda self, *a: (init(self, *a), seen.append(self))[0])
+    monkeypatch.setattr(LeanDecoder, "__init__", lambda self, *a, **kw: (init(self, *a, **kw), seen.append(self))[0])
     ids, mask = encode_prompts(tokenizer, PROMPTS)
     kw = dict(max_new_tokens=6, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, greedy=True)
     full = generate(tiny_model, ids, mask, **kw)
