@@ -391,7 +391,7 @@ def distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 class KVStore:
     """What the lean layer calls on a cache: `attend` stores this call's keys and values (`append`, which returns
     everything stored, (B, Hkv, S, D)) and attends over them. models/shared_kv.py's SharedPromptKV stores them
-    otherwise and overrides `attend`."""
+    otherwise and has its own `attend`."""
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -500,7 +500,8 @@ class LeanDecoder:
     def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, positions: Tensor) -> Tensor:
         """(B, P) prompts -> (B, V) logits for the first response token.
 
-        Repeated prompts (GRPO's G samples of each) are run once and their keys and values copied."""
+        Repeated prompts (GRPO's G samples of each) are run once; their keys and values are then shared
+        (`share_prompts`) or copied to every row."""
         B, P = prompt_ids.shape
         inverse, first = distinct_rows(prompt_ids, prompt_mask)
         n, Hkv, D, device = len(self.layers), self.lean.Hkv, self.lean.D, prompt_ids.device

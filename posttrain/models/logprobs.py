@@ -61,7 +61,7 @@ def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_i
 
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of float32, e.g. 170 tokens of a 49,152-token vocabulary
-# Under autograd without entropy, a call's log-softmax outputs are kept for the backward pass when they hold at most
+# Under autograd in float32 (`_HeadLogprobs`), a call's log-softmax outputs are kept for the backward pass when they hold at most
 # this many elements (512 MiB of float32; a SmolLM2 micro-batch of 8 x <= 256 response tokens holds <= 100M), so
 # the backward does not compute the head's product again; above it each chunk's logits are recomputed there.
 KEEP_ELEMENTS = 1 << 27
@@ -111,8 +111,8 @@ class _HeadLogprobs(torch.autograd.Function):
                 kept.append(logp)
         lp = torch.cat(lps) if lps else h.new_zeros(0)
         ent = torch.cat(ents) if ents else torch.zeros_like(lp)
-        ctx.save_for_backward(h, a, weight, ent)
-        ctx.bias, ctx.temperature, ctx.n, ctx.reordered, ctx.kept, ctx.used = bias, temperature, n, reordered, kept, False
+        ctx.save_for_backward(h, a, weight, bias, ent)
+        ctx.temperature, ctx.n, ctx.reordered, ctx.kept, ctx.used = temperature, n, reordered, kept, False
         ctx.mark_non_differentiable(*(() if entropy else (ent,)))
         return lp, ent
 
@@ -121,8 +121,8 @@ class _HeadLogprobs(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("the head's log-probs were differentiated once already (their buffers are used up)")
         ctx.used = True
-        h, a, weight, ent = ctx.saved_tensors
-        bias, tau, n, kept = ctx.bias, ctx.temperature, ctx.n, ctx.kept
+        h, a, weight, bias, ent = ctx.saved_tensors
+        tau, n, kept = ctx.temperature, ctx.n, ctx.kept
         if g_lp is None and g_ent is None:
             return (None,) * 9
         g_lp = torch.zeros_like(ent) if g_lp is None else g_lp

@@ -38,8 +38,7 @@ class SharedPromptKV:
         self.rk = k.new_empty(n, B, Hkv, capacity, D)
         self.rv = v.new_empty(n, B, Hkv, capacity, D)
         self.length = P
-        counts = torch.bincount(inverse, minlength=U)
-        self.G = int(counts.max())
+        self.G = int(torch.bincount(inverse, minlength=U).max())
         # occurrence of each row among its prompt's rows: j = rows before it with the same prompt
         same = inverse.unsqueeze(0) == inverse.unsqueeze(1)  # (B, B)
         j = (same & torch.ones_like(same).tril(-1)).sum(1)
