@@ -442,6 +442,12 @@ class KVCache(KVStore):
         """Keep only `rows` (indices into the batch) of every layer's keys and values, up to `length`."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
+    def rows(self, r: slice) -> KVCache:
+        """The cache of rows `r` as a view: what a pass over those rows appends is written into this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length = self.k[:, r], self.v[:, r], self.length
+        return view
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length:end] = k
@@ -454,6 +460,27 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
+
+
+# The prefill runs over at most this many prompt tokens at a time (whole prompts; at least one): a pass over 64
+# SmolLM2 prompts at once makes 37-74 MB activations that glibc maps fresh for every op and the kernel faults in
+# page by page (docs/performance.md, "Page faults"); passes of ~2k tokens reuse the same heap blocks. None: one pass.
+PREFILL_TOKENS: int | None = 2048
+
+
+def row_chunks(mask: Tensor, tokens: int | None) -> list[slice]:
+    """Consecutive row slices of a (B, P) mask, each holding at most `tokens` real tokens (or one row, if that row
+    alone holds more); one slice of every row when `tokens` is None."""
+    if tokens is None:
+        return [slice(0, mask.size(0))]
+    out, start, total = [], 0, 0
+    for i, count in enumerate(mask.sum(1).tolist()):
+        if i > start and total + count > tokens:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += count
+    out.append(slice(start, mask.size(0)))
+    return out
 
 
 class LeanDecoder:
@@ -512,8 +539,12 @@ class LeanDecoder:
             cache = KVCache(n, len(first), Hkv, P, D, self.dtype, device)
             ids, mask, pos, bias = prompt_ids[first], prompt_mask[first], positions[first], self.prefill_bias[first]
         cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
-        h = self.lean.forward(ids, cos, sin, bias, self.layers, cache, used=padding_free(mask.bool()))
-        logits = linear(h[:, -1], self.head, self.head_bias)
+        last = []  # (rows, C) final hidden state at each prompt's last position
+        for r in row_chunks(mask, PREFILL_TOKENS):
+            h = self.lean.forward(ids[r], cos[r], sin[r], bias[r], self.layers, cache.rows(r),
+                                  used=padding_free(mask[r].bool()))
+            last.append(h[:, -1])
+        logits = linear(torch.cat(last), self.head, self.head_bias)
         if cache is not self.cache:
             if self.share_prompts:
                 self.cache = SharedPromptKV(cache.k, cache.v, mask, inverse, self.max_new_tokens)
