@@ -22,6 +22,7 @@ H / Hkv = query / key-value heads, D = head size.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -444,8 +445,8 @@ class KVCache(KVStore):
 
     def rows(self, r: slice) -> KVCache:
         """The cache of rows `r` as a view: what a pass over those rows appends is written into this cache."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v, view.length = self.k[:, r], self.v[:, r], self.length
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, r], self.v[:, r]
         return view
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -61,9 +61,9 @@ def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_i
 
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of float32, e.g. 170 tokens of a 49,152-token vocabulary
-# Under autograd in float32 (`_HeadLogprobs`), a call's log-softmax outputs are kept for the backward pass when they hold at most
-# this many elements (512 MiB of float32; a SmolLM2 micro-batch of 8 x <= 256 response tokens holds <= 100M), so
-# the backward does not compute the head's product again; above it each chunk's logits are recomputed there.
+# Under autograd in float32 (`_HeadLogprobs`), a call's log-softmax outputs are kept for the backward pass when they
+# hold at most this many elements (512 MiB of float32; a SmolLM2 micro-batch of 8 x <= 256 response tokens holds
+# <= 100M), so the backward does not compute the head's product again; above it each chunk's logits are recomputed.
 KEEP_ELEMENTS = 1 << 27
 
 

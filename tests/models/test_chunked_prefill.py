@@ -48,7 +48,8 @@ def test_prefill_in_passes_equals_one_pass(tokenizer, layout, monkeypatch):
             tokens = first.argmax(-1)
             steps = [dec.step(tokens, mask.sum(-1) + t) for t in range(3)]
         cache = dec.cache
-        kv = (cache.k[..., :ids.size(1), :], cache.v[..., :ids.size(1), :]) if type(cache) is KVCache else (cache.pk, cache.pv)
+        P = ids.size(1)
+        kv = (cache.k[..., :P, :], cache.v[..., :P, :]) if type(cache) is KVCache else (cache.pk, cache.pv)
         out[budget] = (first, steps, kv, mask.bool())
     (a, sa, kva, m), (b, sb, kvb, _) = out[None], out[12]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
