@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.adapters import hf_module
 from posttrain.models.lean import lean_backbone, positions_from_mask
-from posttrain.models.packed import linear, training_reorder
+from posttrain.models.packed import linear, onednn_mm, training_reorder
 
 
 def causal_lm_logits(model, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
@@ -69,9 +69,15 @@ KEEP_ELEMENTS = 1 << 27
 
 def _log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
                  reordered: Tensor | None) -> Tensor:
-    """(N, C) hidden -> (N, V) float32 log_softmax((W h + b) / temperature)."""
+    """(N, C) hidden -> (N, V) float32 log_softmax((W h + b) / temperature). Outside autograd the log-softmax
+    overwrites the logits (one (N, V) buffer, not two: each is a fresh 32 MiB block the kernel faults in page by
+    page; the values are the same, tests/models/test_chunked_logprobs.py)."""
     logits = linear(hidden, weight, bias, reordered).float()  # (N, V)
-    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # x / 1 == x exactly
+    if logits.requires_grad:
+        return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # x / 1 == x exactly
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1, out=logits)
 
 
 def _token_logprobs(hidden: Tensor, actions: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
@@ -102,11 +108,12 @@ class _HeadLogprobs(torch.autograd.Function):
                 reordered: Tensor | None, keep: bool, entropy: bool) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         lps, ents, kept = [], [], []
+        scratch = h.new_empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32) if entropy else None
         for s in range(0, h.size(0), n):
             logp = _log_softmax(h[s:s + n], weight, bias, temperature, reordered)  # (n, V)
             lps.append(logp.gather(-1, a[s:s + n].unsqueeze(-1)).squeeze(-1))
-            if entropy:
-                ents.append(-(logp.exp() * logp).sum(-1))
+            if entropy:  # -sum_v p log p, with p in one buffer reused by every chunk
+                ents.append(torch.exp(logp, out=scratch[:len(logp)]).mul_(logp).sum(-1).neg_())
             if keep:
                 kept.append(logp)
         lp = torch.cat(lps) if lps else h.new_zeros(0)
@@ -129,6 +136,8 @@ class _HeadLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dh = torch.empty_like(h) if need_h else None
         dw = db = None
+        scratch = None if g_ent is None else h.new_empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32)
+        w_t = training_reorder(weight, transposed=True) if need_h else None  # dh on oneDNN (packed.py)
         for c, s in enumerate(range(0, h.size(0), n)):
             hc, g, idx = h[s:s + n], g_lp[s:s + n].unsqueeze(1), a[s:s + n].unsqueeze(1)
             logp = kept[c] if kept else _log_softmax(hc, weight, bias, tau, ctx.reordered)  # (n, V)
@@ -137,13 +146,16 @@ class _HeadLogprobs(torch.autograd.Function):
             if g_ent is None:
                 dz = logp.exp_().mul_(-g)
             else:
-                p = logp.exp()
+                p = torch.exp(logp, out=scratch[:len(logp)])
                 dz = logp.add_(ent[s:s + n].unsqueeze(1)).mul_(g_ent[s:s + n].unsqueeze(1)).add_(g).mul_(p).neg_()
             dz.scatter_add_(1, idx, g)  # (n, V) dL/dz
             if tau != 1.0:
                 dz.div_(tau)
             if need_h:
-                torch.mm(dz, weight, out=dh[s:s + n])
+                if w_t is None:
+                    torch.mm(dz, weight, out=dh[s:s + n])
+                else:
+                    dh[s:s + n] = onednn_mm(dz, w_t)
             if need_w:
                 dw = dz.t().mm(hc) if dw is None else dw.addmm_(dz.t(), hc)
             if need_b:

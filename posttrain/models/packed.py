@@ -147,19 +147,26 @@ TRAIN_ONEDNN_MACS = 1 << 24
 _TRAIN_ONEDNN = os.environ.get("POSTTRAIN_PACK", "1") in ("1", "onednn") and fp32_backend() == "onednn"
 
 
-def _reorder(weight: Tensor) -> Tensor:
-    """oneDNN's reordered copy of `weight`; inside `weights_fixed()` made once per weight and reused."""
+def _reorder(weight: Tensor, transposed: bool = False) -> Tensor:
+    """oneDNN's reordered copy of `weight` (of its transpose W^T, (K, N), for the products x W of a backward pass);
+    inside `weights_fixed()` made once per weight and reused."""
     fixed = fixed_store()
     if fixed is None:
-        return _reorder_now(weight.detach())
-    held = fixed.get(id(weight))
+        return _reorder_now(weight.detach(), transposed)
+    key = (id(weight), transposed)
+    held = fixed.get(key)
     if held is None or held[0] is not weight or held[1] != (weight.data_ptr(), weight._version):
-        held = fixed[id(weight)] = (weight, (weight.data_ptr(), weight._version), _reorder_now(weight.detach()))
+        held = fixed[key] = (weight, (weight.data_ptr(), weight._version), _reorder_now(weight.detach(), transposed))
     return held[2]
 
 
-def _reorder_now(weight: Tensor) -> Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 2048)
+def _reorder_now(weight: Tensor, transposed: bool = False) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous() if transposed else weight, 2048)
+
+
+def onednn_mm(x: Tensor, reordered: Tensor) -> Tensor:
+    """(M, K) x -> (M, N) x W^T for W (N, K) as `_reorder` gave it (for W^T reordered: x W, the backward's dx)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), reordered, None, "none", [], "")
 
 
 _FIXED = threading.local()  # .cache: id(weight) -> (weight, (data_ptr, _version), reordered), this thread's block
@@ -190,12 +197,13 @@ def fixed_store() -> dict | None:
     return getattr(_FIXED, "cache", None)
 
 
-def training_reorder(weight: Tensor) -> Tensor | None:
+def training_reorder(weight: Tensor, transposed: bool = False) -> Tensor | None:
     """oneDNN's reordered copy of `weight` as it is now, for a caller that multiplies it many times between two
     changes (the chunked log-probs: a 49k head reordered once per call, not once per chunk, which would cost about
     a 170-token chunk's product), or None where `linear` would not use oneDNN for it. A snapshot: the caller
-    must not keep it past a change of the weight (an optimizer step; fused AdamW does not even bump `_version`)."""
-    return _reorder(weight) if _trains_on_onednn(weight) else None
+    must not keep it past a change of the weight (an optimizer step; fused AdamW does not even bump `_version`).
+    transposed: the copy of W^T, for dx = dy W."""
+    return _reorder(weight, transposed) if _trains_on_onednn(weight) else None
 
 
 def _trains_on_onednn(weight: Tensor) -> bool:
@@ -207,8 +215,10 @@ def _trains_on_onednn(weight: Tensor) -> bool:
 
 class _OnednnLinear(torch.autograd.Function):
     """y = x W^T + b with the forward on oneDNN's reordered W (`reordered`, the same values) and the backward
-    F.linear's own: dx = dy W, dW = dy^T x, db = sum dy (MKL, as autograd computes them for F.linear).
-    x (..., K), W (N, K), b (N,)."""
+    F.linear's: dx = dy W, dW = dy^T x, db = sum dy. x (..., K), W (N, K), b (N,). dW and db as autograd computes
+    them for F.linear (MKL); dx too, except inside a `weights_fixed` block (the RL update's micro-batches), where
+    it runs on oneDNN against W^T reordered once per block: on the project's Zen 4 EPYC 205-220 GFLOP/s against
+    MKL's 155-199 at 800-1,600 rows of SmolLM2's shapes (docs/performance.md, "The update's backward")."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, reordered: Tensor) -> Tensor:
@@ -222,7 +232,10 @@ class _OnednnLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x2, weight = ctx.saved_tensors
         g = grad.reshape(-1, weight.size(0))
-        dx = g.mm(weight).view(*ctx.lead, -1) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g.mm(weight) if fixed_store() is None else onednn_mm(g, _reorder(weight, transposed=True))
+            dx = dx.view(*ctx.lead, -1)
         dw = g.t().mm(x2) if ctx.needs_input_grad[1] else None
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None

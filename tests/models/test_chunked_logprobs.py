@@ -135,3 +135,19 @@ def test_the_written_out_gradient_is_pushed_the_right_way_and_used_once():
         assert "once already" in str(err)
     else:
         raise AssertionError("a second backward went through")
+
+
+def test_the_log_softmax_written_over_the_logits_equals_the_out_of_place_one():
+    """Outside autograd `_log_softmax` overwrites its logits (one (n, V) buffer, not two): torch's kernel reads a
+    row's maximum and sum before it writes, so the values are F.log_softmax's bit for bit (a torch whose kernel
+    did not would fail here), at temperature 1 and not."""
+    from posttrain.models.logprobs import _log_softmax
+
+    g = torch.Generator().manual_seed(8)
+    w, h = torch.randn(5000, 24, generator=g), torch.randn(37, 24, generator=g)
+    for tau in (1.0, 0.7):
+        with torch.no_grad():
+            got = _log_softmax(h, w, None, tau, None)
+        assert torch.equal(got, F.log_softmax(F.linear(h, w) / tau, dim=-1))
+    h.requires_grad_(True)  # under autograd: out of place, differentiable
+    assert _log_softmax(h, w, None, 0.7, None).grad_fn is not None

@@ -187,7 +187,7 @@ def test_weights_fixed_reorders_each_weight_once_per_block_and_sees_a_changed_we
     monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
     made = []
     reorder = torch.ops.mkldnn._reorder_linear_weight
-    monkeypatch.setattr(packed_module, "_reorder_now", lambda w: made.append(w) or reorder(w, 2048))
+    monkeypatch.setattr(packed_module, "_reorder_now", lambda w, transposed=False: made.append(w) or reorder(w, 2048))
     g = torch.Generator().manual_seed(5)
     w = torch.nn.Parameter(torch.randn(64, 32, generator=g))
     x = torch.randn(5, 32, generator=g)
@@ -225,7 +225,8 @@ def test_rl_steps_with_the_reorder_cache_equal_steps_reordering_every_call(tmp_p
                       "rl.warmup_steps=0", "rl.lr=1e-2")
     made = []
     reorder = torch.ops.mkldnn._reorder_linear_weight
-    monkeypatch.setattr(packed_module, "_reorder_now", lambda w: made.append(1) or reorder(w, 2048))
+    monkeypatch.setattr(packed_module, "_reorder_now",
+                        lambda w, transposed=False: made.append(1) or reorder(w.t().contiguous() if transposed else w, 2048))
 
     def run(model):
         torch.manual_seed(0)
@@ -236,9 +237,45 @@ def test_rl_steps_with_the_reorder_cache_equal_steps_reordering_every_call(tmp_p
 
     cached = run(copy.deepcopy(tiny_model))
     with_cache = len(made)
-    monkeypatch.setattr(packed_module, "_reorder", lambda w: packed_module._reorder_now(w.detach()))  # every call
+    monkeypatch.setattr(packed_module, "_reorder",  # every call
+                        lambda w, transposed=False: packed_module._reorder_now(w.detach(), transposed))
     made.clear()
     plain = run(copy.deepcopy(tiny_model))
     assert len(made) > with_cache  # the cache saved reorders
     for name, p in cached.items():
         assert torch.equal(p, plain[name]), name
+
+
+@pytest.mark.skipif(not _has_onednn(torch.float32), reason="this torch build has no oneDNN")
+def test_backward_dx_on_onednn_inside_a_fixed_block_equals_f_linears(monkeypatch):
+    """Inside `weights_fixed()` (the RL update's micro-batches) dx = dy W runs on oneDNN against W^T, reordered once
+    for the block's backward passes: F.linear's dx to float rounding and its dW exactly (still MKL's). Outside a
+    block dx is F.linear's own product, bit for bit. The chunked head's dh takes the same path."""
+    monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", True)
+    monkeypatch.setattr(packed_module, "TRAIN_ONEDNN_MACS", 1)
+    made = []
+    reorder_now = packed_module._reorder_now
+    monkeypatch.setattr(packed_module, "_reorder_now",
+                        lambda w, transposed=False: made.append(transposed) or reorder_now(w, transposed))
+    g = torch.Generator().manual_seed(6)
+    w = torch.nn.Parameter(torch.randn(96, 40, generator=g))
+    xs = [torch.randn(n, 40, generator=g, requires_grad=True) for n in (5, 33, 70)]
+    dys = [torch.randn(len(x), 96, generator=g) for x in xs]
+    with packed_module.weights_fixed():
+        got = [torch.autograd.grad(linear(x, w), [x, w], dy) for x, dy in zip(xs, dys)]
+    assert made.count(True) == 1 and made.count(False) == 1  # one reorder of W and one of W^T for 3 passes
+    for (dx, dw), x, dy in zip(got, xs, dys):
+        ref_dx, ref_dw = torch.autograd.grad(F.linear(x, w), [x, w], dy)
+        torch.testing.assert_close(dx, ref_dx, atol=1e-5, rtol=1e-5)
+        assert torch.equal(dw, ref_dw)
+    dx, _ = torch.autograd.grad(linear(xs[0], w), [xs[0], w], dys[0])  # outside a block
+    assert torch.equal(dx, dys[0].mm(w))
+    hidden = torch.randn(2, 9, 40, generator=g, requires_grad=True)
+    actions, mask = torch.randint(0, 96, (2, 9), generator=g), torch.ones(2, 9)
+    with packed_module.weights_fixed():
+        lp, ent = chunked_logprobs(hidden, w, None, actions, mask, with_entropy=True, chunk_elements=96 * 4)
+        dh = torch.autograd.grad((lp + 0.3 * ent).sum(), hidden)[0]
+    monkeypatch.setattr(packed_module, "_TRAIN_ONEDNN", False)
+    ref_lp, ref_ent = chunked_logprobs(hidden, w, None, actions, mask, with_entropy=True, chunk_elements=96 * 4)
+    ref_dh = torch.autograd.grad((ref_lp + 0.3 * ref_ent).sum(), hidden)[0]
+    torch.testing.assert_close(dh, ref_dh, atol=1e-5, rtol=1e-5)
