@@ -237,3 +237,33 @@ def test_sampled_tokens_follow_the_distribution_and_skip_zero_probability():
         assert torch.all(freq[probs[row] == 0] == 0)
     again = torch.stack([gen.sample_tokens(probs, torch.Generator().manual_seed(0)) for _ in range(3)])
     assert torch.equal(again[0], again[1])  # same generator state, same draw
+
+
+def test_sampling_from_logits_in_one_buffer_draws_as_softmax_and_returns_its_logprobs():
+    """sample_with_logprobs (the decode loop's sampling: exp(z - m) and its CDF written into one reused buffer)
+    draws what sample_tokens draws from softmax(z) with the same generator, token for token here (they differ
+    only where a uniform falls within float rounding of a CDF step); its log-probs are log_softmax(z) at the drawn
+    tokens, unfiltered also where top-k filters the draw; frequencies follow softmax(z); greedy takes the argmax."""
+    gen = sys.modules[generate.__module__]
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 3000, generator=g) * 3
+    logits[:, 7] = float("-inf")  # a zero-probability token is never drawn
+    buffer = torch.empty_like(logits)
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        tok, logp = gen.sample_with_logprobs(logits, a, buffer=buffer)
+        assert torch.equal(tok, gen.sample_tokens(logits.softmax(-1), b))
+        torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0],
+                                   atol=1e-5, rtol=1e-6)
+        assert not (tok == 7).any()
+    tok, logp = gen.sample_with_logprobs(logits, a, top_k=5, buffer=buffer)
+    assert all(t in set(logits[r].topk(5).indices.tolist()) for r, t in enumerate(tok.tolist()))
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0],
+                               atol=1e-5, rtol=1e-6)
+    tok, _ = gen.sample_with_logprobs(logits, greedy=True)
+    assert torch.equal(tok, logits.argmax(-1))
+    small = torch.tensor([[0.0, 1.0, -1.0, 0.5]]).repeat(20_000, 1)
+    draws = gen.sample_with_logprobs(small, torch.Generator().manual_seed(0))[0]
+    p = small[0].softmax(-1).double()
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / len(draws)).sqrt())

@@ -22,7 +22,6 @@ import inspect
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
@@ -53,15 +52,41 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def sample_tokens(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One token per row of (B, V) probabilities, by inverting each row's CDF at one uniform draw: token i with
-    cdf[i-1] <= u * cdf[V-1] < cdf[i], so a zero-probability token is never drawn. One uniform per row (B in
-    all): at a 49,152-token vocabulary this is ~20x faster than torch.multinomial, whose CPU kernel draws an
-    exponential for every entry (B x V). -> (B,) long."""
-    cdf = probs.cumsum(-1)
+def sample_tokens(probs: Tensor, generator: torch.Generator | None = None, overwrite: bool = False) -> Tensor:
+    """One token per row of (B, V) probabilities (or any non-negative weights: each row is normalised by its
+    total), by inverting each row's CDF at one uniform draw: token i with cdf[i-1] <= u * cdf[V-1] < cdf[i], so a
+    zero-probability token is never drawn. One uniform per row (B in all): at a 49,152-token vocabulary this is
+    ~20x faster than torch.multinomial, whose CPU kernel draws an exponential for every entry (B x V).
+    overwrite: the CDF is summed in place over `probs`. -> (B,) long."""
+    cdf = probs.cumsum_(-1) if overwrite else probs.cumsum(-1)
     device = generator.device if generator is not None else probs.device
     u = torch.rand(probs.size(0), 1, generator=generator, device=device).to(probs.device, cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
+
+
+def sample_with_logprobs(logits: Tensor, generator: torch.Generator | None = None, top_k: int = 0,
+                         top_p: float = 1.0, greedy: bool = False,
+                         buffer: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(B, V) float logits -> (B,) tokens drawn from softmax(filter_logits(logits)) (the argmax when greedy) and
+    (B,) their log-probabilities under softmax(logits), unfiltered: log p = z_a - m - log sum_v exp(z_v - m), m the
+    row's maximum (log_softmax's equation, to float rounding).
+
+    The weights exp(z - m) are written into `buffer` ((B, V) float32, reused across decode steps; None: a new
+    one) and the CDF summed over them in place, so a step makes no (B, V) tensor: at SmolLM2's 49,152 tokens and 64
+    rows each such tensor is a 12.6 MB block that glibc maps fresh and the kernel faults in page by page, ~19 ms
+    apiece on the project's EPYC, against ~2 ms for the pass itself (docs/performance.md, "Sampling")."""
+    m = logits.amax(-1, keepdim=True)  # (B, 1)
+    weights = torch.sub(logits, m, out=buffer) if buffer is not None else logits - m
+    log_z = weights.exp_().sum(-1, keepdim=True).log_()  # (B, 1) log sum_v exp(z_v - m)
+    if greedy:
+        tok = logits.argmax(-1)
+    else:
+        filtered = filter_logits(logits, top_k, top_p)
+        if filtered is not logits:  # top-k / top-p: draw from the filtered weights
+            torch.sub(filtered, m, out=weights).exp_()
+        tok = sample_tokens(weights, generator, overwrite=True)
+    logp = (logits.gather(-1, tok.unsqueeze(-1)) - m - log_z).squeeze(-1)
+    return tok, logp
 
 
 class _HFStepper:
@@ -136,13 +161,12 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
     tokens, logps, masks = [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)  # the batch rows the stepper still decodes, in its order
+    weights = torch.empty(raw.shape, dtype=torch.float32, device=device)  # sampling's (B, V) buffer, every step's
+    scaled = None if temperature == 1.0 and raw.dtype == torch.float32 else torch.empty_like(weights)
     for t in range(max_new_tokens):
-        logits = raw.float() if temperature == 1.0 else raw.float() / temperature  # (B, V); x / 1 == x
-        if greedy:
-            tok = logits.argmax(-1)
-        else:  # every row draws, finished or not, so the random stream does not depend on when rows finish
-            tok = sample_tokens(filter_logits(logits, top_k, top_p).softmax(-1), generator)
-        logp = F.log_softmax(logits, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        logits = raw if scaled is None else scaled.copy_(raw).div_(temperature)  # (B, V) float32; x / 1 == x
+        # every row draws, finished or not, so the random stream does not depend on when rows finish
+        tok, logp = sample_with_logprobs(logits, generator, top_k, top_p, greedy, weights)
         tok = tok.masked_fill(~alive, pad_token_id)
         masks.append(alive)
         tokens.append(tok)
@@ -154,12 +178,13 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
             keep = alive[rows].nonzero().squeeze(1)
             stepper.keep(keep)
             rows = rows[keep]
-        raw = raw.index_copy(0, rows, stepper.step(tok[rows], (next_pos + t)[rows], masks[-1][rows]))
+        out = stepper.step(tok[rows], (next_pos + t)[rows], masks[-1][rows])
+        raw = out if len(rows) == B else raw.index_copy_(0, rows, out)  # (a finished row keeps its last logits)
     batch = RolloutBatch(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
                          response_ids=torch.stack(tokens, 1).cpu(), response_mask=torch.stack(masks, 1).float().cpu(),
                          rollout_logprobs=torch.stack(logps, 1).cpu(), finished=(~alive).cpu())
     if B * raw.size(-1) * (len(tokens) + 1) * 4 > RELEASE_ABOVE:  # freed at least that many bytes of logits
-        del stepper, raw, logits
+        del stepper, raw, logits, weights, scaled
         release_free_memory()  # the heap pages this generation freed go back to the OS (models/memory.py)
     return batch
 
