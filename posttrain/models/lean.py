@@ -443,10 +443,11 @@ class KVCache(KVStore):
         """Keep only `rows` (indices into the batch) of every layer's keys and values, up to `length`."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
-    def rows(self, r: slice) -> KVCache:
-        """The cache of rows `r` as a view: what a pass over those rows appends is written into this cache."""
+    def rows(self, r: slice, start: int = 0) -> KVCache:
+        """The cache of rows `r` from position `start` on as a view: what a pass over those rows appends is written
+        into this cache (its position 0 is this cache's `start`)."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, r], self.v[:, r]
+        view.k, view.v = self.k[:, r, :, start:], self.v[:, r, :, start:]
         return view
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -529,31 +530,39 @@ class LeanDecoder:
         """(B, P) prompts -> (B, V) logits for the first response token.
 
         Repeated prompts (GRPO's G samples of each) are run once; their keys and values are then shared
-        (`share_prompts`) or copied to every row."""
+        (`share_prompts`) or copied to every row. The distinct prompts run shortest first in passes of at most
+        PREFILL_TOKENS tokens, each pass from its longest prompt's first token: the columns before it are left
+        padding in all of its rows (their cache entries are zeros, masked). The same logits and cache as one pass
+        over the padded batch, to float rounding (tests/models/test_chunked_prefill.py)."""
         B, P = prompt_ids.shape
         inverse, first = distinct_rows(prompt_ids, prompt_mask)
         n, Hkv, D, device = len(self.layers), self.lean.Hkv, self.lean.D, prompt_ids.device
-        if len(first) == B:
-            self.cache = KVCache(n, B, Hkv, self.capacity, D, self.dtype, device)
-            cache, ids, mask, pos, bias = self.cache, prompt_ids, prompt_mask, positions, self.prefill_bias
-        else:
-            cache = KVCache(n, len(first), Hkv, P, D, self.dtype, device)
-            ids, mask, pos, bias = prompt_ids[first], prompt_mask[first], positions[first], self.prefill_bias[first]
-        cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
+        # The distinct prompts shortest first, so that a pass holds prompts of similar length and starts at its
+        # longest one's first token: the columns before it are padding in every row of the pass and are skipped.
+        lengths = prompt_mask[first].sum(1)
+        order = first[lengths.argsort(stable=True)]  # rows of prompt_ids, in prefill order
+        ids, mask, bias = prompt_ids[order], prompt_mask[order], self.prefill_bias[order]
+        cos, sin = self.cos_table[positions[order]].unsqueeze(1), self.sin_table[positions[order]].unsqueeze(1)
+        cache = KVCache(n, len(order), Hkv, P, D, self.dtype, device)  # the prompts' keys and values, in order
         last = []  # (rows, C) final hidden state at each prompt's last position
         for r in row_chunks(mask, PREFILL_TOKENS):
-            h = self.lean.forward(ids[r], cos[r], sin[r], bias[r], self.layers, cache.rows(r),
-                                  used=padding_free(mask[r].bool()))
+            start = P - int(mask[r].sum(1).max())
+            if start:  # masked keys of these rows: finite (zeros), never attended to
+                cache.k[:, r, :, :start] = 0
+                cache.v[:, r, :, :start] = 0
+            h = self.lean.forward(ids[r, start:], cos[r, :, start:], sin[r, :, start:], bias[r, :, start:, start:],
+                                  self.layers, cache.rows(r, start), used=padding_free(mask[r, start:].bool()))
             last.append(h[:, -1])
-        logits = linear(torch.cat(last), self.head, self.head_bias)
-        if cache is not self.cache:
-            if self.share_prompts:
-                self.cache = SharedPromptKV(cache.k, cache.v, mask, inverse, self.max_new_tokens)
-            else:
-                self.cache = KVCache(n, B, Hkv, self.capacity, D, self.dtype, device)
-                self.cache.k[:, :, :, :P] = cache.k[:, inverse]
-                self.cache.v[:, :, :, :P] = cache.v[:, inverse]
-            logits = logits[inverse]
+        back = torch.empty_like(order)  # back[i]: where distinct prompt i (in `first` order) sits in `order`
+        back[torch.searchsorted(first, order)] = torch.arange(len(order), device=device)
+        logits = linear(torch.cat(last)[back], self.head, self.head_bias)[inverse]  # (B, V)
+        if self.share_prompts and len(first) < B:
+            self.cache = SharedPromptKV(cache.k[:, back], cache.v[:, back], prompt_mask[first], inverse,
+                                        self.max_new_tokens)
+        else:
+            self.cache = KVCache(n, B, Hkv, self.capacity, D, self.dtype, device)
+            self.cache.k[:, :, :, :P] = cache.k[:, back[inverse]]
+            self.cache.v[:, :, :, :P] = cache.v[:, back[inverse]]
         self.cache.length = P
         return logits
 

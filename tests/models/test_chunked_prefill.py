@@ -59,3 +59,31 @@ def test_prefill_in_passes_equals_one_pass(tokenizer, layout, monkeypatch):
         keep = m[None, :, None, :, None]
         for x, y in zip(kva, kvb):
             torch.testing.assert_close(x * keep, y * keep, atol=1e-5, rtol=0)
+
+
+def test_passes_run_shortest_prompts_first_from_their_longest_prompts_first_token(tokenizer, monkeypatch):
+    """The distinct prompts are prefilled shortest first, each pass only from the first column that is not padding
+    in all of its rows: the passes' widths are their longest prompts' lengths (not the batch's), every prompt is in
+    exactly one pass, and the skipped cache columns are zeros (masked keys, finite)."""
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    lean = lean_backbone(build_tiny_model(cfg, tokenizer, seed=0).eval())
+    ids, mask = encode_prompts(tokenizer, PROMPTS["distinct"])
+    widths, rows = [], []
+    forward = type(lean).forward
+
+    def spy(self, input_ids, *args, **kw):
+        widths.append(input_ids.size(1))
+        rows.append(input_ids.size(0))
+        return forward(self, input_ids, *args, **kw)
+
+    monkeypatch.setattr(type(lean), "forward", spy)
+    monkeypatch.setattr(lean_module, "PREFILL_TOKENS", 12)
+    with torch.no_grad():
+        dec = LeanDecoder(lean, mask, 2)
+        dec.prefill(ids, mask, positions_from_mask(mask))
+    lengths = sorted(mask.sum(1).tolist())
+    assert sum(rows) == len(lengths) and widths == sorted(widths) and widths[-1] == ids.size(1)
+    ends = [sum(rows[:i + 1]) for i in range(len(rows))]
+    assert widths == [lengths[e - 1] for e in ends] and widths[0] < ids.size(1)  # each pass: its longest prompt
+    pad = ~mask.bool()[None, :, None, :, None]
+    assert dec.cache.k[..., :ids.size(1), :].masked_select(pad).eq(0).all()
