@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.adapters import hf_module
 from posttrain.models.lean import lean_backbone, positions_from_mask
-from posttrain.models.packed import linear, onednn_mm, training_reorder
+from posttrain.models.packed import backward_reorder, linear, onednn_mm, training_reorder
 
 
 def causal_lm_logits(model, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
@@ -137,7 +137,7 @@ class _HeadLogprobs(torch.autograd.Function):
         dh = torch.empty_like(h) if need_h else None
         dw = db = None
         scratch = None if g_ent is None else h.new_empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32)
-        w_t = training_reorder(weight, transposed=True) if need_h else None  # dh on oneDNN (packed.py)
+        w_t = backward_reorder(weight, h.size(0)) if need_h else None  # dh on oneDNN for a large head (packed.py)
         for c, s in enumerate(range(0, h.size(0), n)):
             hc, g, idx = h[s:s + n], g_lp[s:s + n].unsqueeze(1), a[s:s + n].unsqueeze(1)
             logp = kept[c] if kept else _log_softmax(hc, weight, bias, tau, ctx.reordered)  # (n, V)

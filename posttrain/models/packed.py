@@ -206,6 +206,15 @@ def training_reorder(weight: Tensor, transposed: bool = False) -> Tensor | None:
     return _reorder(weight, transposed) if _trains_on_onednn(weight) else None
 
 
+def backward_reorder(weight: Tensor, rows: int) -> Tensor | None:
+    """oneDNN's reordered W^T for dx = dy W over `rows` rows, where `linear` would run that product on oneDNN (the
+    same size threshold, TRAIN_ONEDNN_MACS), else None (the caller keeps torch.mm). A snapshot, as
+    `training_reorder`'s."""
+    if rows * weight.numel() < TRAIN_ONEDNN_MACS:
+        return None
+    return training_reorder(weight, transposed=True)
+
+
 def _trains_on_onednn(weight: Tensor) -> bool:
     """Whether the training path runs products with `weight` on oneDNN: float32 on the CPU, outside autocast
     (whose bf16 F.linear is left to it), where `fp32_backend` chose oneDNN."""
