@@ -227,7 +227,7 @@ class _OnednnLinear(torch.autograd.Function):
     F.linear's: dx = dy W, dW = dy^T x, db = sum dy. x (..., K), W (N, K), b (N,). dW and db as autograd computes
     them for F.linear (MKL); dx too, except inside a `weights_fixed` block (the RL update's micro-batches), where
     it runs on oneDNN against W^T reordered once per block: on the project's Zen 4 EPYC 205-220 GFLOP/s against
-    MKL's 155-199 at 800-1,600 rows of SmolLM2's shapes (docs/performance.md, "The update's backward")."""
+    MKL's 155-199 at 800-1,600 rows of SmolLM2's shapes (docs/performance.md, "The backward's dx on oneDNN")."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, reordered: Tensor) -> Tensor:

@@ -72,9 +72,9 @@ def sample_with_logprobs(logits: Tensor, generator: torch.Generator | None = Non
     row's maximum (log_softmax's equation, to float rounding).
 
     The weights exp(z - m) are written into `buffer` ((B, V) float32, reused across decode steps; None: a new
-    one) and the CDF summed over them in place, so a step makes no (B, V) tensor: at SmolLM2's 49,152 tokens and 64
-    rows each such tensor is a 12.6 MB block that glibc maps fresh and the kernel faults in page by page, ~19 ms
-    apiece on the project's EPYC, against ~2 ms for the pass itself (docs/performance.md, "Sampling")."""
+    one) and the CDF summed over them in place, so a step makes no (B, V) tensor (at SmolLM2's 49,152 tokens and 64
+    rows each is a 12.6 MB block): benchmarks/sampling.py measured 15.3 -> 6.3 ms per step against the former four
+    passes into new tensors (docs/performance.md, "The backward's dx on oneDNN, and sampling in one buffer")."""
     m = logits.amax(-1, keepdim=True)  # (B, 1)
     weights = torch.sub(logits, m, out=buffer) if buffer is not None else logits - m
     log_z = weights.exp_().sum(-1, keepdim=True).log_()  # (B, 1) log sum_v exp(z_v - m)
