@@ -45,7 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=None, help="row counts (default 16,64,2048; --backward: 1024)")
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--backward", action="store_true", help="the backward's products instead (2,048 rows)")
+    p.add_argument("--backward", action="store_true", help="the backward's products instead (at the first of --rows; default 1,024)")
     args = p.parse_args()
     torch.set_num_threads(2)
     if args.backward:
@@ -75,8 +75,7 @@ def main() -> None:
 
 def backward(reps: int, rows: int = 1024) -> None:
     def onednn(a, b_t, n):  # a (M, K) @ b_t^T, b_t (N, K) reordered here for M rows
-        return torch.ops.mkldnn._linear_pointwise(a, torch.ops.mkldnn._reorder_linear_weight(b_t, n), None, "none",
-                                                  [], "")
+        return onednn_mm(a, torch.ops.mkldnn._reorder_linear_weight(b_t, n))
 
     print(f"{cpu_vendor() or platform.processor()}, torch {torch.__version__}, 2 threads; {rows} rows")
     print("| weight | dx MKL ms | dx oneDNN ms | dx MKL / oneDNN | dx oneDNN, W^T kept ms | dx MKL / kept | "

@@ -539,10 +539,10 @@ class LeanDecoder:
         n, Hkv, D, device = len(self.layers), self.lean.Hkv, self.lean.D, prompt_ids.device
         # The distinct prompts shortest first, so that a pass holds prompts of similar length and starts at its
         # longest one's first token: the columns before it are padding in every row of the pass and are skipped.
-        lengths = prompt_mask[first].sum(1)
-        order = first[lengths.argsort(stable=True)]  # rows of prompt_ids, in prefill order
-        ids, mask, bias = prompt_ids[order], prompt_mask[order], self.prefill_bias[order]
-        cos, sin = self.cos_table[positions[order]].unsqueeze(1), self.sin_table[positions[order]].unsqueeze(1)
+        by_length = prompt_mask[first].sum(1).argsort(stable=True)  # distinct prompts (in `first` order), sorted
+        order = first[by_length]  # rows of prompt_ids, in prefill order
+        ids, mask, bias, pos = prompt_ids[order], prompt_mask[order], self.prefill_bias[order], positions[order]
+        cos, sin = self.cos_table[pos].unsqueeze(1), self.sin_table[pos].unsqueeze(1)
         cache = KVCache(n, len(order), Hkv, P, D, self.dtype, device)  # the prompts' keys and values, in order
         last = []  # (rows, C) final hidden state at each prompt's last position
         for r in row_chunks(mask, PREFILL_TOKENS):
@@ -553,8 +553,7 @@ class LeanDecoder:
             h = self.lean.forward(ids[r, start:], cos[r, :, start:], sin[r, :, start:], bias[r, :, start:, start:],
                                   self.layers, cache.rows(r, start), used=padding_free(mask[r, start:].bool()))
             last.append(h[:, -1])
-        back = torch.empty_like(order)  # back[i]: where distinct prompt i (in `first` order) sits in `order`
-        back[torch.searchsorted(first, order)] = torch.arange(len(order), device=device)
+        back = by_length.argsort()  # back[i]: where distinct prompt i (in `first` order) sits in `order`
         logits = linear(torch.cat(last)[back], self.head, self.head_bias)[inverse]  # (B, V)
         if self.share_prompts and len(first) < B:
             self.cache = SharedPromptKV(cache.k[:, back], cache.v[:, back], prompt_mask[first], inverse,
