@@ -53,8 +53,12 @@ class Experience:
         """Micro-batches of `size` rows (None: the whole batch as one), rows of similar response length together
         and each without its all-padding columns (`posttrain.batch.micro_rows`, `trimmed`; `map_micro_batches`
         puts per-row results of the same grouping back)."""
+        return [micro for _, micro in self.split_indexed(size)]
+
+    def split_indexed(self, size: int | None) -> list[tuple[Tensor, "Experience"]]:
+        """`split`'s micro-batches, each with its rows' indices into this batch."""
         groups = micro_rows(self.response_mask, size)
-        return [trimmed(self) if len(groups) == 1 else trimmed(self.select(rows)) for rows in groups]
+        return [(rows, trimmed(self) if len(groups) == 1 else trimmed(self.select(rows))) for rows in groups]
 
     @property
     def num_tokens(self) -> Tensor:  # scalar: tokens under the loss mask

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.adapters import hf_module
 from posttrain.models.lean import lean_backbone, positions_from_mask
-from posttrain.models.packed import backward_reorder, linear, onednn_mm, training_reorder
+from posttrain.models.packed import backward_reorder, fixed_store, linear, onednn_mm, training_reorder
 
 
 def causal_lm_logits(model, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
@@ -61,18 +61,24 @@ def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_i
 
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of float32, e.g. 170 tokens of a 49,152-token vocabulary
-# Under autograd in float32 (`_HeadLogprobs`), a call's log-softmax outputs are kept for the backward pass when they
+# Under autograd (`_HeadLogprobs`), a call's log-softmax outputs are kept for the backward pass when they
 # hold at most this many elements (512 MiB of float32; a SmolLM2 micro-batch of 8 x <= 256 response tokens holds
 # <= 100M), so the backward does not compute the head's product again; above it each chunk's logits are recomputed.
 KEEP_ELEMENTS = 1 << 27
 
 
 def _log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                 reordered: Tensor | None) -> Tensor:
+                 reordered: Tensor | None, low: Tensor | None = None) -> Tensor:
     """(N, C) hidden -> (N, V) float32 log_softmax((W h + b) / temperature). Outside autograd the log-softmax
     overwrites the logits (one (N, V) buffer, not two: each is a fresh 32 MiB block the kernel faults in page by
-    page; the values are the same, tests/models/test_chunked_logprobs.py)."""
-    logits = linear(hidden, weight, bias, reordered).float()  # (N, V)
+    page; the values are the same, tests/models/test_chunked_logprobs.py). low: W in autocast's dtype
+    (`autocast_head`), for the product W h in it (as autocast's F.linear computes it, without casting W again)."""
+    if low is None:
+        logits = linear(hidden, weight, bias, reordered).float()  # (N, V)
+    else:
+        logits = torch.mm(hidden.to(low.dtype), low.t()).float()
+        if bias is not None:
+            logits += bias
     if logits.requires_grad:
         return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # x / 1 == x exactly
     if temperature != 1.0:
@@ -81,10 +87,12 @@ def _log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperatur
 
 
 def _token_logprobs(hidden: Tensor, actions: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                    with_entropy: bool, reordered: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    with_entropy: bool, reordered: Tensor | None = None,
+                    low: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(N, C) hidden, (N,) actions -> (N,) log pi(a | s) and (N,) entropy (zeros when not asked for). `reordered`:
-    the head as packed.training_reorder gives it (the same values), or None."""
-    logp_all = _log_softmax(hidden, weight, bias, temperature, reordered)
+    the head as packed.training_reorder gives it (the same values), or None; `low`: `_log_softmax`'s (only
+    without autograd: the product on it has no gradient to W)."""
+    logp_all = _log_softmax(hidden, weight, bias, temperature, reordered, low)
     logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else logprobs.new_zeros(())
     return logprobs, entropy
@@ -93,24 +101,26 @@ def _token_logprobs(hidden: Tensor, actions: Tensor, weight: Tensor, bias: Tenso
 class _HeadLogprobs(torch.autograd.Function):
     """lp_i = log p_i(a_i) and H_i = -sum_v p_iv log p_iv, p_i = softmax(z_i), z_i = (W h_i + b) / tau, over N
     positions in chunks of n, with the gradient written out rather than autograd's graph through gather,
-    log_softmax and the entropy (float32 only). With g = dL/dlp and e = dL/dH (None: H is not differentiated):
+    log_softmax and the entropy. With g = dL/dlp and e = dL/dH (None: H is not differentiated):
 
         dL/dz_iv = g_i 1[v = a_i] - p_iv (g_i + e_i (log p_iv + H_i))
         dL/dh_i = sum_v dL/dz_iv W_v / tau,   dL/dW = sum_i dL/dz_i h_i^T / tau,   dL/db = sum_i dL/dz_i / tau
 
-    h (N, C), a (N,), W (V, C), b (V,) or None -> lp (N,), H (N,) (zeros unless `entropy`). `keep`: the chunks'
-    log-softmax outputs are kept for the backward pass, which turns them into dL/dz in place; otherwise it
-    computes each chunk's logits again. dL/dW accumulates in one (V, C) buffer, not one per chunk. One backward
-    pass per graph (the kept buffers are used up)."""
+    h (N, C), a (N,), W (V, C), b (V,) or None, all float32 -> lp (N,), H (N,) (zeros unless `entropy`). `keep`:
+    the chunks' log-softmax outputs are kept for the backward pass, which turns them into dL/dz in place;
+    otherwise it computes each chunk's logits again. dL/dW accumulates in one float32 (V, C) buffer, not one per
+    chunk. `low`: W in autocast's dtype (bf16 mixed precision, `autocast_head`): the three products W h, dz W and
+    dz^T h take their operands in it, as autocast's F.linear and its backward do, and the softmax and dL/dz stay
+    float32. One backward pass per graph (the kept buffers are used up)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, n: int,
-                reordered: Tensor | None, keep: bool, entropy: bool) -> tuple[Tensor, Tensor]:
+                reordered: Tensor | None, keep: bool, entropy: bool, low: Tensor | None) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         lps, ents, kept = [], [], []
         scratch = h.new_empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32) if entropy else None
         for s in range(0, h.size(0), n):
-            logp = _log_softmax(h[s:s + n], weight, bias, temperature, reordered)  # (n, V)
+            logp = _log_softmax(h[s:s + n], weight, bias, temperature, reordered, low)  # (n, V)
             lps.append(logp.gather(-1, a[s:s + n].unsqueeze(-1)).squeeze(-1))
             if entropy:  # -sum_v p log p, with p in one buffer reused by every chunk
                 ents.append(torch.exp(logp, out=scratch[:len(logp)]).mul_(logp).sum(-1).neg_())
@@ -119,7 +129,7 @@ class _HeadLogprobs(torch.autograd.Function):
         lp = torch.cat(lps) if lps else h.new_zeros(0)
         ent = torch.cat(ents) if ents else torch.zeros_like(lp)
         ctx.save_for_backward(h, a, weight, bias, ent)
-        ctx.temperature, ctx.n, ctx.reordered, ctx.kept, ctx.used = temperature, n, reordered, kept, False
+        ctx.temperature, ctx.n, ctx.reordered, ctx.kept, ctx.used, ctx.low = temperature, n, reordered, kept, False, low
         ctx.mark_non_differentiable(*(() if entropy else (ent,)))
         return lp, ent
 
@@ -130,17 +140,18 @@ class _HeadLogprobs(torch.autograd.Function):
         ctx.used = True
         h, a, weight, bias, ent = ctx.saved_tensors
         tau, n, kept = ctx.temperature, ctx.n, ctx.kept
+        low = ctx.low
         if g_lp is None and g_ent is None:
-            return (None,) * 9
+            return (None,) * 10
         g_lp = torch.zeros_like(ent) if g_lp is None else g_lp
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dh = torch.empty_like(h) if need_h else None
         dw = db = None
         scratch = None if g_ent is None else h.new_empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32)
-        w_t = backward_reorder(weight, h.size(0)) if need_h else None  # dh on oneDNN for a large head (packed.py)
+        w_t = backward_reorder(weight, h.size(0)) if need_h and low is None else None  # dh on oneDNN (packed.py)
         for c, s in enumerate(range(0, h.size(0), n)):
             hc, g, idx = h[s:s + n], g_lp[s:s + n].unsqueeze(1), a[s:s + n].unsqueeze(1)
-            logp = kept[c] if kept else _log_softmax(hc, weight, bias, tau, ctx.reordered)  # (n, V)
+            logp = kept[c] if kept else _log_softmax(hc, weight, bias, tau, ctx.reordered, low)  # (n, V)
             if kept:
                 kept[c] = None  # freed once used
             if g_ent is None:
@@ -151,16 +162,24 @@ class _HeadLogprobs(torch.autograd.Function):
             dz.scatter_add_(1, idx, g)  # (n, V) dL/dz
             if tau != 1.0:
                 dz.div_(tau)
-            if need_h:
-                if w_t is None:
-                    torch.mm(dz, weight, out=dh[s:s + n])
-                else:
-                    dh[s:s + n] = onednn_mm(dz, w_t)
-            if need_w:
-                dw = dz.t().mm(hc) if dw is None else dw.addmm_(dz.t(), hc)
+            if low is not None:  # the products in autocast's dtype, their results accumulated in float32
+                dz_low = dz.to(low.dtype)
+                if need_h:
+                    dh[s:s + n] = dz_low.mm(low)
+                if need_w:
+                    part = dz_low.t().mm(hc.to(low.dtype))
+                    dw = part.float() if dw is None else dw.add_(part)
+            else:
+                if need_h:
+                    if w_t is None:
+                        torch.mm(dz, weight, out=dh[s:s + n])
+                    else:
+                        dh[s:s + n] = onednn_mm(dz, w_t)
+                if need_w:
+                    dw = dz.t().mm(hc) if dw is None else dw.addmm_(dz.t(), hc)
             if need_b:
                 db = dz.sum(0) if db is None else db.add_(dz.sum(0))
-        return dh, None, dw, db, None, None, None, None, None
+        return dh, None, dw, db, None, None, None, None, None, None
 
 
 def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, actions: Tensor, mask: Tensor,
@@ -173,7 +192,8 @@ def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, action
     hidden (B, T, C) final hidden states predicting `actions` (B, T); weight (V, C), bias (V,) or None; mask
     (B, T). Returns (B, T) log-probs and entropy (or None), 0 off the mask. The masked positions are taken in
     chunks of chunk_elements // V tokens, so no tensor is larger than one chunk's (n, V) logits. Under autograd
-    in float32 (the RL update), `_HeadLogprobs` differentiates it with its gradient written out:
+    with float32 hidden states and head (the RL update, under bf16 autocast too), `_HeadLogprobs` differentiates
+    it with its gradient written out:
     the chunks' log-softmax outputs are kept for the backward pass when they total at most `keep_elements`,
     else each chunk's logits are recomputed there. Otherwise, with more than one chunk, each chunk is
     recomputed in the backward pass by activation checkpointing, so at most one chunk's logits exist at a time.
@@ -185,14 +205,16 @@ def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, action
     n = max(1, chunk_elements // weight.size(0))
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     reordered = training_reorder(weight) if len(where) > n else None  # one snapshot of the head for every chunk
+    low = autocast_head(weight)
     if grad and _written_out(h, weight, bias):
         keep = len(where) * weight.size(0) <= keep_elements
-        lp, ent = _HeadLogprobs.apply(h, a, weight, bias, temperature, n, reordered, keep, with_entropy)
+        lp, ent = _HeadLogprobs.apply(h, a, weight, bias, temperature, n, reordered, keep, with_entropy, low)
         return _scatter([lp], where, B, T, hidden), _scatter([ent], where, B, T, hidden) if with_entropy else None
     recompute = grad and len(where) > n
     lps, ents = [], []
+    low = None if grad else low  # under autograd (not float32 masters) autocast's F.linear casts W per chunk
     for s in range(0, len(where), n):
-        args = (h[s:s + n], a[s:s + n], weight, bias, temperature, with_entropy, reordered)
+        args = (h[s:s + n], a[s:s + n], weight, bias, temperature, with_entropy, reordered, low)
         lp, ent = checkpoint(_token_logprobs, *args, use_reentrant=False) if recompute else _token_logprobs(*args)
         lps.append(lp)
         ents.append(ent)
@@ -201,10 +223,26 @@ def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, action
 
 
 def _written_out(h: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether `_HeadLogprobs` serves this call: float32 throughout, outside autocast (whose bf16 products autograd
-    handles)."""
-    return (h.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled(h.device.type))
+    """Whether `_HeadLogprobs` serves this call: float32 tensors (under autocast too: its products then take
+    `autocast_head`'s copy of W)."""
+    return h.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+
+
+def autocast_head(weight: Tensor) -> Tensor | None:
+    """The head W in autocast's dtype where autocast on its device computes in another dtype (bf16 mixed
+    precision), else None: cast once per call, or once per `weights_fixed` block (the reference pass and a
+    minibatch's micro-batches), not once per chunk as F.linear under autocast would. A detached snapshot."""
+    dev = weight.device.type
+    if not torch.is_autocast_enabled(dev) or torch.get_autocast_dtype(dev) == weight.dtype:
+        return None
+    dtype, store = torch.get_autocast_dtype(dev), fixed_store()
+    key = ("logprobs.head", id(weight), dtype)
+    held = store.get(key) if store is not None else None
+    if held is None or held[0] is not weight or held[1] != (weight.data_ptr(), weight._version):
+        held = (weight, (weight.data_ptr(), weight._version), weight.detach().to(dtype))
+        if store is not None:
+            store[key] = held
+    return held[2]
 
 
 def _scatter(parts: list[Tensor], where: Tensor, B: int, T: int, like: Tensor) -> Tensor:

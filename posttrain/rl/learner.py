@@ -26,6 +26,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -180,19 +181,31 @@ class GlobalShare:
 
 
 def actor_backward(cfg: RunConfig, state: LearnerState, mb: Experience | GlobalShare,
-                   ptx_batch: tuple[list[str], list[str]] | None = None, check_ratio: bool = False) -> dict[str, float]:
+                   ptx_batch: tuple[list[str], list[str]] | None = None, check_ratio: bool = False,
+                   own_old: bool = False) -> dict[str, float]:
     """Accumulate the actor's gradient for one minibatch (no optimizer step); returns its metrics.
 
     loss = reduce(l_t) over the minibatch (state.actor_loss), summed exactly over micro-batches (global token and
     sequence counts), + ptx_coef * ptx next-token loss. check_ratio: the minibatch is the first on a fresh
-    rollout batch, so its ratio must be 1 (checked)."""
+    rollout batch, so its ratio must be 1 (checked).
+
+    own_old: log pi_old is this forward's own log-probs, detached (the first minibatch of an update whose
+    pi_old the trainer computes: the weights are still the ones it would be computed with, so a separate
+    forward pass, `trainer_old_logprobs`, would give the same numbers). They are written into the minibatch's
+    old_logprobs (for later epochs and the mismatch metric), and the ratio is exactly 1."""
     c, loss_fn = cfg.rl, state.actor_loss
     n_tok, n_seq = mb.num_tokens, mb.num_seqs
+    rows = mb.rows if isinstance(mb, GlobalShare) else mb
     stats: dict[str, float] = {}
-    for micro in mb.split(c.micro_batch_size):
+    for idx, micro in rows.split_indexed(c.micro_batch_size):
         m = micro.loss_mask
         logprobs, entropy = response_logprobs(state.policy, micro.prompt_ids, micro.prompt_mask, micro.response_ids,
                                               micro.response_mask, temperature=c.temperature, with_entropy=True)
+        if own_old:  # as trainer_old_logprobs writes them: the log-probs under the loss mask, 0 elsewhere
+            old = logprobs.detach() * m
+            rows.old_logprobs[idx] = 0.0
+            rows.old_logprobs[idx, :old.size(1)] = old
+            micro = replace(micro, old_logprobs=old)
         if check_ratio:
             worst = check_ratio_is_one(logprobs, micro.old_logprobs, m, c.ratio_tolerance)
             stats["first_log_ratio_max"] = max(stats.get("first_log_ratio_max", 0.0), worst)
@@ -238,20 +251,19 @@ def critic_backward(cfg: RunConfig, state: LearnerState, mb: Experience | Global
 def trainer_old_logprobs(cfg: RunConfig, state: LearnerState, minibatches: list[Experience], world: int) -> None:
     """log pi_old by the training forward, in exactly the micro-batches of every share that the first epoch's
     update will run (so every row is computed with the same batch-mates and the first minibatch's ratio is 1 to
-    the bit), in place. For reduced precision (model.dtype=bfloat16), where the sampler's log-probs differ from
-    the trainer's by rounding, and the rounding depends on what else is in the batch. Every rank computes every
-    share, so that later epochs (other shares) see the same log pi_old on every rank."""
+    the bit), into each minibatch's old_logprobs in place (a tensor of its own: `Learner.update` clones it). For
+    reduced precision (model.dtype=bfloat16), where the sampler's log-probs differ from the trainer's by
+    rounding, and the rounding depends on what else is in the batch. Every rank computes every share, so that
+    later epochs (other shares) see the same log pi_old on every rank."""
     c = cfg.rl
     for mb in minibatches:
         k = len(mb) // world
-        mb.old_logprobs = mb.old_logprobs.clone()  # written in place below; never the rollout_logprobs tensor
         for r in range(world):
             rows = GlobalShare(mb, r, world).rows
             old = map_micro_batches(rows, c.micro_batch_size, lambda m: response_logprobs(
                 state.policy, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask,
                 temperature=c.temperature)[0]) * rows.loss_mask
             mb.old_logprobs[r * k:r * k + len(rows)] = old
-    state.buffer.replace(minibatches)  # later epochs draw from the same rows, now with these log-probs
 
 
 def _to(batch, device):
@@ -312,12 +324,13 @@ class Learner:
             out.append({"ref_logprobs": ref, "values": values, "logprobs": old})
         return out
 
-    def gradients(self, mb: Experience, check_ratio: bool = False, ptx_batch=None) -> list[dict]:
+    def gradients(self, mb: Experience, check_ratio: bool = False, ptx_batch=None, own_old: bool = False) -> list[dict]:
         """Accumulate the actor's gradient of this learner's shares of `mb` and reduce it over the ranks (no step);
-        returns each share's metrics. The summed gradient is the one `actor_backward` gives for all of `mb`."""
+        returns each share's metrics. The summed gradient is the one `actor_backward` gives for all of `mb`.
+        own_old: `actor_backward`'s (mb's old_logprobs written in place, so `mb` stays on this learner's device)."""
         mb = _to(mb, self.device)
         stats = [actor_backward(self.cfg, self.state, GlobalShare(mb, r, self.world), ptx_batch if r == 0 else None,
-                                check_ratio=check_ratio) for r in self.shares]
+                                check_ratio=check_ratio, own_old=own_old) for r in self.shares]
         stats[0]["_loss"] = self.reduce(self.state.policy, sum(s["loss"] + s.get("ptx_loss", 0.0) for s in stats))
         return stats
 
@@ -333,19 +346,29 @@ class Learner:
                 opt.zero_grad(set_to_none=True)
         state.buffer.add(_to(exp, self.device))
         first_epoch = state.buffer.minibatches(c.mini_batches, state.sampler)
+        # pi_old by the trainer (bf16): the first minibatch's from its own update forward when this learner computes
+        # every share (its in-place writes reach the buffer: `_to` keeps tensors already on the device), the rest
+        # beforehand
+        own = state.recompute_old_logprobs and len(self.shares) == self.world
         if state.recompute_old_logprobs:
+            for mb in first_epoch:  # written in place; never the rollout_logprobs tensor
+                mb.old_logprobs = mb.old_logprobs.clone()
             with weights_fixed():
-                trainer_old_logprobs(cfg, state, first_epoch, self.world)
-        mismatch = rollout_mismatch(*(torch.cat([getattr(mb, f) for mb in first_epoch])
-                                      for f in ("old_logprobs", "rollout_logprobs", "loss_mask")),
-                                    threshold=c.rollout_mismatch_threshold)
+                trainer_old_logprobs(cfg, state, first_epoch[1:] if own else first_epoch, self.world)
+            state.buffer.replace(first_epoch)  # later epochs draw from the same rows, with these log-probs
+        mismatch = None
         steps, skipped = [], 0
         for epoch in range(c.ppo_epochs):
             minibatches = first_epoch if epoch == 0 else state.buffer.minibatches(c.mini_batches, state.sampler)
             for k, mb in enumerate(minibatches):
                 ptx_batch = state.ptx.next_batch(c.ptx_batch_size) if state.ptx is not None else None
                 with weights_fixed():  # the minibatch's micro-batches; ended before the step changes the weights
-                    actor = self.gradients(mb, c.check_invariants and epoch == k == 0, ptx_batch)
+                    actor = self.gradients(mb, c.check_invariants and epoch == k == 0, ptx_batch,
+                                           own_old=own and epoch == k == 0)
+                if mismatch is None:  # once log pi_old is final (after the first minibatch's own forward)
+                    mismatch = rollout_mismatch(*(torch.cat([getattr(m, f) for m in first_epoch])
+                                                  for f in ("old_logprobs", "rollout_logprobs", "loss_mask")),
+                                                threshold=c.rollout_mismatch_threshold)
                 grad_norm, ok = clipped_step(state.policy, state.optimizer, c.grad_clip, actor[0].pop("_loss"))
                 skipped += not ok
                 record = {"actor": actor, "grad_norm": grad_norm}

@@ -151,3 +151,52 @@ def test_the_log_softmax_written_over_the_logits_equals_the_out_of_place_one():
         assert torch.equal(got, F.log_softmax(F.linear(h, w) / tau, dim=-1))
     h.requires_grad_(True)  # under autograd: out of place, differentiable
     assert _log_softmax(h, w, None, 0.7, None).grad_fn is not None
+
+
+def test_under_bf16_autocast_the_written_out_head_computes_as_autocasts_f_linear(monkeypatch):
+    """bf16 mixed precision: `_HeadLogprobs` serves the update's call too, its three products in bf16 on W cast
+    once (not per chunk), the softmax and dL/dz in float32. Values and gradients agree with autocast's
+    full-vocabulary computation (F.linear in bf16, log_softmax in float32) to bf16 rounding, and with float32's
+    to a few bf16 ulps, kept and recomputed, with and without entropy; W's gradient is float32."""
+    from posttrain.models import logprobs
+    from posttrain.models.packed import weights_fixed
+
+    served = []
+    apply = logprobs._HeadLogprobs.apply
+    monkeypatch.setattr(logprobs._HeadLogprobs, "apply", lambda *a: (served.append(a[-1]), apply(*a))[1])
+    hidden, weight, bias, actions, mask = inputs(5)
+    upstream = torch.randn(B, T, generator=torch.Generator().manual_seed(2))
+
+    def run(fn, with_entropy):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp, ent = fn(with_entropy)
+        ((lp * upstream).sum() - (0.5 * ent.sum() if with_entropy else 0)).backward()
+        out = [t.grad.clone() for t in (hidden, weight, bias)]
+        for t in (hidden, weight, bias):
+            t.grad = None
+        return lp.detach(), out
+
+    def autocast_plain(with_entropy):
+        logp = F.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)  # autocast: bf16 product
+        return logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1) * mask, -(logp.exp() * logp).sum(-1) * mask
+
+    for with_entropy in (False, True):
+        want = run(autocast_plain, with_entropy)
+        exact = grads(lambda: plain(hidden, weight, bias, actions, mask, 1.0), hidden, weight, bias)
+        for keep in (0, 10 ** 9):
+            got = run(lambda e: chunked_logprobs(hidden, weight, bias, actions, mask, 1.0, e, V * 4, keep), with_entropy)
+            assert served[-1] is not None and served[-1].dtype == torch.bfloat16
+            torch.testing.assert_close(got[0], want[0], atol=3e-2, rtol=0)
+            for g, w in zip(got[1], want[1]):
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g, w, atol=3e-2, rtol=3e-2)
+            assert (got[0] - exact[0]).abs().max() < 5e-2
+    with weights_fixed():  # one cast per block; a new one once the weight changed
+        first = logprobs.autocast_head(weight) if torch.is_autocast_enabled("cpu") else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = logprobs.autocast_head(weight), logprobs.autocast_head(weight)
+            with torch.no_grad():
+                weight.add_(1.0)
+            c = logprobs.autocast_head(weight)
+        assert first is None and a is b and not torch.equal(c, a)
+    assert logprobs.autocast_head(weight) is None  # autocast off: the float32 path

@@ -65,6 +65,43 @@ def test_a_bf16_rl_step_recomputes_old_logprobs_and_updates_float32_weights(tmp_
     assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
 
 
+def test_the_first_minibatchs_old_logprobs_come_from_its_own_update_forward(tmp_path, make_config, tiny_model,
+                                                                           tokenizer, monkeypatch):
+    """bf16: log pi_old of the first minibatch is its update forward's, detached (no separate pass), and equals
+    what the separate pass computes with the weights before the update; the other minibatch is computed before."""
+    import copy
+
+    from posttrain.batch import map_micro_batches
+    from posttrain.models.logprobs import response_logprobs
+    from posttrain.rl import learner
+
+    cfg = make_config(tmp_path, "model.dtype=bfloat16", "rl.check_invariants=true", "rl.mini_batches=2",
+                      "rl.micro_batch_size=4", "rl.ppo_epochs=2")
+    state = RLRun.local(cfg, tiny_model, tokenizer, EvenFirstChar(cfg.task, cfg.seed))
+    start = copy.deepcopy(tiny_model)
+    own, passes = [], []
+    backward, recompute = learner.actor_backward, learner.trainer_old_logprobs
+
+    def spy_backward(cfg, st, mb, *args, own_old=False, **kw):
+        if own_old:
+            own.append(mb.rows)
+        return backward(cfg, st, mb, *args, own_old=own_old, **kw)
+
+    monkeypatch.setattr(learner, "actor_backward", spy_backward)
+    monkeypatch.setattr(learner, "trainer_old_logprobs", lambda c, st, mbs, w: (passes.append(len(mbs)),
+                                                                              recompute(c, st, mbs, w)))
+    with precision(cfg.model):
+        metrics = state.step(PhaseTimer())
+        first = own[0]
+        with torch.no_grad():
+            want = map_micro_batches(first, 4, lambda m: response_logprobs(
+                start, m.prompt_ids, m.prompt_mask, m.response_ids, m.response_mask)[0]) * first.loss_mask
+    assert len(own) == 1 and passes == [1]  # one minibatch's pi_old by its own forward, one recomputed before
+    assert not torch.equal(first.old_logprobs, first.rollout_logprobs)  # written, and not into the rollout's
+    torch.testing.assert_close(first.old_logprobs, want, rtol=0, atol=1e-5)
+    assert metrics["first_log_ratio_max"] == 0.0
+
+
 @pytest.mark.parametrize("path", ["transformers", "lean"])
 def test_a_forward_after_an_optimizer_step_sees_the_new_weights(tiny_model, tokenizer, path, monkeypatch):
     """One precision() region spans a whole run: each forward must cast the float32 weights as they are now, not
