@@ -137,7 +137,7 @@ def posttrain_step(cfg, model, tok):
     return step, task
 
 
-def trl_trainer(cfg, model_path, task, out, steps, clock, micro: int = 0):
+def trl_trainer(cfg, model_path, task, out, steps, clock, micro: int = 0, bf16: bool = False):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -158,7 +158,7 @@ def trl_trainer(cfg, model_path, task, out, steps, clock, micro: int = 0):
         num_generations=c.group_size, max_completion_length=c.max_new_tokens, learning_rate=c.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
         max_grad_norm=c.grad_clip, beta=c.kl_coef, epsilon=c.clip_eps_low, loss_type="dapo", scale_rewards="group",
-        temperature=1.0, top_k=0, top_p=1.0, num_iterations=1, max_steps=steps, seed=0, use_cpu=True, bf16=False,
+        temperature=1.0, top_k=0, top_p=1.0, num_iterations=1, max_steps=steps, seed=0, use_cpu=True, bf16=bf16,
         gradient_checkpointing=False, save_strategy="no", report_to=[], logging_strategy="no", log_level="error",
         disable_tqdm=True, dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32})
     from transformers import AutoTokenizer
@@ -170,7 +170,7 @@ def trl_trainer(cfg, model_path, task, out, steps, clock, micro: int = 0):
 
 
 def grpo_row(model_path, runs: int, warmup: int = 1, task_name: str = "ifeval", new: int = 128,
-             trl_micro: int = 0) -> dict:
+             trl_micro: int = 0, trl_bf16: bool = False) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from setups import StepClock
 
@@ -189,16 +189,27 @@ def grpo_row(model_path, runs: int, warmup: int = 1, task_name: str = "ifeval", 
     clock = StepClock(between)
     trl_trainer(cfg, model_path, task, tmp / "trl", warmup + runs, clock, trl_micro).train()
     low_model, _ = load(model_path)
-    low_step, _ = posttrain_step(run_config(model_path, tmp / "bf16", "bfloat16", task_name, new), low_model, tok)
+    low_cfg = run_config(model_path, tmp / "bf16", "bfloat16", task_name, new)
+    low_step, _ = posttrain_step(low_cfg, low_model, tok)
     low, low_phases = [], []
-    for _ in range(warmup + runs):
+
+    def between_low(_model=None, _k=None):
         start = time.perf_counter()
         low_phases.append(low_step())
         low.append(time.perf_counter() - start)
+        return False
+
+    low_clock = StepClock(between_low)
+    if trl_bf16:  # TRL with bf16=True (accelerate's CPU autocast), interleaved with posttrain's bf16 steps
+        trl_trainer(low_cfg, model_path, task, tmp / "trl-bf16", warmup + runs, low_clock, trl_micro, bf16=True).train()
+    else:
+        for _ in range(warmup + runs):
+            between_low()
     phase = lambda ps: {k[5:]: round(statistics.mean(p[k] for p in ps[warmup:]), 2)  # noqa: E731
                         for k in ps[-1] if k.startswith("time/")}
     return {"posttrain_s": statistics.median(ours[warmup:]), "trl_s": statistics.median(clock.steps[warmup:]),
             "posttrain_bf16_s": statistics.median(low[warmup:]), "phases_fp32": phase(phases),
+            "trl_bf16_s": statistics.median(low_clock.steps[warmup:]) if trl_bf16 else None,
             "phases_bf16": phase(low_phases),
             "response_length": statistics.mean(p["response_length"] for p in phases[warmup:])}
 
@@ -248,6 +259,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help="the decode rows' precisions")
     p.add_argument("--trl-micro-batch", type=int, default=0, help="TRL's forward in micro-batches of this many "
                    "sequences (gradient accumulation); 0: all of a step's sequences in one forward")
+    p.add_argument("--trl-bf16", action="store_true", help="the GRPO row's bf16 steps against TRL with bf16=True "
+                   "(interleaved), not alone")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(THREADS)
@@ -266,11 +279,14 @@ def main() -> None:
                   f"(tokens per run {r['posttrain_tokens']:.0f} vs {r['hf_tokens']:.0f})", flush=True)
     if "grpo" in parts:
         g = results["grpo"] = grpo_row(args.model, args.runs, task_name=args.task, new=args.new,
-                                         trl_micro=args.trl_micro_batch)
+                                         trl_micro=args.trl_micro_batch, trl_bf16=args.trl_bf16)
         print(f"GRPO step fp32: posttrain {g['posttrain_s']:.1f} s, TRL {g['trl_s']:.1f} s, "
               f"{g['trl_s'] / g['posttrain_s']:.2f}x; posttrain bf16 {g['posttrain_bf16_s']:.1f} s "
               f"({g['trl_s'] / g['posttrain_bf16_s']:.2f}x TRL fp32)\n  phases fp32 {g['phases_fp32']}\n  phases bf16 "
               f"{g['phases_bf16']}", flush=True)
+        if g["trl_bf16_s"] is not None:
+            print(f"GRPO step bf16: posttrain {g['posttrain_bf16_s']:.1f} s, TRL bf16=True {g['trl_bf16_s']:.1f} s, "
+                  f"{g['trl_bf16_s'] / g['posttrain_bf16_s']:.2f}x", flush=True)
     if "rss" in parts:
         results["rss"] = rss_row(args.model, args.task, args.new, args.trl_micro_batch)
         print("peak RSS: " + ", ".join(f"{r['kind']} {r['peak_rss_mib']:.0f} MiB" if r["peak_rss_mib"] is not None

@@ -132,3 +132,26 @@ def test_backend_ray_refuses_bf16():
 
     with pytest.raises(ConfigError, match="model.dtype=bfloat16 is not available with backend=ray"):
         build_config({}, ["model.dtype=bfloat16", "backend=ray"])
+
+
+def test_training_attention_under_cpu_autocast_runs_sdpa_in_float32():
+    """bf16 mixed precision on a CPU: the training forward's attention (large enough for SDPA, under autograd)
+    runs SDPA in float32 on its inputs cast up (the CPU's bf16 flash backward is slower), so it equals float32
+    SDPA of the same values exactly; without autograd (the prefill) it stays in bf16."""
+    import torch.nn.functional as F
+
+    from posttrain.models import lean
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 160, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2, 160, 16, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    bias = lean.attention_bias(torch.ones(2, 160), 160)
+    assert 160 * 160 > lean.SMALL_ATTENTION
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lean.attention(q, k, v, bias, 0.25)
+        with torch.no_grad():
+            low = lean.attention(q.detach().bfloat16(), k.detach(), v.detach(), bias, 0.25)
+    want = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=bias, scale=0.25, enable_gqa=True)
+    assert out.dtype == torch.float32 and torch.equal(out, want) and low.dtype == torch.bfloat16
+    out.sum().backward()
+    assert q.grad.dtype == torch.float32 and k.grad.dtype == v.grad.dtype == torch.bfloat16
