@@ -11,8 +11,12 @@ so a decode step reads half the bytes. 'auto' is bfloat16 where the hardware com
 device with bf16, or a CPU with AMX or AVX512-BF16, which oneDNN uses), else float32.
 
 With bf16 the sampler's log-probabilities come from the decode path and differ from the training forward's
-by bf16 rounding, so the RL loop recomputes log pi_old with the training forward (`recompute_old_logprobs`),
-which keeps the first-minibatch ratio check exact.
+by bf16 rounding, so the RL loop takes log pi_old from the training forward (`recompute_old_logprobs`), which
+keeps the first-minibatch ratio check exact: the first minibatch's from its own update forward, detached (the
+weights have not changed yet, so a separate pass would give the same numbers), the others' from a pass before
+the first optimizer step (posttrain/rl/learner.py). On a CPU the training attention runs in float32 (SDPA's
+bf16 backward is slower there) and the head's log-probs keep their written-out gradient with W cast once per
+block (posttrain/models/logprobs.py, `autocast_head`).
 """
 
 from __future__ import annotations
