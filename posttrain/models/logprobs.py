@@ -65,6 +65,11 @@ CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of float32, e.g. 170 tokens
 # hold at most this many elements (512 MiB of float32; a SmolLM2 micro-batch of 8 x <= 256 response tokens holds
 # <= 100M), so the backward does not compute the head's product again; above it each chunk's logits are recomputed.
 KEEP_ELEMENTS = 1 << 27
+# Under bf16 autocast the backward gathers dL/dz of this many elements (256 MiB of bf16: every chunk of a SmolLM2
+# micro-batch of <= 2,730 tokens) before its dh and dW products: one (V, N) x (N, C) product for dW rather than one
+# per 170-token chunk, each of which wrote a whole (V, C) bf16 part and cast it to float32 (on the project's Zen 4
+# EPYC 4.3 s of a 51 s update at 8 x 4 x <= 256 tokens, docs/performance.md).
+LOW_GROUP_ELEMENTS = 1 << 27
 
 
 def _log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
@@ -149,6 +154,10 @@ class _HeadLogprobs(torch.autograd.Function):
         dw = db = None
         scratch = None if g_ent is None else h.new_empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32)
         w_t = backward_reorder(weight, h.size(0)) if need_h and low is None else None  # dh on oneDNN (packed.py)
+        if low is not None:  # bf16: dz of up to `group` rows gathered, then one product each for dh and dW
+            group = max(n, LOW_GROUP_ELEMENTS // weight.size(0) // n * n)
+            dz_low = h.new_empty(min(group, h.size(0)), weight.size(0), dtype=low.dtype)
+            h_low = h.to(low.dtype) if need_w else None
         for c, s in enumerate(range(0, h.size(0), n)):
             hc, g, idx = h[s:s + n], g_lp[s:s + n].unsqueeze(1), a[s:s + n].unsqueeze(1)
             logp = kept[c] if kept else _log_softmax(hc, weight, bias, tau, ctx.reordered, low)  # (n, V)
@@ -162,13 +171,17 @@ class _HeadLogprobs(torch.autograd.Function):
             dz.scatter_add_(1, idx, g)  # (n, V) dL/dz
             if tau != 1.0:
                 dz.div_(tau)
-            if low is not None:  # the products in autocast's dtype, their results accumulated in float32
-                dz_low = dz.to(low.dtype)
-                if need_h:
-                    dh[s:s + n] = dz_low.mm(low)
-                if need_w:
-                    part = dz_low.t().mm(hc.to(low.dtype))
-                    dw = part.float() if dw is None else dw.add_(part)
+            if low is not None:  # the products in autocast's dtype over a group of chunks, accumulated in float32
+                g0 = s - s % group  # the group's first row
+                dz_low[s - g0:s - g0 + len(dz)] = dz
+                end = s + len(dz)
+                if end % group == 0 or end == h.size(0):
+                    rows = dz_low[:end - g0]
+                    if need_h:
+                        dh[g0:end] = rows.mm(low)
+                    if need_w:
+                        part = rows.t().mm(h_low[g0:end])
+                        dw = part.float() if dw is None else dw.add_(part)
             else:
                 if need_h:
                     if w_t is None:

@@ -157,7 +157,8 @@ def test_under_bf16_autocast_the_written_out_head_computes_as_autocasts_f_linear
     """bf16 mixed precision: `_HeadLogprobs` serves the update's call too, its three products in bf16 on W cast
     once (not per chunk), the softmax and dL/dz in float32. Values and gradients agree with autocast's
     full-vocabulary computation (F.linear in bf16, log_softmax in float32) to bf16 rounding, and with float32's
-    to a few bf16 ulps, kept and recomputed, with and without entropy; W's gradient is float32."""
+    to a few bf16 ulps, kept and recomputed, with and without entropy, whatever number of chunks the backward's dh
+    and dW products gather; W's gradient is float32."""
     from posttrain.models import logprobs
     from posttrain.models.packed import weights_fixed
 
@@ -183,7 +184,9 @@ def test_under_bf16_autocast_the_written_out_head_computes_as_autocasts_f_linear
     for with_entropy in (False, True):
         want = run(autocast_plain, with_entropy)
         exact = grads(lambda: plain(hidden, weight, bias, actions, mask, 1.0), hidden, weight, bias)
-        for keep in (0, 10 ** 9):
+        # kept and recomputed; dL/dz gathered one chunk, two chunks (a partial last group) or all of them at a time
+        for keep, group in ((0, V * 4), (10 ** 9, V * 8), (0, V * 8), (10 ** 9, 10 ** 9)):
+            monkeypatch.setattr(logprobs, "LOW_GROUP_ELEMENTS", group)
             got = run(lambda e: chunked_logprobs(hidden, weight, bias, actions, mask, 1.0, e, V * 4, keep), with_entropy)
             assert served[-1] is not None and served[-1].dtype == torch.bfloat16
             torch.testing.assert_close(got[0], want[0], atol=3e-2, rtol=0)
